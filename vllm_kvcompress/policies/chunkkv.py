@@ -1,0 +1,106 @@
+"""ChunkKV: keep whole semantic chunks instead of isolated tokens, with layer-wise index reuse.
+
+Paper: Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Efficient Long-Context
+LLM Inference" (NeurIPS 2025), https://arxiv.org/abs/2502.00299
+
+Wraps any token scorer (SnapKV's window attention by default). The droppable middle of the prompt
+(between the sinks and the window) is cut into chunks of ``chunk_size`` tokens starting at the
+first non-sink token; the last, partial chunk is a chunk too. A chunk's score is the mean of its
+tokens' scores; chunks are kept whole, best first, while they fit the budget. The engine needs an
+exact kept count, so when the next chunk does not fit whole it is trimmed to its best-scoring
+tokens: every chunk is kept whole or dropped, except at most one trimmed boundary chunk.
+
+Layer-wise index reuse: layers are grouped ``reuse_layers`` at a time; the selection computed at
+the first layer of a group serves the whole group (fewer scoring passes; the paper reports
+< 0.6% LongBench loss at small groups).
+
+Shapes: scores ``[L]`` float32; kept indices ``[budget]`` int64 sorted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .base import LayerObservation, Scorer, middle_range, protected_mask
+from .snapkv import SnapKV
+
+
+@dataclass(frozen=True)
+class ChunkKV:
+    """Chunk-level selection around a token scorer.
+
+    Attributes:
+        scorer: any ``Scorer``; its per-token scores are averaged per chunk.
+        chunk_size: tokens per chunk (paper's robust default 10; kvpress ships 20).
+        reuse_layers: layers per index-reuse group (1 = no reuse).
+    """
+
+    scorer: Scorer = field(default_factory=SnapKV)
+    chunk_size: int = 10
+    reuse_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.reuse_layers < 1:
+            raise ValueError(f"reuse_layers must be >= 1, got {self.reuse_layers}")
+
+    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
+                     protected: int) -> int:
+        return budget
+
+    def selection_layer(self, layer_idx: int) -> int:
+        return layer_idx - layer_idx % self.reuse_layers
+
+    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
+        scores = self.scorer.score(obs).float()
+        return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size)
+
+
+def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: int,
+                 chunk_size: int) -> torch.Tensor:
+    """Keeps sinks, window and the best whole chunks of the middle, exactly ``budget`` tokens.
+
+    Args:
+        scores: ``[L]`` float32 per-token scores.
+        budget: tokens to keep, ``sinks + window <= budget <= L``.
+        sink_tokens: leading tokens always kept.
+        window: trailing tokens always kept.
+        chunk_size: tokens per chunk.
+
+    Returns:
+        ``[budget]`` int64 sorted unique indices.
+    """
+    seq_len = scores.shape[0]
+    device = scores.device
+    start, end = middle_range(seq_len, sink_tokens, window)
+    protected = protected_mask(seq_len, sink_tokens, window, device)
+    free = budget - int(protected.sum())
+    if free < 0 or budget > seq_len:
+        raise ValueError(f"budget {budget} outside [{int(protected.sum())}, {seq_len}]")
+    middle = scores[start:end]
+    n_mid = end - start
+    n_chunks = -(-n_mid // chunk_size) if n_mid else 0
+    chunk_id = torch.arange(n_mid, device=device) // chunk_size
+    sums = torch.zeros(n_chunks, dtype=torch.float32, device=device).index_add_(0, chunk_id, middle)
+    sizes = torch.bincount(chunk_id, minlength=n_chunks).float()
+    order = torch.argsort(sums / sizes, descending=True, stable=True)
+    # Whole chunks while they fit: the cumulative size of the ranked chunks decides.
+    cum = torch.cumsum(sizes[order], dim=0)
+    n_whole = int((cum <= free).sum())
+    keep_chunk = torch.zeros(n_chunks, dtype=torch.bool, device=device)
+    keep_chunk[order[:n_whole]] = True
+    kept_mid = keep_chunk[chunk_id]
+    remainder = free - int(cum[n_whole - 1]) if n_whole else free
+    if remainder > 0:
+        # Trim the next-best chunk to its best tokens so the budget is exact.
+        boundary = int(order[n_whole])
+        lo = boundary * chunk_size
+        hi = min(lo + chunk_size, n_mid)
+        best = torch.argsort(middle[lo:hi], descending=True, stable=True)[:remainder]
+        kept_mid[lo + best] = True
+    keep = protected.clone()
+    keep[start:end] |= kept_mid
+    return keep.nonzero().squeeze(1)
