@@ -131,9 +131,8 @@ def _format_error(err: ValidationError, name_of: dict[str, str]) -> CompressionC
         allowed = ", ".join(name_of.get(f, f) for f in CompressionSpec.model_fields)
         return CompressionConfigError(name_of.get(key, key), f"unknown key; allowed keys: {allowed}")
     if not key:  # model-level check (ratio and budget together)
-        msg = first["msg"].removeprefix("Value error, ")
         fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
-        return CompressionConfigError(fields, msg.replace("ratio and budget", fields))
+        return CompressionConfigError(fields, "give one of them, not both")
     allowed = ALLOWED.get(key, "").format(policies=", ".join(policy_names()))
     got = first.get("input")
     return CompressionConfigError(
@@ -182,7 +181,7 @@ def cli_names() -> dict[str, str]:
 
 def yaml_names(source: str) -> dict[str, str]:
     """Field -> ``source:field`` for errors in a YAML file or config block."""
-    return {f: f"{source}: {f}" for f in CompressionSpec.model_fields}
+    return {f: f"{source}:{f}" for f in CompressionSpec.model_fields}
 
 
 def request_values(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:

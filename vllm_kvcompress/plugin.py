@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 
-logger = logging.getLogger("vllm_kvcompress")
+# Under "vllm." so vLLM's log handler and VLLM_LOGGING_LEVEL apply to our lines too.
+logger = logging.getLogger("vllm.kvcompress")
 
 _registered = False
 

@@ -30,9 +30,15 @@ from .config import (
 )
 from .policies.registry import policy_names
 
-logger = logging.getLogger("vllm_kvcompress")
+# Under "vllm." so vLLM's log handler and VLLM_LOGGING_LEVEL apply to our lines too.
+logger = logging.getLogger("vllm.kvcompress")
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
+
+#: Whether this build evicts KV inside the engine. The settings, validation and policy library
+#: are live; the engine path (scheduler + worker) is the compressed-KV work item. Everything that
+#: reports on compression (logs, demo) reads this so nothing claims memory was freed when not.
+ENGINE_COMPRESSION_ACTIVE = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,10 @@ def _patch_input_processor() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         # Fails an offline LLM(additional_config=...) with a bad block at construction.
         self._kvcompress_spec = server_spec(vllm_config)
+        logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
+                    self._kvcompress_spec.model_dump(exclude_none=True),
+                    "active" if ENGINE_COMPRESSION_ACTIVE else
+                    "NOT ACTIVE in this build (settings are validated only)")
 
     def _validate_params(self, params, supported_tasks):  # noqa: ANN001, ANN202
         result = original_validate(self, params, supported_tasks)

@@ -1,0 +1,33 @@
+# vllm-kvcompress: `make demo` (the main job) and `make test` (the tests) work on a fresh machine.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup models demo test test-fast lint clean
+
+setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
+	@bash scripts/setup.sh
+
+models/smollm2/config.json: | setup
+	$(PY) -m vllm_kvcompress.cli prepare-model smollm2 --out models/smollm2
+
+models/tiny-llama/config.json: | setup
+	$(PY) -m vllm_kvcompress.cli prepare-model tiny-llama --out models/tiny-llama
+
+models: models/smollm2/config.json models/tiny-llama/config.json
+
+demo: setup models/smollm2/config.json   ## serve SmolLM2 with chunkkv, ask a needle question twice
+	$(PY) scripts/demo.py --model models/smollm2 --config configs/chunkkv.yaml
+
+test: setup                  ## everything: unit, engine (in process) and server tests
+	$(PY) -m pytest -q
+
+test-fast: setup             ## unit tests only (no engine)
+	$(PY) -m pytest -q -m "not engine and not server"
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf .venv models runs .pytest_cache .ruff_cache
