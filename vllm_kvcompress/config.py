@@ -129,7 +129,9 @@ def _format_error(err: ValidationError, name_of: dict[str, str]) -> CompressionC
     key = str(loc)
     if first["type"] == "extra_forbidden":
         allowed = ", ".join(name_of.get(f, f) for f in CompressionSpec.model_fields)
-        return CompressionConfigError(name_of.get(key, key), f"unknown key; allowed keys: {allowed}")
+        # Spell the unknown key the way this layer spells known ones ("kvcompress:" + key).
+        prefix = name_of.get("policy", "policy").removesuffix("policy")
+        return CompressionConfigError(prefix + key, f"unknown key; allowed keys: {allowed}")
     if not key:  # model-level check (ratio and budget together)
         fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
         return CompressionConfigError(fields, "give one of them, not both")

@@ -46,7 +46,10 @@ class LayerObservation:
     keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if not 0 <= self.sink_tokens + self.window <= self.budget <= self.seq_len:
+        if self.sink_tokens < 0 or self.window < 0:
+            raise ValueError(f"sink_tokens and window must be >= 0, got {self.sink_tokens}, "
+                             f"{self.window}")
+        if not self.sink_tokens + self.window <= self.budget <= self.seq_len:
             raise ValueError(
                 f"need 0 <= sink_tokens + window <= budget <= seq_len, got sink_tokens="
                 f"{self.sink_tokens}, window={self.window}, budget={self.budget}, "

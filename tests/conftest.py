@@ -1,0 +1,26 @@
+"""Shared fixtures: offline environment and the tiny random Llama built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything imports vLLM: no hub, in-process engine, one OpenMP thread (two fight over the
+# two cores of the CI machine and slow generation 30-100x).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama folder (4 layers, GQA 2, head_dim 64), built in seconds."""
+    from vllm_kvcompress.models.prepare import prepare_tiny_llama
+
+    return prepare_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")

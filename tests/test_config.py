@@ -1,0 +1,99 @@
+"""The settings model: precedence, validation messages, and the deterministic kept count."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_kvcompress.config import (
+    CompressionConfigError,
+    CompressionSpec,
+    cli_names,
+    request_names,
+    resolve,
+    resolve_request,
+)
+
+
+def test_defaults_mean_no_compression() -> None:
+    spec = CompressionSpec()
+    assert spec.policy == "none" and not spec.enabled
+    assert spec.kept_tokens(100_000) is None
+
+
+def test_precedence_defaults_yaml_cli_request() -> None:
+    """Each layer overrides the one below; a layer's ratio or budget replaces both below it."""
+    yaml_layer = {"policy": "snapkv", "ratio": 0.5, "window": 16}
+    cli_layer = {"policy": "chunkkv", "chunk_size": 20}
+    server = resolve((yaml_layer, {}), (cli_layer, cli_names()))
+    assert (server.policy, server.ratio, server.window, server.chunk_size) == (
+        "chunkkv", 0.5, 16, 20)
+    request = resolve_request(server, {"kv_budget": 300, "unrelated": "kept for others"})
+    assert request.budget == 300 and request.ratio is None  # budget replaced the server's ratio
+    assert request.policy == "chunkkv" and request.chunk_size == 20
+    assert resolve_request(server, {"kv_policy": "none"}).enabled is False
+    assert resolve_request(server, None) is server
+
+
+@pytest.mark.parametrize(("values", "field", "fragment"), [
+    ({"kv_policy": "h2o"}, "kv_policy", "none, chunkkv, pyramidkv, snapkv, streamingllm"),
+    ({"kv_ratio": 0}, "kv_ratio", "0 < ratio <= 1"),
+    ({"kv_ratio": 1.5}, "kv_ratio", "0 < ratio <= 1"),
+    ({"kv_ratio": -0.1}, "kv_ratio", "0 < ratio <= 1"),
+    ({"kv_ratio": "0.5"}, "kv_ratio", "got '0.5'"),
+    ({"kv_ratio": True}, "kv_ratio", "got True"),
+    ({"kv_ratio": 0.2, "kv_budget": 10}, "kv_ratio and kv_budget", "not both"),
+    ({"kv_budget": -1}, "kv_budget", "integer >= 0"),
+    ({"kv_budget": 2.5}, "kv_budget", "integer >= 0"),
+    ({"kv_budget": "10"}, "kv_budget", "integer >= 0"),
+    ({"kv_budget": [1, 2]}, "kv_budget", "integer >= 0"),
+    ({"kv_window": 0}, "kv_window", "integer >= 1"),
+    ({"kv_pool_kernel": 4}, "kv_pool_kernel", "odd"),
+    ({"kv_chunk_size": 0}, "kv_chunk_size", "integer >= 1"),
+    ({"kv_sink_tokens": -2}, "kv_sink_tokens", "integer >= 0"),
+    ({"kv_rato": 0.5}, "kv_rato", "allowed keys: kv_policy, kv_ratio"),
+])
+def test_bad_request_values_name_the_field(values: dict, field: str, fragment: str) -> None:
+    with pytest.raises(CompressionConfigError) as info:
+        resolve_request(CompressionSpec(policy="chunkkv"), values)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    assert fragment in str(info.value)
+
+
+def test_cli_layer_errors_use_flag_names() -> None:
+    with pytest.raises(CompressionConfigError, match=r"^--kv-ratio: must be"):
+        resolve(({"ratio": 3.0}, cli_names()))
+
+
+def test_ratio_and_budget_in_one_layer_rejected_but_across_layers_allowed() -> None:
+    with pytest.raises(CompressionConfigError, match="not both"):
+        resolve(({"ratio": 0.5, "budget": 10}, request_names()))
+    spec = resolve(({"ratio": 0.5}, {}), ({"budget": 10}, {}))
+    assert spec.budget == 10 and spec.ratio is None
+
+
+@pytest.mark.parametrize(("spec", "prompt_len", "expected"), [
+    (CompressionSpec(policy="snapkv", ratio=0.25), 1000, 250),
+    (CompressionSpec(policy="snapkv", ratio=0.1), 30, None),        # sinks + window >= prompt
+    (CompressionSpec(policy="snapkv", ratio=0.1), 1000, 100),
+    (CompressionSpec(policy="snapkv", ratio=0.3), 1001, 301),        # ceil(300.3)
+    (CompressionSpec(policy="snapkv", ratio=0.1), 370, 37),          # no float round-up to 38
+    (CompressionSpec(policy="snapkv", budget=0), 1000, 36),          # keeps sinks + window
+    (CompressionSpec(policy="snapkv", budget=1), 1000, 36),
+    (CompressionSpec(policy="snapkv", budget=999), 1000, 999),
+    (CompressionSpec(policy="snapkv", budget=1000), 1000, None),     # budget >= prompt: no-op
+    (CompressionSpec(policy="snapkv", ratio=1.0), 1000, None),
+    (CompressionSpec(policy="chunkkv"), 1000, 250),                  # default ratio 0.25
+    (CompressionSpec(policy="chunkkv", min_prompt_len=2000), 1000, None),
+    (CompressionSpec(policy="streamingllm", ratio=0.5, window=1, sink_tokens=0), 10, 5),
+])
+def test_kept_tokens(spec: CompressionSpec, prompt_len: int, expected: int | None) -> None:
+    assert spec.kept_tokens(prompt_len) == expected
+
+
+def test_spec_is_frozen_and_rejects_unknown_fields() -> None:
+    spec = CompressionSpec(policy="snapkv")
+    with pytest.raises(Exception, match="frozen"):
+        spec.policy = "none"  # type: ignore[misc]
+    with pytest.raises(CompressionConfigError, match="unknown key"):
+        resolve(({"polcy": "snapkv"}, {}))

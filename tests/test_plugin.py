@@ -1,0 +1,141 @@
+"""The vLLM entry point: idempotent registration, version guard, CLI flags, deployment YAMLs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_kvcompress import plugin, vllm_patches
+from vllm_kvcompress.config import ADDITIONAL_CONFIG_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def serve_parser() -> argparse.ArgumentParser:
+    """The real `vllm serve` argument parser, with the plugin registered."""
+    plugin.register()
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model: Path) -> str:
+    return str(tiny_model)
+
+
+def engine_spec(parser: argparse.ArgumentParser, argv: list[str]) -> dict:
+    """What `vllm serve ARGV` puts into additional_config['kvcompress'] for every process."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = parser.parse_args(argv)
+    args.model = args.model_tag  # what `vllm serve` itself does with the positional model
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    return engine_args.additional_config[ADDITIONAL_CONFIG_KEY]
+
+
+def test_register_is_idempotent_and_patches_once() -> None:
+    plugin.register()
+    from vllm.engine.arg_utils import EngineArgs
+
+    add = EngineArgs.add_cli_args
+    plugin.register()
+    assert vllm_patches.apply_all() == []  # every manifest entry already applied
+    assert EngineArgs.add_cli_args is add
+    assert {p.target for p in vllm_patches.MANIFEST} == vllm_patches._applied
+
+
+def test_manifest_names_target_reason_and_version() -> None:
+    for patch in vllm_patches.MANIFEST:
+        assert patch.target.startswith("vllm.") and patch.why and patch.vllm == "0.32.x"
+
+
+@pytest.mark.parametrize("installed", ["0.31.2", "0.33.0", "1.0.0+cpu"])
+def test_unsupported_vllm_exits_with_one_clear_line(monkeypatch: pytest.MonkeyPatch,
+                                                     installed: str) -> None:
+    monkeypatch.setattr(vllm_patches, "version", lambda name: installed)
+    with pytest.raises(SystemExit) as info:
+        vllm_patches.check_vllm_version()
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert f"unsupported vLLM {installed}" in message and ">=0.32,<0.33" in message
+
+
+def test_supported_versions_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    for installed in ("0.32.0", "0.32.0+cpu", "0.32.7"):
+        monkeypatch.setattr(vllm_patches, "version", lambda name, v=installed: v)
+        assert vllm_patches.check_vllm_version() == installed
+
+
+def test_flags_reach_additional_config(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+    spec = engine_spec(serve_parser, [model_dir, "--kv-policy", "chunkkv", "--kv-ratio", "0.1",
+                                      "--kv-chunk-size", "20"])
+    assert spec["policy"] == "chunkkv" and spec["ratio"] == 0.1 and spec["chunk_size"] == 20
+
+
+def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+    assert engine_spec(serve_parser, [model_dir])["policy"] == "none"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_each_deployment_yaml_is_valid_for_vllm_serve_config(
+        serve_parser: argparse.ArgumentParser, model_dir: str, path: Path) -> None:
+    spec = engine_spec(serve_parser, [model_dir, "--config", str(path)])
+    assert spec["policy"] == path.stem
+
+
+def test_precedence_yaml_file_then_flags(serve_parser: argparse.ArgumentParser, model_dir: str,
+                                         tmp_path: Path) -> None:
+    """--kv-compress-config < --kv-* flags; a flag's budget replaces the file's ratio."""
+    path = tmp_path / "kv.yaml"
+    path.write_text("policy: snapkv\nratio: 0.5\nwindow: 8\n")
+    spec = engine_spec(serve_parser, [model_dir, "--kv-compress-config", str(path), "--kv-budget", "64"])
+    assert spec == {**spec, "policy": "snapkv", "budget": 64, "window": 8}
+    assert "ratio" not in spec
+
+
+def test_kvcompress_block_in_serve_config(serve_parser: argparse.ArgumentParser, model_dir: str,
+                                          tmp_path: Path) -> None:
+    """A nested `kvcompress:` block in `vllm serve --config` works; --kv-* flags win over it."""
+    path = tmp_path / "deploy.yaml"
+    path.write_text("kvcompress:\n  policy: streamingllm\n  sink_tokens: 8\n  ratio: 0.2\n")
+    spec = engine_spec(serve_parser, [model_dir, "--config", str(path), "--kv-ratio", "0.3"])
+    assert (spec["policy"], spec["sink_tokens"], spec["ratio"]) == ("streamingllm", 8, 0.3)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--kv-ratio", "2"], "--kv-ratio: must be a number with 0 < ratio <= 1"),
+    (["--kv-budget", "-3"], "--kv-budget: must be an integer >= 0"),
+    (["--kv-ratio", "0.2", "--kv-budget", "3"], "--kv-ratio and --kv-budget: give one"),
+    (["--kvcompress", '{"ratio": 0.2, "budget": 3}'], "kvcompress:ratio and kvcompress:budget"),
+    (["--kvcompress", '{"polcy": "x"}'], "kvcompress:polcy: unknown key"),
+    (["--kvcompress", "[1]"], "--kvcompress: must be a JSON object"),
+    (["--kv-compress-config", "/nonexistent/kv.yaml"], "--kv-compress-config: cannot read"),
+])
+def test_bad_server_config_is_one_line(serve_parser: argparse.ArgumentParser, model_dir: str,
+                                       argv: list[str], expected: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        engine_spec(serve_parser, [model_dir, *argv])
+    message = str(info.value.code)
+    assert message.startswith("vllm-kvcompress: invalid configuration: ")
+    assert expected in message and "\n" not in message
+
+
+def test_unknown_policy_rejected_by_argparse(serve_parser: argparse.ArgumentParser, model_dir: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args([model_dir, "--kv-policy", "h2o"])
+    assert "invalid choice: 'h2o'" in capsys.readouterr().err
+
+
+def test_additional_config_json_flag_is_validated(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+    block = json.dumps({ADDITIONAL_CONFIG_KEY: {"policy": "snapkv", "ratio": 0.4}})
+    spec = engine_spec(serve_parser, [model_dir, "--additional-config", block, "--kv-window", "16"])
+    assert (spec["policy"], spec["ratio"], spec["window"]) == ("snapkv", 0.4, 16)
