@@ -9,6 +9,7 @@ the engine reports, then stops the server. It never claims compression that did 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import threading
 import time
@@ -44,10 +45,8 @@ class PeakSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
+            with contextlib.suppress(OSError):
                 self.peak = max([self.peak, *metric_values(self.server.metrics(), KV_USAGE)])
-            except OSError:
-                pass
             self._stop.wait(0.05)
 
     def __enter__(self) -> PeakSampler:

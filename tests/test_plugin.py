@@ -74,13 +74,15 @@ def test_supported_versions_pass(monkeypatch: pytest.MonkeyPatch) -> None:
         assert vllm_patches.check_vllm_version() == installed
 
 
-def test_flags_reach_additional_config(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+def test_flags_reach_additional_config(serve_parser: argparse.ArgumentParser,
+                                      model_dir: str) -> None:
     spec = engine_spec(serve_parser, [model_dir, "--kv-policy", "chunkkv", "--kv-ratio", "0.1",
                                       "--kv-chunk-size", "20"])
     assert spec["policy"] == "chunkkv" and spec["ratio"] == 0.1 and spec["chunk_size"] == 20
 
 
-def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser,
+                                    model_dir: str) -> None:
     assert engine_spec(serve_parser, [model_dir])["policy"] == "none"
 
 
@@ -91,17 +93,20 @@ def test_each_deployment_yaml_is_valid_for_vllm_serve_config(
     assert spec["policy"] == path.stem
 
 
-def test_precedence_yaml_file_then_flags(serve_parser: argparse.ArgumentParser, model_dir: str,
+def test_precedence_yaml_file_then_flags(serve_parser: argparse.ArgumentParser,
+                                         model_dir: str,
                                          tmp_path: Path) -> None:
     """--kv-compress-config < --kv-* flags; a flag's budget replaces the file's ratio."""
     path = tmp_path / "kv.yaml"
     path.write_text("policy: snapkv\nratio: 0.5\nwindow: 8\n")
-    spec = engine_spec(serve_parser, [model_dir, "--kv-compress-config", str(path), "--kv-budget", "64"])
+    spec = engine_spec(serve_parser,
+                       [model_dir, "--kv-compress-config", str(path), "--kv-budget", "64"])
     assert spec == {**spec, "policy": "snapkv", "budget": 64, "window": 8}
     assert "ratio" not in spec
 
 
-def test_kvcompress_block_in_serve_config(serve_parser: argparse.ArgumentParser, model_dir: str,
+def test_kvcompress_block_in_serve_config(serve_parser: argparse.ArgumentParser,
+                                          model_dir: str,
                                           tmp_path: Path) -> None:
     """A nested `kvcompress:` block in `vllm serve --config` works; --kv-* flags win over it."""
     path = tmp_path / "deploy.yaml"
@@ -119,7 +124,8 @@ def test_kvcompress_block_in_serve_config(serve_parser: argparse.ArgumentParser,
     (["--kvcompress", "[1]"], "--kvcompress: must be a JSON object"),
     (["--kv-compress-config", "/nonexistent/kv.yaml"], "--kv-compress-config: cannot read"),
 ])
-def test_bad_server_config_is_one_line(serve_parser: argparse.ArgumentParser, model_dir: str,
+def test_bad_server_config_is_one_line(serve_parser: argparse.ArgumentParser,
+                                       model_dir: str,
                                        argv: list[str], expected: str) -> None:
     with pytest.raises(SystemExit) as info:
         engine_spec(serve_parser, [model_dir, *argv])
@@ -128,14 +134,16 @@ def test_bad_server_config_is_one_line(serve_parser: argparse.ArgumentParser, mo
     assert expected in message and "\n" not in message
 
 
-def test_unknown_policy_rejected_by_argparse(serve_parser: argparse.ArgumentParser, model_dir: str,
+def test_unknown_policy_rejected_by_argparse(serve_parser: argparse.ArgumentParser,
+                                             model_dir: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         serve_parser.parse_args([model_dir, "--kv-policy", "h2o"])
     assert "invalid choice: 'h2o'" in capsys.readouterr().err
 
 
-def test_additional_config_json_flag_is_validated(serve_parser: argparse.ArgumentParser, model_dir: str) -> None:
+def test_additional_config_json_flag_is_validated(serve_parser: argparse.ArgumentParser,
+                                                  model_dir: str) -> None:
     block = json.dumps({ADDITIONAL_CONFIG_KEY: {"policy": "snapkv", "ratio": 0.4}})
     spec = engine_spec(serve_parser, [model_dir, "--additional-config", block, "--kv-window", "16"])
     assert (spec["policy"], spec["ratio"], spec["window"]) == ("snapkv", 0.4, 16)

@@ -204,6 +204,20 @@ def request_values(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
     return values
 
 
+def validate_request(extra_args: Mapping[str, Any] | None) -> None:
+    """Checks a request's ``kv_*`` keys on their own, before any server default is known.
+
+    Each layer is valid on its own and layers only replace fields, so a request that passes here
+    always resolves against any valid server default.
+
+    Raises:
+        CompressionConfigError: an unknown ``kv_*`` key or a bad value; names the key.
+    """
+    values = request_values(extra_args)
+    if values:
+        _validate_layer(values, request_names())
+
+
 def resolve_request(server: CompressionSpec, extra_args: Mapping[str, Any] | None
                     ) -> CompressionSpec:
     """The spec of one request: the server default overridden by its ``kv_*`` extra args."""

@@ -1,4 +1,4 @@
-"""vLLM general-plugin entry point (``vllm.general_plugins`` -> ``vllm_kvcompress.plugin:register``).
+"""vLLM general-plugin entry point: ``vllm.general_plugins`` -> ``plugin:register``.
 
 vLLM calls ``register()`` in every process it starts (API server / LLM process, engine core,
 workers), possibly more than once. It is idempotent, imports vLLM only when called, checks the

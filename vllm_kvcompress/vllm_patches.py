@@ -25,7 +25,7 @@ from .config import (
     CompressionSpec,
     cli_names,
     resolve,
-    resolve_request,
+    validate_request,
     yaml_names,
 )
 from .policies.registry import policy_names
@@ -171,12 +171,12 @@ def _patch_engine_args() -> None:
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__  # type: ignore[attr-defined]
 
-    def add_cli_args(parser):  # noqa: ANN001, ANN202 - vLLM's signature
+    def add_cli_args(parser):
         parser = original_add(parser)
         _add_cli_args(parser)
         return parser
 
-    def from_cli_args(cls, args: argparse.Namespace):  # noqa: ANN001, ANN206
+    def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original_from(cls, args)
         try:
             spec = server_spec_from_args(args, engine_args.additional_config)
@@ -208,34 +208,51 @@ def server_spec(vllm_config: Any) -> CompressionSpec:
     return resolve((block, yaml_names("additional_config.kvcompress")))
 
 
-def _patch_input_processor() -> None:
+def _raise_for_request(extra_args: dict[str, Any] | None) -> None:
     from vllm.exceptions import VLLMValidationError
+
+    try:
+        validate_request(extra_args)
+    except CompressionConfigError as err:
+        raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
+
+
+def _patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
     original_init = InputProcessor.__init__
     original_validate = InputProcessor._validate_params
 
-    def __init__(self, vllm_config, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, N807
+    def __init__(self, vllm_config, *args, **kwargs):  # noqa: N807
         original_init(self, vllm_config, *args, **kwargs)
         # Fails an offline LLM(additional_config=...) with a bad block at construction.
-        self._kvcompress_spec = server_spec(vllm_config)
+        spec = server_spec(vllm_config)
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
-                    self._kvcompress_spec.model_dump(exclude_none=True),
+                    spec.model_dump(exclude_none=True),
                     "active" if ENGINE_COMPRESSION_ACTIVE else
                     "NOT ACTIVE in this build (settings are validated only)")
 
-    def _validate_params(self, params, supported_tasks):  # noqa: ANN001, ANN202
-        result = original_validate(self, params, supported_tasks)
-        if isinstance(params, SamplingParams) and params.extra_args:
-            try:
-                resolve_request(self._kvcompress_spec, params.extra_args)
-            except CompressionConfigError as err:
-                raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
-        return result
+    def _validate_params(self, params, supported_tasks):
+        # Admission check for SamplingParams built before vLLM loaded this plugin.
+        if isinstance(params, SamplingParams):
+            _raise_for_request(params.extra_args)
+        return original_validate(self, params, supported_tasks)
 
     InputProcessor.__init__ = __init__
     InputProcessor._validate_params = _validate_params
+
+
+def _patch_sampling_params() -> None:
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._verify_extra_args
+
+    def _verify_extra_args(self) -> None:
+        original(self)
+        _raise_for_request(self.extra_args)
+
+    SamplingParams._verify_extra_args = _verify_extra_args
 
 
 MANIFEST: tuple[Patch, ...] = (
@@ -243,9 +260,15 @@ MANIFEST: tuple[Patch, ...] = (
           "add the --kv-* flags (and --kv-compress-config, --kvcompress) to `vllm serve`; "
           "resolve flags + YAML into additional_config['kvcompress'], which reaches every "
           "process; exit with one line on a bad value", "0.32.x", _patch_engine_args),
+    Patch("vllm.sampling_params.SamplingParams._verify_extra_args",
+          "validate per-request kv_* extra_args when the request's SamplingParams is built, "
+          "before any response (streaming included) starts, so bad input is an HTTP 400 naming "
+          "the field and never reaches the engine core", "0.32.x", _patch_sampling_params),
     Patch("vllm.v1.engine.input_processor.InputProcessor.__init__/_validate_params",
-          "validate per-request kv_* extra_args at admission so bad input is an HTTP 400 "
-          "naming the field, before the engine core sees it", "0.32.x", _patch_input_processor),
+          "validate and log the server default once per front end (an offline "
+          "LLM(additional_config=...) with a bad block fails at construction); re-check kv_* "
+          "extra_args at admission for SamplingParams built before the plugin loaded", "0.32.x",
+          _patch_input_processor),
 )
 
 _applied: set[str] = set()

@@ -57,7 +57,8 @@ def pyramid_schedule(mean_free: int, num_layers: int, max_free: int, beta: float
     """Droppable-token budgets per layer: decreasing, summing to ``mean_free * num_layers``.
 
     Args:
-        mean_free: the uniform per-layer budget beyond sinks and window, ``0 <= mean_free <= max_free``.
+        mean_free: the uniform per-layer budget beyond sinks and window,
+            ``0 <= mean_free <= max_free``.
         num_layers: number of layers.
         max_free: most droppable tokens a layer can keep (prompt minus sinks and window).
         beta: ``mean / min`` ratio of the schedule.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import avg_pool1d
 
 
 def window_attention_scores(queries: torch.Tensor, keys: torch.Tensor,
@@ -65,4 +65,4 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
         return scores
     shape = scores.shape
     flat = scores.reshape(-1, 1, shape[-1])
-    return F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)
+    return avg_pool1d(flat, kernel, stride=1, padding=kernel // 2).reshape(shape)

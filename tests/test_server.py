@@ -1,0 +1,113 @@
+"""A real `vllm serve` with the plugin: flags in --help, HTTP 400 for bad kv_* input, and a bad
+server config failing at startup with one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from vllm_kvcompress.local_server import CPU_SERVER_ENV, LocalServer
+
+pytestmark = pytest.mark.server
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM = str(Path(sys.executable).with_name("vllm"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    args = ["--config", str(REPO / "configs" / "chunkkv.yaml"), "--enforce-eager",
+            "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "8"]
+    with LocalServer(str(tiny_model), args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        yield srv
+
+
+def post(server: LocalServer, endpoint: str, tiny_model: Path, xargs: object,
+         stream: bool = False) -> requests.Response:
+    body: dict[str, object] = {"model": str(tiny_model), "max_tokens": 4, "temperature": 0.0,
+                               "stream": stream}
+    if endpoint == "completions":
+        body["prompt"] = "the secret number is 42 remember it"
+    else:
+        body["messages"] = [{"role": "user", "content": "what is the secret number"}]
+    if xargs is not None:
+        body["vllm_xargs"] = xargs
+    return requests.post(f"{server.base_url}/v1/{endpoint}", json=body, timeout=60)
+
+
+BAD_XARGS = [
+    ({"kv_policy": "h2o"}, "kv_policy"),
+    ({"kv_ratio": 1.5}, "kv_ratio"),
+    ({"kv_ratio": 0}, "kv_ratio"),
+    ({"kv_ratio": "0.5"}, "kv_ratio"),
+    ({"kv_ratio": 0.2, "kv_budget": 10}, "kv_ratio and kv_budget"),
+    ({"kv_budget": -4}, "kv_budget"),
+    ({"kv_budget": 2.5}, "kv_budget"),
+    ({"kv_chunk_size": 0}, "kv_chunk_size"),
+    ({"kv_unknown": 1}, "kv_unknown"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("xargs", "field"), BAD_XARGS, ids=[f for _, f in BAD_XARGS])
+def test_bad_xargs_get_400_naming_the_field(server: LocalServer, tiny_model: Path, endpoint: str,
+                                           stream: bool, xargs: dict, field: str) -> None:
+    resp = post(server, endpoint, tiny_model, xargs, stream=stream)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["message"].startswith(f"{field}: ")
+    assert error["param"] == f"vllm_xargs.{field}"
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
+def test_server_keeps_serving_after_bad_input(server: LocalServer, tiny_model: Path,
+                                              endpoint: str) -> None:
+    assert post(server, endpoint, tiny_model, {"kv_ratio": 7}).status_code == 400
+    for xargs in (None, {"kv_policy": "snapkv", "kv_ratio": 0.5}, {"kv_policy": "none"},
+                  {"kv_budget": 40, "kv_chunk_size": 5}, {"other_plugin_key": "ignored"}):
+        resp = post(server, endpoint, tiny_model, xargs)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["usage"]["completion_tokens"] == 4
+
+
+def test_streaming_good_request_succeeds(server: LocalServer, tiny_model: Path) -> None:
+    resp = post(server, "chat/completions", tiny_model, {"kv_policy": "streamingllm"}, stream=True)
+    assert resp.status_code == 200
+    events = [line for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and len(events) >= 2
+
+
+def test_help_lists_the_flags() -> None:
+    out = subprocess.run([VLLM, "serve", "--help=all"], capture_output=True, text=True,
+                         timeout=120, env={**CPU_SERVER_ENV, "PATH": str(Path(VLLM).parent)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    for flag in ("--kv-policy", "--kv-ratio", "--kv-budget", "--kv-compress-config",
+                 "--kv-chunk-size", "--kv-window"):
+        assert flag in out.stdout
+    assert "{none,chunkkv,pyramidkv,snapkv,streamingllm}" in out.stdout
+
+
+def test_bad_server_config_fails_at_startup_with_one_line(tiny_model: Path,
+                                                          tmp_path: Path) -> None:
+    deploy = tmp_path / "bad.yaml"
+    deploy.write_text("kv-policy: snapkv\nkv-ratio: 1.7\n")
+    out = subprocess.run([VLLM, "serve", str(tiny_model), "--config", str(deploy)],
+                         capture_output=True, text=True, timeout=120, env={**CPU_SERVER_ENV})
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm-kvcompress: invalid configuration: --kv-ratio: must be a number")
+    assert "Traceback" not in out.stderr
+
+
+def test_metrics_endpoint_is_up(server: LocalServer) -> None:
+    text = server.metrics()
+    assert "vllm:kv_cache_usage_perc" in text
+    json.dumps(text)  # plain text, no binary
