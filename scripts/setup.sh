@@ -10,7 +10,14 @@ PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 PIP="$VENV/bin/python -m pip"
 # The machine's local package indexes print one warning per missing project; hide only those.
-quiet() { "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; return "${PIPESTATUS[0]}"; }
+quiet() {
+  local status
+  set +o pipefail
+  "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
+  status=${PIPESTATUS[0]}
+  set -o pipefail
+  return "$status"
+}
 
 stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.kvcompress-setup-$stamp_key"
