@@ -12,10 +12,11 @@ PIP="$VENV/bin/python -m pip"
 # The machine's local package indexes print one warning per missing project; hide only those.
 quiet() {
   local status
-  set +o pipefail
-  "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
-  status=${PIPESTATUS[0]}
-  set -o pipefail
+  # grep exits 1 when it prints nothing; only the command's own status matters.
+  { "$@" 2>&1; echo "exit=$?" > "$VENV/.quiet-status"; } \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  status=$(sed 's/exit=//' "$VENV/.quiet-status")
+  rm -f "$VENV/.quiet-status"
   return "$status"
 }
 
