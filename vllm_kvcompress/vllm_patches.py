@@ -35,10 +35,23 @@ logger = logging.getLogger("vllm.kvcompress")
 
 SUPPORTED_VLLM = ">=0.32,<0.33"
 
-#: Whether this build evicts KV inside the engine. The settings, validation and policy library
-#: are live; the engine path (scheduler + worker) is the compressed-KV work item. Everything that
-#: reports on compression (logs, demo) reads this so nothing claims memory was freed when not.
-ENGINE_COMPRESSION_ACTIVE = False
+#: Key of the plugin's runtime settings in ``additional_config`` (not user-facing).
+RUNTIME_KEY = "kvcompress_runtime"
+
+
+def engine_compression_supported() -> tuple[bool, str]:
+    """Whether this platform's engine path evicts KV, and why not when it does not.
+
+    The worker side is implemented and tested for vLLM's CPU attention backend (CPU_ATTN) with
+    the V1 model runner. Everything that reports on compression (logs, the demo) asks this, so
+    nothing claims memory was freed where it was not.
+    """
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return True, "CPU_ATTN"
+    return False, (f"the engine path is implemented for the CPU backend only; on "
+                   f"{current_platform.device_name} requests are validated but keep their full KV")
 
 
 @dataclass(frozen=True)
@@ -228,10 +241,10 @@ def _patch_input_processor() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         # Fails an offline LLM(additional_config=...) with a bad block at construction.
         spec = server_spec(vllm_config)
+        supported, detail = engine_compression_supported()
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
                     spec.model_dump(exclude_none=True),
-                    "active" if ENGINE_COMPRESSION_ACTIVE else
-                    "NOT ACTIVE in this build (settings are validated only)")
+                    f"active ({detail})" if supported else f"NOT ACTIVE: {detail}")
 
     def _validate_params(self, params, supported_tasks):
         # Admission check for SamplingParams built before vLLM loaded this plugin.
@@ -255,6 +268,143 @@ def _patch_sampling_params() -> None:
     SamplingParams._verify_extra_args = _verify_extra_args
 
 
+# --- engine core: the scheduler decides and frees blocks ------------------------------------------
+
+def _install_scheduler_compression(scheduler: Any) -> None:
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    from .engine.scheduler_side import ManagerState, SchedulerCompression, \
+        make_compressed_manager_class
+    from .engine.stats import CompressionStats
+
+    scheduler._kvcompress = None
+    supported, detail = engine_compression_supported()
+    if not supported:
+        logger.warning("vllm-kvcompress: %s", detail)
+        return
+    vllm_config = scheduler.vllm_config
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    reasons = []
+    if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
+        reasons.append("the model's KV cache is not one full-attention group (hybrid or "
+                       "sliding-window models are not supported)")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported together with compression")
+    spec = server_spec(vllm_config)
+    if reasons:
+        message = "vllm-kvcompress: compression disabled: " + "; ".join(reasons)
+        if spec.enabled:
+            raise SystemExit(message + f" (server default policy {spec.policy!r})")
+        logger.warning(message)
+        return
+    manager = managers[0]
+    manager.__class__ = make_compressed_manager_class(FullAttentionManager)
+    manager.kvc = ManagerState()
+    runtime = (vllm_config.additional_config or {}).get(RUNTIME_KEY, {})
+    stats = CompressionStats(path=runtime.get("stats_path"))
+    stats.flush()
+    num_layers = len(scheduler.kv_cache_config.kv_cache_groups[0].layer_names)
+    scheduler._kvcompress = SchedulerCompression(
+        spec, manager, scheduler.kv_cache_manager.block_pool, scheduler.block_size, num_layers,
+        stats)
+    scheduler.kv_cache_manager._kvcompress_hit_cap = scheduler._kvcompress.max_cache_hit_blocks
+
+
+def _patch_scheduler() -> None:
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original_hits = KVCacheManager.get_computed_blocks
+
+    def get_computed_blocks(self, request: Any) -> Any:
+        blocks, num_hit, boundary = original_hits(self, request)
+        cap = getattr(self, "_kvcompress_hit_cap", None)
+        max_blocks = cap(request) if cap is not None and num_hit else None
+        if max_blocks is not None and len(blocks.blocks[0]) > max_blocks:
+            block_size = num_hit // len(blocks.blocks[0])
+            blocks = self.create_kv_cache_blocks(
+                tuple(group[:max_blocks] for group in blocks.blocks))
+            num_hit = max_blocks * block_size
+        return blocks, num_hit, boundary
+
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+
+    original_init = Scheduler.__init__
+    original_schedule = Scheduler.schedule
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        original_init(self, *args, **kwargs)
+        _install_scheduler_compression(self)
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        output = original_schedule(self, *args, **kwargs)
+        compression = self._kvcompress
+        output.kvcompress = (compression.after_schedule(self.requests,
+                                                        output.num_scheduled_tokens)
+                             if compression is not None else {})
+        return output
+
+    Scheduler.__init__ = __init__
+    Scheduler.schedule = schedule
+
+
+# --- worker: physical lengths and per-layer compaction ---------------------------------------------
+
+def _worker_state(runner: Any) -> Any:
+    from .engine.worker_side import WorkerCompression
+
+    state = getattr(runner, "_kvcompress", None)
+    if state is None:
+        state = WorkerCompression(num_layers=len(runner.kv_caches),
+                                  block_size=runner.cache_config.block_size)
+        runner._kvcompress = state
+    return state
+
+
+def _patch_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .engine import worker_side
+
+    original_update = GPUModelRunner._update_states
+    original_prepare = GPUModelRunner._prepare_inputs
+
+    def _update_states(self, scheduler_output: Any) -> Any:
+        _worker_state(self).begin_step(scheduler_output, self)
+        return original_update(self, scheduler_output)
+
+    def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_prepare(self, scheduler_output, *args, **kwargs)
+        state = _worker_state(self)
+        state.after_prepare_inputs(scheduler_output, self)
+        worker_side.ACTIVE_STEP = state if state.has_layer_work else None
+        return result
+
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs
+
+
+def _patch_cpu_attention() -> None:
+    from vllm.model_executor.models.utils import extract_layer_index
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from .engine import worker_side
+
+    original_forward = CPUAttentionBackendImpl.forward
+
+    def forward(self, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any,
+                attn_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original_forward(self, layer, query, key, value, kv_cache, attn_metadata,
+                                  *args, **kwargs)
+        state = worker_side.ACTIVE_STEP
+        if state is not None and attn_metadata is not None:
+            state.after_attention(extract_layer_index(layer.layer_name), query, kv_cache,
+                                  layer.isa, self.kv_cache_dtype)
+        return output
+
+    CPUAttentionBackendImpl.forward = forward
+
+
 MANIFEST: tuple[Patch, ...] = (
     Patch("vllm.engine.arg_utils.EngineArgs.add_cli_args/from_cli_args",
           "add the --kv-* flags (and --kv-compress-config, --kvcompress) to `vllm serve`; "
@@ -269,6 +419,23 @@ MANIFEST: tuple[Patch, ...] = (
           "LLM(additional_config=...) with a bad block fails at construction); re-check kv_* "
           "extra_args at admission for SamplingParams built before the plugin loaded", "0.32.x",
           _patch_input_processor),
+    Patch("vllm.v1.core.sched.scheduler.Scheduler.__init__/schedule + "
+          "vllm.v1.core.kv_cache_manager.KVCacheManager.get_computed_blocks",
+          "engine core: convert the full-attention manager to allocate by physical length and "
+          "never hash compacted blocks; after each schedule(), on the step that completes a "
+          "prompt, move the request to cdiv(kept, block_size) fresh blocks, free the originals "
+          "(their cache hashes stay valid) and attach the plan as SchedulerOutput.kvcompress; "
+          "cap prefix-cache hits so a scoring policy's window is recomputed (its queries)",
+          "0.32.x", _patch_scheduler),
+    Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs",
+          "worker (V1 runner, used on CPU): replace a compacted request's block-table row before "
+          "new blocks are appended; make seq_lens and the slot mapping physical (positions stay "
+          "logical, so RoPE is unchanged) once, where the runner derives them", "0.32.x",
+          _patch_model_runner),
+    Patch("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
+          "after each layer's attention on the step that completes a prompt: score with the "
+          "post-RoPE window queries, select, write the kept tokens to the fresh blocks",
+          "0.32.x", _patch_cpu_attention),
 )
 
 _applied: set[str] = set()

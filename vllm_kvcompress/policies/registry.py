@@ -42,6 +42,8 @@ class PolicyInfo:
         paper: link to the paper.
         summary: one line on what it keeps.
         parameters: the spec fields the policy reads.
+        needs_queries: whether selection reads the observation-window queries (the engine then
+            recomputes the window's tokens even when they hit the prefix cache).
     """
 
     name: str
@@ -49,6 +51,7 @@ class PolicyInfo:
     paper: str
     summary: str
     parameters: tuple[str, ...]
+    needs_queries: bool = True
 
 
 _REGISTRY: dict[str, PolicyInfo] = {}
@@ -116,6 +119,7 @@ for _info in (
         paper="https://arxiv.org/abs/2309.17453",
         summary="attention sinks + most recent tokens; no scoring",
         parameters=("ratio", "budget", "sink_tokens", "min_prompt_len"),
+        needs_queries=False,
     ),
     PolicyInfo(
         name="snapkv",

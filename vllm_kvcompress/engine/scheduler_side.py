@@ -1,0 +1,226 @@
+"""Engine-core side: decide, per request, when and how much to compress; free the blocks.
+
+On the scheduler step whose chunk completes a request's prompt, a request with a policy gets
+``kept = spec.kept_tokens(prompt_len)`` tokens (deterministic, so the workers agree without a
+round trip). The scheduler then:
+
+1. takes ``M = cdiv(kept, block_size)`` fresh blocks from the pool (never hashed),
+2. makes them the request's blocks (the next step's allocations grow from them),
+3. returns the original blocks to the pool *with their prefix-cache hashes intact*: full prompt
+   blocks become evictable cache entries, so a follow-up turn on the same context can still hit
+   the uncompressed prefix,
+4. tells the workers (``SchedulerOutput.kvcompress``) to write each layer's kept tokens into the
+   fresh blocks during this step's forward.
+
+Freeing at the end of ``schedule()`` is safe although this step's forward still reads the old
+blocks: a freed block can only be handed out by a later ``schedule()``, whose forward runs after
+this one. When the pool cannot spare ``M`` blocks, the request is compacted in place into its own
+first ``M`` blocks if none of them is shared (their cache hashes are dropped first, since their
+content changes); otherwise it keeps its full KV for now (counted as skipped).
+
+After compression the request's manager allocates by *physical* length (logical minus evicted)
+and never hashes its blocks (their content no longer matches the token hashes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CompressionConfigError, CompressionSpec, resolve_request
+from .stats import CompressionStats
+
+logger = logging.getLogger("vllm.kvcompress")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class ManagerState:
+    """What the compressed-KV manager adds to vLLM's full-attention manager.
+
+    Attributes:
+        evicted: request id -> tokens evicted (logical length minus physical length).
+        no_cache: request ids whose blocks must never be hashed into the prefix cache.
+    """
+
+    evicted: dict[str, int] = field(default_factory=dict)
+    no_cache: set[str] = field(default_factory=set)
+
+
+def make_compressed_manager_class(base: type) -> type:
+    """A subclass of vLLM's ``FullAttentionManager`` that allocates by physical length.
+
+    Built at run time so this module imports without vLLM. Instances are converted in place
+    (``__class__`` swap, then ``kvc`` is attached) because the coordinator constructs them.
+    """
+
+    class CompressedFullAttentionManager(base):  # type: ignore[misc, valid-type]
+        kvc: ManagerState
+
+        def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args: Any,
+                                       **kwargs: Any) -> int:
+            evicted = self.kvc.evicted.get(request_id, 0)
+            return super().get_num_blocks_to_allocate(request_id, num_tokens - evicted, *args,
+                                                      **kwargs)
+
+        def allocate_new_blocks(self, request_id: str, num_tokens: int,
+                                num_tokens_main_model: int) -> list:
+            evicted = self.kvc.evicted.get(request_id, 0)
+            return super().allocate_new_blocks(request_id, num_tokens - evicted,
+                                               num_tokens_main_model - evicted)
+
+        def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
+            if request.request_id in self.kvc.no_cache:
+                return
+            super().cache_blocks(request, num_tokens, *args, **kwargs)
+
+        def pop_blocks_for_free(self, request_id: str) -> list:
+            # The one exit for finish, abort and preemption: forget the request here.
+            self.kvc.evicted.pop(request_id, None)
+            self.kvc.no_cache.discard(request_id)
+            return super().pop_blocks_for_free(request_id)
+
+    return CompressedFullAttentionManager
+
+
+class SchedulerCompression:
+    """Per-scheduler state and the post-``schedule()`` planning step.
+
+    Args:
+        server_spec: the server default (``additional_config["kvcompress"]``).
+        manager: the request-to-blocks manager (already converted, with ``kvc`` attached).
+        block_pool: vLLM's block pool.
+        block_size: tokens per block.
+        num_layers: attention layers of the model (for per-layer budgets).
+        stats: counters shared with the metrics exporter.
+    """
+
+    def __init__(self, server_spec: CompressionSpec, manager: Any, block_pool: Any,
+                 block_size: int, num_layers: int, stats: CompressionStats) -> None:
+        self.server_spec = server_spec
+        self.manager = manager
+        self.block_pool = block_pool
+        self.block_size = block_size
+        self.num_layers = num_layers
+        self.stats = stats
+
+    def physical_kept(self, spec: CompressionSpec, prompt_len: int) -> int | None:
+        """Tokens every layer keeps in the paged cache (the largest layer budget)."""
+        kept = spec.kept_tokens(prompt_len)
+        if kept is None:
+            return None
+        from ..policies.registry import build_policy
+
+        policy = build_policy(spec)
+        protected = min(spec.sink_tokens + spec.window, prompt_len)
+        largest = max(policy.layer_budget(kept, layer, self.num_layers, prompt_len, protected)
+                      for layer in range(self.num_layers))
+        return largest if largest < prompt_len else None
+
+    def request_spec(self, request: Any) -> CompressionSpec:
+        params = request.sampling_params
+        extra = params.extra_args if params is not None else None
+        try:
+            return resolve_request(self.server_spec, extra)
+        except CompressionConfigError:  # validated at admission; never fail a step over it
+            logger.warning("vllm-kvcompress: request %s has invalid kv_* args; not compressed",
+                           request.request_id)
+            return self.server_spec.model_copy(update={"policy": "none"})
+
+    def max_cache_hit_blocks(self, request: Any) -> int | None:
+        """Most prefix-cache hit blocks a request may take, or ``None`` for no limit.
+
+        A request that will be compressed with a scoring policy needs its window's queries, which
+        exist only for tokens computed in this prefill, so the window is never taken from cache.
+        """
+        if request.num_output_tokens > 0:
+            return None
+        spec = self.request_spec(request)
+        if not spec.enabled or self.physical_kept(spec, request.num_prompt_tokens) is None:
+            return None
+        from ..policies.registry import get_policy_info
+
+        if not get_policy_info(spec.policy).needs_queries:
+            return None
+        return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
+
+    def after_schedule(self, requests: dict[str, Any],
+                       num_scheduled_tokens: dict[str, int]) -> dict[str, Any]:
+        """Plans this step's compactions. Returns the message for the workers.
+
+        Returns:
+            ``{"compact": {req_id: plan}, "stash": {req_id: window}}`` (empty when there is
+            nothing to do); ``stash`` names requests in a non-final prefill chunk that will be
+            compressed: the workers keep their last ``window`` queries across chunks.
+        """
+        compact: dict[str, dict[str, Any]] = {}
+        stash: dict[str, int] = {}
+        for req_id, n_new in num_scheduled_tokens.items():
+            request = requests.get(req_id)
+            if request is None:
+                continue
+            after = request.num_computed_tokens
+            prompt_len = request.num_prompt_tokens
+            if after - n_new >= prompt_len:
+                continue  # decode step: the common case, kept cheap
+            if request.num_output_tokens > 0:
+                # Re-prefill after preemption (recompute): it keeps its full KV this time.
+                if after >= prompt_len:
+                    self.stats.skipped_resumed += 1
+                continue
+            spec = self.request_spec(request)
+            if not spec.enabled:
+                continue
+            kept = self.physical_kept(spec, prompt_len)
+            if kept is None:
+                if after >= prompt_len:
+                    self.stats.not_compressed_short += 1
+                continue
+            if after < prompt_len:
+                stash[req_id] = spec.window
+                continue
+            plan = self._move_to_compact_blocks(req_id, prompt_len, kept)
+            if plan is None:
+                continue
+            plan["spec"] = spec.model_dump()
+            compact[req_id] = plan
+        return {"compact": compact, "stash": stash} if compact or stash else {}
+
+    def _move_to_compact_blocks(self, req_id: str, prompt_len: int, kept: int
+                                ) -> dict[str, Any] | None:
+        manager = self.manager
+        old = manager.req_to_blocks.get(req_id)
+        if not old:
+            return None
+        num_kept_blocks = cdiv(kept, self.block_size)
+        if self.block_pool.get_num_free_blocks() >= num_kept_blocks:
+            fresh = self.block_pool.get_new_blocks(num_kept_blocks)
+            to_free = old
+            in_place = False
+        elif all(block.ref_cnt == 1 for block in old[:num_kept_blocks]):
+            fresh = old[:num_kept_blocks]
+            # Their content is about to change: they must stop answering for their tokens.
+            self.block_pool.evict_blocks({block.block_id for block in fresh})
+            to_free = old[num_kept_blocks:]
+            in_place = True
+        else:
+            self.stats.skipped_no_memory += 1
+            return None
+        manager.req_to_blocks[req_id] = list(fresh)
+        manager.kvc.evicted[req_id] = prompt_len - kept
+        manager.kvc.no_cache.add(req_id)
+        self.block_pool.free_blocks(reversed(to_free))
+        self.stats.record(prompt_len, kept, blocks_freed=len(old) - num_kept_blocks)
+        logger.debug("vllm-kvcompress: %s keeps %d of %d prompt tokens, %d -> %d blocks%s",
+                     req_id, kept, prompt_len, len(old), num_kept_blocks,
+                     " (in place)" if in_place else "")
+        return {
+            "kept": kept,
+            "prompt_len": prompt_len,
+            "src_blocks": [block.block_id for block in old],
+            "dst_blocks": [block.block_id for block in fresh],
+        }

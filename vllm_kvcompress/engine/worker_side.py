@@ -1,0 +1,239 @@
+"""Worker side: compact each layer's kept tokens, then run on physical lengths.
+
+Step N (the step that completes a compressed request's prompt), for each attention layer, right
+after the layer's own attention (so this step's logits use the full prompt, as a reference model
+would): read the layer's keys/values of the prompt from the paged cache, score them with the
+window queries (post-RoPE), select ``kept`` indices with the request's policy, and write the kept
+tokens into the destination blocks' first ``kept`` slots.
+
+Step N+1 onwards: the request's block-table row is replaced by the destination blocks and
+``seq_lens`` / the slot mapping use physical lengths (logical minus evicted), while positions stay
+logical, so RoPE is unchanged and no attention backend needs a mask.
+
+Nothing here runs on a step without compression work beyond one dictionary check per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import CompressionSpec
+from ..policies.base import KVPolicy, LayerObservation
+from ..policies.registry import build_policy, get_policy_info
+from .cpu_paged_cache import probe_layout, read_tokens, row_slots, write_tokens
+
+logger = logging.getLogger("vllm.kvcompress")
+
+#: Set to 1 to keep every compressed request's kept indices per layer (tests, debugging).
+RECORD_ENV = "VLLM_KVCOMPRESS_RECORD_KEPT"
+
+
+@dataclass
+class CompactionTask:
+    """One request's compaction during this step.
+
+    Attributes:
+        req_id: the request.
+        spec: its resolved settings.
+        policy: the policy object built from ``spec``.
+        kept: tokens each layer keeps.
+        prompt_len: the prompt length ``L``.
+        src_blocks: ``[>= cdiv(L, block_size)]`` block ids holding the full prompt.
+        dst_blocks: ``[cdiv(kept, block_size)]`` block ids receiving the kept tokens.
+        query_start: first row of this request's tokens in the step's flattened batch.
+        query_end: one past its last row.
+        selections: selection layer -> kept indices, for layer-wise index reuse.
+    """
+
+    req_id: str
+    spec: CompressionSpec
+    policy: KVPolicy
+    kept: int
+    prompt_len: int
+    src_blocks: torch.Tensor
+    dst_blocks: torch.Tensor
+    query_start: int
+    query_end: int
+    selections: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StashTask:
+    """A request in a non-final prefill chunk whose window queries must be kept."""
+
+    req_id: str
+    window: int
+    query_start: int
+    query_end: int
+
+
+class WorkerCompression:
+    """Compression state of one model runner (one per worker process).
+
+    Args:
+        num_layers: attention layers of the model.
+        block_size: tokens per KV block.
+    """
+
+    def __init__(self, num_layers: int, block_size: int) -> None:
+        self.num_layers = num_layers
+        self.block_size = block_size
+        self.evicted: dict[str, int] = {}
+        self.pending: dict[str, tuple[list[int], int]] = {}
+        self.stash: dict[str, dict[int, torch.Tensor]] = {}
+        self.compactions: list[CompactionTask] = []
+        self.stashes: list[StashTask] = []
+        self.record = os.environ.get(RECORD_ENV, "0") not in ("", "0")
+        self.kept_log: dict[str, dict[int, list[int]]] = {}
+        self._policies: dict[str, KVPolicy] = {}
+
+    # --- step boundaries ----------------------------------------------------------------------
+
+    def begin_step(self, scheduler_output: Any, runner: Any) -> None:
+        """Before vLLM updates its request states: forget ended requests, switch compacted
+        requests to their destination blocks (before this step's new blocks are appended)."""
+        self.compactions, self.stashes = [], []
+        ended = set(scheduler_output.finished_req_ids)
+        ended |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
+        ended |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
+        for req_id in ended:
+            self.evicted.pop(req_id, None)
+            self.pending.pop(req_id, None)
+            self.stash.pop(req_id, None)
+        for req_id, (blocks, evicted) in self.pending.items():
+            state = runner.requests.get(req_id)
+            if state is None:
+                continue
+            state.block_ids[0][:] = blocks
+            row = runner.input_batch.req_id_to_index.get(req_id)
+            if row is not None:
+                table = runner.input_batch.block_table[0]
+                table.clear_row(row)
+                table.append_row(blocks, row)
+            self.evicted[req_id] = evicted
+        self.pending.clear()
+
+    def after_prepare_inputs(self, scheduler_output: Any, runner: Any) -> None:
+        """Makes ``seq_lens`` and the slot mapping physical; lays out this step's tasks."""
+        batch = runner.input_batch
+        num_reqs = batch.num_reqs
+        if self.evicted:
+            evicted = np.fromiter((self.evicted.get(r, 0) for r in batch.req_ids[:num_reqs]),
+                                  dtype=np.int32, count=num_reqs)
+            if evicted.any():
+                self._to_physical(runner, evicted, scheduler_output.total_num_scheduled_tokens)
+        message = getattr(scheduler_output, "kvcompress", None)
+        if not message:
+            return
+        starts = runner.query_start_loc.np
+        for req_id, plan in message.get("compact", {}).items():
+            row = batch.req_id_to_index[req_id]
+            spec = CompressionSpec.model_validate(plan["spec"])
+            self.compactions.append(CompactionTask(
+                req_id=req_id, spec=spec, policy=self._policy(spec), kept=plan["kept"],
+                prompt_len=plan["prompt_len"],
+                src_blocks=torch.tensor(plan["src_blocks"], dtype=torch.int64),
+                dst_blocks=torch.tensor(plan["dst_blocks"], dtype=torch.int64),
+                query_start=int(starts[row]), query_end=int(starts[row + 1])))
+            self.pending[req_id] = (list(plan["dst_blocks"]), plan["prompt_len"] - plan["kept"])
+        for req_id, window in message.get("stash", {}).items():
+            row = batch.req_id_to_index[req_id]
+            self.stashes.append(StashTask(req_id, window, int(starts[row]), int(starts[row + 1])))
+
+    @staticmethod
+    def _to_physical(runner: Any, evicted: np.ndarray, num_tokens: int) -> None:
+        num_reqs = len(evicted)
+        evicted_t = torch.from_numpy(evicted)
+        runner.seq_lens[:num_reqs] -= evicted_t.to(runner.seq_lens.device)
+        runner.optimistic_seq_lens_cpu[:num_reqs] -= evicted_t
+        per_token = evicted[runner.req_indices.np[:num_tokens]].astype(np.int64)
+        physical = runner.positions[:num_tokens] - torch.from_numpy(per_token).to(
+            runner.positions.device)
+        runner.input_batch.block_table.compute_slot_mapping(
+            num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
+
+    def _policy(self, spec: CompressionSpec) -> KVPolicy:
+        key = spec.model_dump_json()
+        if key not in self._policies:
+            policy = build_policy(spec)
+            assert policy is not None
+            self._policies[key] = policy
+        return self._policies[key]
+
+    # --- per layer ----------------------------------------------------------------------------
+
+    @property
+    def has_layer_work(self) -> bool:
+        return bool(self.compactions or self.stashes)
+
+    def after_attention(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor,
+                        isa: str, kv_cache_dtype: str) -> None:
+        """Stashes window queries and compacts this layer for this step's tasks.
+
+        Args:
+            layer_idx: the attention layer's index.
+            query: ``[num_tokens, num_q_heads, head_dim]`` post-RoPE queries of the step.
+            kv_cache: the layer's paged cache (this step's keys/values already written).
+            isa: the CPU attention ISA of the layer.
+            kv_cache_dtype: the attention impl's cache dtype string.
+        """
+        for stash in self.stashes:
+            self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
+                                stash.window)
+        for task in self.compactions:
+            self._compact_layer(task, layer_idx, query, kv_cache, isa, kv_cache_dtype)
+
+    def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
+                       window: int) -> None:
+        per_layer = self.stash.setdefault(req_id, {})
+        previous = per_layer.get(layer_idx)
+        joined = queries if previous is None else torch.cat([previous, queries])
+        per_layer[layer_idx] = joined[-window:].clone()
+
+    def _window_queries(self, task: CompactionTask, layer_idx: int, query: torch.Tensor
+                        ) -> torch.Tensor:
+        window = task.spec.window
+        own = query[task.query_start:task.query_end]
+        if own.shape[0] < window:
+            earlier = self.stash.get(task.req_id, {}).get(layer_idx)
+            if earlier is not None:
+                own = torch.cat([earlier, own])
+        if own.shape[0] < window:
+            raise RuntimeError(f"only {own.shape[0]} window queries for {task.req_id}, "
+                               f"need {window}")
+        return own[-window:].transpose(0, 1)  # [num_q_heads, w, head_dim]
+
+    def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
+                       kv_cache: torch.Tensor, isa: str, kv_cache_dtype: str) -> None:
+        _, _, block_size, two_d = kv_cache.shape
+        layout = probe_layout(isa, kv_cache.dtype, block_size, two_d // 2)
+        keys, values = read_tokens(kv_cache, task.src_blocks, task.prompt_len, layout)
+        source = task.policy.selection_layer(layer_idx)
+        kept_idx = task.selections.get(source)
+        if kept_idx is None:
+            queries = (self._window_queries(task, layer_idx, query)
+                       if get_policy_info(task.spec.policy).needs_queries else None)
+            obs = LayerObservation(
+                seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
+                window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
+                queries=queries, keys=keys)
+            kept_idx = task.policy.keep_indices(obs)
+            task.selections[source] = kept_idx
+        slots = row_slots(task.dst_blocks, task.kept, block_size)
+        # Gather (copies) before writing: destination may overlap the source (in place).
+        write_tokens(kv_cache, keys[:, kept_idx], values[:, kept_idx], slots, isa,
+                     kv_cache_dtype)
+        if self.record:
+            self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
+        if layer_idx == self.num_layers - 1:
+            self.stash.pop(task.req_id, None)
+
+
+#: The worker state with layer work in the current step, or None (read by the attention hook).
+ACTIVE_STEP: WorkerCompression | None = None
