@@ -273,8 +273,11 @@ def _patch_sampling_params() -> None:
 def _install_scheduler_compression(scheduler: Any) -> None:
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
-    from .engine.scheduler_side import ManagerState, SchedulerCompression, \
-        make_compressed_manager_class
+    from .engine.scheduler_side import (
+        ManagerState,
+        SchedulerCompression,
+        make_compressed_manager_class,
+    )
     from .engine.stats import CompressionStats
 
     scheduler._kvcompress = None
@@ -348,7 +351,7 @@ def _patch_scheduler() -> None:
     Scheduler.schedule = schedule
 
 
-# --- worker: physical lengths and per-layer compaction ---------------------------------------------
+# --- worker: physical lengths and per-layer compaction ---------------------------------------
 
 def _worker_state(runner: Any) -> Any:
     from .engine.worker_side import WorkerCompression

