@@ -1,0 +1,283 @@
+"""Compression inside the real engine (in process, tiny Llama, fp32, CPU_ATTN).
+
+* eviction: greedy output equals a plain-transformers reference that attends only to the engine's
+  kept tokens at their original positions, per policy, in one mixed batch, through chunked
+  prefill (window queries carried across chunks);
+* no eviction (`none`, ratio 1.0, budget >= prompt): token-identical to vLLM with the plugin off;
+* memory: blocks really return to the pool after prefill; the prefix cache keeps the original,
+  uncompressed blocks for a follow-up turn; a pool sized for N full prompts runs ~N/ratio
+  compressed ones at once;
+* lifecycle: preemption, abort and finish leave the pool's free count where it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kv_reference import ReferenceModel
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 32
+MAX_TOKENS = 20  # >= 16 decode steps after the first token
+ENGINE = {"max_model_len": 1024, "block_size": BLOCK, "enforce_eager": True, "dtype": "float32",
+          "seed": 0, "max_num_batched_tokens": 128, "max_num_seqs": 16}
+
+
+def prompt_ids(seed: int, length: int) -> list[int]:
+    """Token ids of a random sentence from the tiny tokenizer's own vocabulary (>= 1 <=> bos)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(4, 1000) for _ in range(length)]
+
+
+def engine_internals(llm: Any) -> tuple[Any, Any, Any]:
+    """(scheduler, block pool, model runner) of an in-process engine."""
+    core = llm.llm_engine.engine_core.engine_core
+    scheduler = core.scheduler
+    runner = core.model_executor.driver_worker.worker.model_runner
+    return scheduler, scheduler.kv_cache_manager.block_pool, runner
+
+
+def kept_log(runner: Any, request_id: str) -> dict[int, list[int]]:
+    """The engine's kept indices per layer for a request (internal ids carry a suffix)."""
+    log = runner._kvcompress.kept_log
+    matches = [key for key in log if key.rsplit("-", 1)[0] == request_id]
+    assert len(matches) == 1, (request_id, list(log))
+    return log[matches[0]]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model: Path) -> Iterator[Any]:
+    from vllm import LLM
+
+    os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
+    engine = LLM(model=str(tiny_model), num_gpu_blocks_override=512, **ENGINE)
+    yield engine
+    del engine
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> ReferenceModel:
+    return ReferenceModel(tiny_model)
+
+
+EVICTING = [
+    ({"kv_policy": "streamingllm", "kv_ratio": 0.3}, 300),
+    ({"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16}, 300),
+    ({"kv_policy": "snapkv", "kv_budget": 60, "kv_window": 16, "kv_pool_kernel": 1}, 100),
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 48, "kv_chunk_size": 10}, 300),
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.2, "kv_window": 16, "kv_reuse_layers": 2}, 257),
+    ({"kv_policy": "pyramidkv", "kv_ratio": 0.3, "kv_window": 16}, 300),
+]
+
+
+def test_eviction_matches_reference_in_one_mixed_batch(llm: Any,
+                                                        reference: ReferenceModel) -> None:
+    """Every policy, plus `none` neighbours, in one batch; 300-token prompts are chunked
+    (128 + 128 + 44), and the 48-token window spans two chunks."""
+    from vllm import SamplingParams
+
+    cases = [*EVICTING, ({"kv_policy": "none"}, 300), (None, 150)]
+    prompts = [{"prompt_token_ids": prompt_ids(i, n)} for i, (_, n) in enumerate(cases)]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=x)
+              for x, _ in cases]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    _, _, runner = engine_internals(llm)
+    for (xargs, length), prompt, out in zip(cases, prompts, outputs, strict=True):
+        got = list(out.outputs[0].token_ids)
+        evicting = xargs is not None and xargs["kv_policy"] != "none"
+        kept = kept_log(runner, out.request_id) if evicting else None
+        if kept is not None:
+            counts = {len(indices) for indices in kept.values()}
+            assert len(counts) == 1 and counts.pop() < length  # same count per layer, evicted
+        want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept)
+        assert got == want, f"{xargs}: engine {got} != reference {want}"
+
+
+def test_chunkkv_reuse_shares_selection_within_groups(llm: Any) -> None:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={
+        "kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_reuse_layers": 2})
+    out = llm.generate([{"prompt_token_ids": prompt_ids(99, 200)}], params, use_tqdm=False)[0]
+    kept = kept_log(engine_internals(llm)[2], out.request_id)
+    assert kept[0] == kept[1] and kept[2] == kept[3]
+    assert kept[0] != kept[2]  # different groups score on their own
+
+
+DISABLED_SCRIPT = """
+import json, os, sys
+from vllm import LLM, SamplingParams
+cfg = json.loads(sys.argv[1])
+llm = LLM(model=cfg["model"], **cfg["engine"])
+outs = llm.generate([{"prompt_token_ids": p} for p in cfg["prompts"]],
+                    SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0), use_tqdm=False)
+print("TOKENS=" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_no_eviction_is_token_identical_to_plugin_disabled(llm: Any, tiny_model: Path) -> None:
+    """`none`, ratio 1.0 and a budget >= prompt change nothing, in a batch of mixed lengths."""
+    from vllm import SamplingParams
+
+    lengths = [40, 130, 257, 300, 77]
+    prompts = [prompt_ids(100 + i, n) for i, n in enumerate(lengths)]
+    variants = [{"kv_policy": "none"}, {"kv_policy": "snapkv", "kv_ratio": 1.0},
+                {"kv_policy": "chunkkv", "kv_budget": 400}, None, {"kv_policy": "snapkv"}]
+    # The last prompt is too short to compress under the default window: a no-op too.
+    variants[-1] = {"kv_policy": "snapkv", "kv_min_prompt_len": 1000}
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=x)
+              for x in variants]
+    ours = [list(o.outputs[0].token_ids) for o in llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+    config = {"model": str(tiny_model), "engine": {**ENGINE, "num_gpu_blocks_override": 512},
+              "prompts": prompts, "max_tokens": MAX_TOKENS}
+    env = {**os.environ, "VLLM_KVCOMPRESS_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", DISABLED_SCRIPT, json.dumps(config)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stock = json.loads(proc.stdout.split("TOKENS=")[1].splitlines()[0])
+    assert ours == stock
+
+
+def run_steps(llm: Any, on_step: Any = None) -> None:
+    """Steps the engine until idle, calling ``on_step(step_index)`` after each step."""
+    step = 0
+    while llm.llm_engine.has_unfinished_requests():
+        llm.llm_engine.step()
+        if on_step is not None:
+            on_step(step)
+        step += 1
+
+
+def test_blocks_return_to_the_pool_after_prefill_and_cache_keeps_the_original(
+        llm: Any, reference: ReferenceModel) -> None:
+    from vllm import SamplingParams
+
+    scheduler, pool, _ = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    length, ratio = 320, 0.25
+    prompt = prompt_ids(7, length)
+    kept = 80  # ceil(0.25 * 320)
+    llm.llm_engine.add_request("freed", {"prompt_token_ids": prompt}, SamplingParams(
+        max_tokens=4, temperature=0.0, extra_args={"kv_policy": "snapkv", "kv_ratio": ratio}))
+    free_after: list[int] = []
+    usage_after: list[float] = []
+
+    def record(step: int) -> None:
+        free_after.append(pool.get_num_free_blocks())
+        usage_after.append(scheduler.kv_cache_manager.usage)
+
+    run_steps(llm, record)
+    # Prefill takes 3 chunks (128 + 128 + 64). After the second the request holds 8 blocks; the
+    # third would take it to 10, but compression leaves cdiv(kept, 32) = 3 (the originals are
+    # back in the pool, hashed and evictable) and vLLM's usage gauge drops.
+    done = next(i for i in range(1, len(free_after)) if free_after[i] > free_after[i - 1])
+    assert free_after[done - 1] == start_free - 8
+    assert free_after[done] == start_free - (kept + BLOCK - 1) // BLOCK
+    assert usage_after[done] < usage_after[done - 1]
+    assert pool.get_num_free_blocks() == start_free
+    assert scheduler._kvcompress.stats.blocks_freed >= 10 - 3
+
+    # A follow-up on the same context without compression hits the full, uncompressed prefix
+    # and is exact against a full-KV reference.
+    follow = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, extra_args={"kv_policy": "none"}),
+        use_tqdm=False)[0]
+    assert follow.num_cached_tokens == (length - 1) // BLOCK * BLOCK
+    assert list(follow.outputs[0].token_ids) == reference.greedy(prompt, MAX_TOKENS)
+
+
+def test_abort_mid_decode_and_finish_leave_no_leak(llm: Any) -> None:
+    from vllm import SamplingParams
+
+    _, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    for i in range(4):
+        llm.llm_engine.add_request(f"abort-{i}", {"prompt_token_ids": prompt_ids(200 + i, 260)},
+                                   SamplingParams(max_tokens=50, temperature=0.0, extra_args={
+                                       "kv_policy": "chunkkv", "kv_ratio": 0.25}))
+    for _ in range(6):  # prefill (3 steps) and a few decode steps
+        llm.llm_engine.step()
+    assert runner._kvcompress.evicted  # compressed and decoding
+    llm.llm_engine.abort_request(["abort-0", "abort-2"])
+    run_steps(llm)
+    assert pool.get_num_free_blocks() == start_free
+    # Workers learn of finished requests with the next step; after one, nothing is left.
+    llm.generate([{"prompt_token_ids": prompt_ids(1, 10)}], SamplingParams(max_tokens=2),
+                 use_tqdm=False)
+    assert not [r for r in runner._kvcompress.evicted if r.startswith("abort-")]
+    assert not runner._kvcompress.pending
+
+
+@pytest.fixture(scope="module")
+def small_pool_llm(tiny_model: Path, llm: Any) -> Iterator[Any]:
+    """An engine whose pool holds N = 8 full requests (480 + 32 tokens = 16 blocks each)."""
+    from vllm import LLM
+
+    engine = LLM(model=str(tiny_model), num_gpu_blocks_override=8 * 16 + 1,
+                 **{**ENGINE, "max_num_batched_tokens": 512, "max_num_seqs": 64})
+    yield engine
+    del engine
+
+
+def run_concurrent(llm: Any, n: int, xargs: dict[str, Any], max_tokens: int
+                   ) -> tuple[int, int, list[list[int]]]:
+    """Submits ``n`` 480-token requests at once; returns (peak running, preemptions, outputs)."""
+    from vllm import SamplingParams
+
+    scheduler, _, _ = engine_internals(llm)
+    for i in range(n):
+        llm.llm_engine.add_request(f"cap-{xargs['kv_policy']}-{i}",
+                                   {"prompt_token_ids": prompt_ids(300 + i, 480)},
+                                   SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                  ignore_eos=True,
+                                                  extra_args=xargs))
+    peak, preemptions = 0, {}
+    outputs: dict[str, list[int]] = {}
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        peak = max(peak, len(scheduler.running))
+        for req_id, request in scheduler.requests.items():
+            preemptions[req_id] = request.num_preemptions
+    return peak, sum(preemptions.values()), [outputs[k] for k in sorted(outputs)]
+
+
+def test_capacity_about_n_over_ratio_without_preemption(small_pool_llm: Any) -> None:
+    _, pool, _ = engine_internals(small_pool_llm)
+    start_free = pool.get_num_free_blocks()
+    full_peak, _, _ = run_concurrent(small_pool_llm, 32, {"kv_policy": "none"}, 32)
+    peak, preemptions, outputs = run_concurrent(
+        small_pool_llm, 32, {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16}, 32)
+    print(f"peak running: full KV {full_peak}, snapkv ratio 0.25 {peak}")
+    assert full_peak == 8
+    # N / ratio = 32 is the ideal. Block granularity (120 kept + 32 generated tokens = 5 blocks,
+    # not 4) and admission (a new request holds its whole prompt's 15 blocks until its prefill
+    # completes) cap it at (128 - 15) // 5 + 1 = 23.
+    assert peak >= 0.65 * full_peak / 0.25 and preemptions == 0
+    assert all(len(out) == 32 for out in outputs)
+    assert pool.get_num_free_blocks() == start_free
+
+
+def test_preemption_recompute_and_tiny_pool_leave_no_leak(small_pool_llm: Any) -> None:
+    scheduler, pool, runner = engine_internals(small_pool_llm)
+    start_free = pool.get_num_free_blocks()
+    # Long generations outgrow the pool: the scheduler must preempt and recompute.
+    _, preemptions, outputs = run_concurrent(
+        small_pool_llm, 24, {"kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16}, 400)
+    assert preemptions > 0
+    assert all(len(out) == 400 for out in outputs)
+    assert pool.get_num_free_blocks() == start_free
+    assert scheduler._kvcompress.stats.skipped_resumed > 0
+    assert len(runner._kvcompress.evicted) <= 1  # only the last finisher, dropped next step
