@@ -3,7 +3,6 @@ server config failing at startup with one line."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from vllm_kvcompress.local_server import CPU_SERVER_ENV, LocalServer
+from vllm_kvcompress.local_server import CPU_SERVER_ENV, LocalServer, metric_values
 
 pytestmark = pytest.mark.server
 
@@ -107,7 +106,31 @@ def test_bad_server_config_fails_at_startup_with_one_line(tiny_model: Path,
     assert "Traceback" not in out.stderr
 
 
-def test_metrics_endpoint_is_up(server: LocalServer) -> None:
+def usage_while_decoding(server: LocalServer, tiny_model: Path, xargs: dict) -> float:
+    """vLLM's KV usage gauge sampled while a long prompt is decoding (streamed)."""
+    words = ("the secret number is 42 and the city is paris remember it well " * 70).split()
+    body = {"model": str(tiny_model), "prompt": " ".join(words[:700]), "max_tokens": 400,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "vllm_xargs": xargs}
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True,
+                       timeout=120) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(20):  # well past prefill
+            next(lines)
+        usage = max(metric_values(server.metrics(), "vllm:kv_cache_usage_perc"))
+        for _ in lines:
+            pass
+    return usage
+
+
+def test_metrics_show_blocks_freed_and_kv_usage_drop(server: LocalServer,
+                                                     tiny_model: Path) -> None:
+    full = usage_while_decoding(server, tiny_model, {"kv_policy": "none"})
+    compressed = usage_while_decoding(server, tiny_model, {"kv_policy": "chunkkv",
+                                                           "kv_ratio": 0.25})
+    assert 0 < compressed < 0.5 * full
     text = server.metrics()
-    assert "vllm:kv_cache_usage_perc" in text
-    json.dumps(text)  # plain text, no binary
+    assert metric_values(text, "vllm_kvcompress:requests_compressed_total")[0] >= 1
+    assert metric_values(text, "vllm_kvcompress:blocks_freed_total")[0] > 0
+    assert metric_values(text, "vllm_kvcompress:tokens_evicted_total")[0] > 0
+    assert metric_values(text, "vllm_kvcompress:kept_ratio_count")[0] >= 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -178,6 +179,27 @@ def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] |
     return resolve(*layers)
 
 
+_stats_path: str | None = None
+
+
+def _register_stats_collector() -> str:
+    """Registers the ``vllm_kvcompress:`` collector in this (API server) process, once.
+
+    Returns:
+        The file the engine core writes its counters to (see ``engine.stats``).
+    """
+    global _stats_path
+    if _stats_path is None:
+        from prometheus_client import REGISTRY
+
+        from .engine.stats import StatsCollector
+
+        folder = Path(tempfile.mkdtemp(prefix="vllm-kvcompress-"))
+        _stats_path = str(folder / "stats.json")
+        REGISTRY.register(StatsCollector(_stats_path))
+    return _stats_path
+
+
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -198,6 +220,7 @@ def _patch_engine_args() -> None:
         engine_args.additional_config = {
             **(engine_args.additional_config or {}),
             ADDITIONAL_CONFIG_KEY: spec.model_dump(exclude_none=True),
+            RUNTIME_KEY: {"stats_path": _register_stats_collector()},
         }
         return engine_args
 
