@@ -27,7 +27,11 @@ def register() -> None:
     if os.environ.get("VLLM_KVCOMPRESS_DISABLE", "0") not in ("", "0"):
         logger.info("vllm-kvcompress disabled by VLLM_KVCOMPRESS_DISABLE")
         return
-    from .vllm_patches import apply_all
+    from .vllm_patches import GPU_OPT_IN_ENV, apply_all
 
+    if os.environ.get(GPU_OPT_IN_ENV, "0") not in ("", "0"):
+        # The worker hooks live in the V1 model runner; V2 (the GPU default) has none yet.
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        logger.info("vllm-kvcompress: %s=1: using vLLM's V1 model runner", GPU_OPT_IN_ENV)
     applied = apply_all()
     logger.debug("vllm-kvcompress patches applied: %s", applied)

@@ -40,19 +40,36 @@ SUPPORTED_VLLM = ">=0.32,<0.33"
 RUNTIME_KEY = "kvcompress_runtime"
 
 
+#: Opt-in for the NVIDIA path (FLASH_ATTN / TRITON_ATTN on the V1 model runner): written against
+#: the same boundary as the CPU path and unit-tested on CPU tensors, but not yet run end to end on
+#: a GPU with vLLM (none of this project's GPU machines can run vLLM 0.32).
+GPU_OPT_IN_ENV = "VLLM_KVCOMPRESS_GPU"
+
+
+def _gpu_opted_in() -> bool:
+    import os
+
+    return os.environ.get(GPU_OPT_IN_ENV, "0") not in ("", "0")
+
+
 def engine_compression_supported() -> tuple[bool, str]:
     """Whether this platform's engine path evicts KV, and why not when it does not.
 
-    The worker side is implemented and tested for vLLM's CPU attention backend (CPU_ATTN) with
-    the V1 model runner. Everything that reports on compression (logs, the demo) asks this, so
-    nothing claims memory was freed where it was not.
+    Tested end to end: vLLM's CPU backend (CPU_ATTN) with the V1 model runner. NVIDIA GPUs:
+    FLASH_ATTN / TRITON_ATTN on the V1 runner, only with ``VLLM_KVCOMPRESS_GPU=1``.
+    Everything that reports on compression (logs, the demo) asks this, so nothing claims memory
+    was freed where it was not.
     """
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
         return True, "CPU_ATTN"
-    return False, (f"the engine path is implemented for the CPU backend only; on "
-                   f"{current_platform.device_name} requests are validated but keep their full KV")
+    if current_platform.is_cuda() and _gpu_opted_in():
+        return True, ("FLASH_ATTN/TRITON_ATTN, V1 model runner (experimental: "
+                      f"{GPU_OPT_IN_ENV}=1)")
+    return False, (f"the engine path is tested on the CPU backend; on "
+                   f"{current_platform.device_name} requests are validated but keep their full "
+                   f"KV (set {GPU_OPT_IN_ENV}=1 to try the untested NVIDIA path)")
 
 
 @dataclass(frozen=True)
@@ -304,11 +321,15 @@ def _install_scheduler_compression(scheduler: Any) -> None:
     from .engine.stats import CompressionStats
 
     scheduler._kvcompress = None
+    vllm_config = scheduler.vllm_config
     supported, detail = engine_compression_supported()
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if supported and cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        supported, detail = False, (f"a quantized KV cache ({cache_dtype}) is not supported; "
+                                    "requests keep their full KV")
     if not supported:
         logger.warning("vllm-kvcompress: %s", detail)
         return
-    vllm_config = scheduler.vllm_config
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     reasons = []
     if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
@@ -410,13 +431,16 @@ def _patch_model_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
 
 
-def _patch_cpu_attention() -> None:
+def _compact_after_forward(impl_cls: type, access_for: Callable[[Any, Any], Any]) -> None:
+    """Wraps an attention impl's ``forward`` so the layer is compacted right after it.
+
+    ``access_for(impl, layer)`` returns the cache accessor for that backend's layout.
+    """
     from vllm.model_executor.models.utils import extract_layer_index
-    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
 
     from .engine import worker_side
 
-    original_forward = CPUAttentionBackendImpl.forward
+    original_forward = impl_cls.forward
 
     def forward(self, layer: Any, query: Any, key: Any, value: Any, kv_cache: Any,
                 attn_metadata: Any, *args: Any, **kwargs: Any) -> Any:
@@ -425,10 +449,33 @@ def _patch_cpu_attention() -> None:
         state = worker_side.ACTIVE_STEP
         if state is not None and attn_metadata is not None:
             state.after_attention(extract_layer_index(layer.layer_name), query, kv_cache,
-                                  layer.isa, self.kv_cache_dtype)
+                                  access_for(self, layer))
         return output
 
-    CPUAttentionBackendImpl.forward = forward
+    impl_cls.forward = forward
+
+
+def _patch_cpu_attention() -> None:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    from .engine.cpu_paged_cache import CpuAttnCache
+
+    _compact_after_forward(CPUAttentionBackendImpl,
+                           lambda impl, layer: CpuAttnCache(layer.isa, impl.kv_cache_dtype))
+
+
+def _patch_gpu_attention() -> None:
+    from vllm.platforms import current_platform
+
+    if not (current_platform.is_cuda() and _gpu_opted_in()):
+        return  # the CPU wheel has no CUDA backends to wrap; GPUs need the opt-in
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionImpl
+    from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+
+    from .engine.flash_paged_cache import FlashLayoutCache
+
+    for impl_cls in (FlashAttentionImpl, TritonAttentionImpl):
+        _compact_after_forward(impl_cls, lambda impl, layer: FlashLayoutCache())
 
 
 MANIFEST: tuple[Patch, ...] = (
@@ -462,6 +509,11 @@ MANIFEST: tuple[Patch, ...] = (
           "after each layer's attention on the step that completes a prompt: score with the "
           "post-RoPE window queries, select, write the kept tokens to the fresh blocks",
           "0.32.x", _patch_cpu_attention),
+    Patch("vllm.v1.attention.backends.flash_attn.FlashAttentionImpl.forward + "
+          "vllm.v1.attention.backends.triton_attn.TritonAttentionImpl.forward",
+          "the same per-layer compaction for the [blocks, heads, block_size, 2*head] layout of "
+          "the NVIDIA backends; applied only on CUDA with VLLM_KVCOMPRESS_GPU=1", "0.32.x",
+          _patch_gpu_attention),
 )
 
 _applied: set[str] = set()

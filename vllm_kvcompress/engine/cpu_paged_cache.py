@@ -140,6 +140,24 @@ def write_tokens(cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
            slots, isa, kv_cache_dtype)
 
 
+@dataclass(frozen=True)
+class CpuAttnCache:
+    """Token access for one CPU_ATTN layer (the ISA and cache dtype of its attention impl)."""
+
+    isa: str
+    kv_cache_dtype: str = "auto"
+
+    def read(self, cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, block_size, two_d = cache.shape
+        layout = probe_layout(self.isa, cache.dtype, block_size, two_d // 2)
+        return read_tokens(cache, block_ids, num_tokens, layout)
+
+    def write(self, cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              slots: torch.Tensor) -> None:
+        write_tokens(cache, keys, values, slots, self.isa, self.kv_cache_dtype)
+
+
 def row_slots(block_ids: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
     """Physical slots of the first ``num_tokens`` positions of a block row, ``[num_tokens]``."""
     positions = torch.arange(num_tokens, dtype=torch.int64)

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,12 +27,22 @@ import torch
 from ..config import CompressionSpec
 from ..policies.base import KVPolicy, LayerObservation
 from ..policies.registry import build_policy, get_policy_info
-from .cpu_paged_cache import probe_layout, read_tokens, row_slots, write_tokens
+from .cpu_paged_cache import row_slots
 
 logger = logging.getLogger("vllm.kvcompress")
 
 #: Set to 1 to keep every compressed request's kept indices per layer (tests, debugging).
 RECORD_ENV = "VLLM_KVCOMPRESS_RECORD_KEPT"
+
+
+class PagedCacheAccess(Protocol):
+    """Reads and writes tokens of one attention backend's per-layer paged cache."""
+
+    def read(self, cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+             ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def write(self, cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+              slots: torch.Tensor) -> None: ...
 
 
 @dataclass
@@ -176,22 +186,21 @@ class WorkerCompression:
         return bool(self.compactions or self.stashes)
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                        isa: str, kv_cache_dtype: str) -> None:
+                        access: PagedCacheAccess) -> None:
         """Stashes window queries and compacts this layer for this step's tasks.
 
         Args:
             layer_idx: the attention layer's index.
             query: ``[num_tokens, num_q_heads, head_dim]`` post-RoPE queries of the step.
             kv_cache: the layer's paged cache (this step's keys/values already written).
-            isa: the CPU attention ISA of the layer.
-            kv_cache_dtype: the attention impl's cache dtype string.
+            access: reads and writes tokens of this backend's cache layout.
         """
         start = time.perf_counter()
         for stash in self.stashes:
             self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
                                 stash.window)
         for task in self.compactions:
-            self._compact_layer(task, layer_idx, query, kv_cache, isa, kv_cache_dtype)
+            self._compact_layer(task, layer_idx, query, kv_cache, access)
         self.compaction_seconds += time.perf_counter() - start
 
     def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
@@ -215,10 +224,9 @@ class WorkerCompression:
         return own[-window:].transpose(0, 1)  # [num_q_heads, w, head_dim]
 
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
-                       kv_cache: torch.Tensor, isa: str, kv_cache_dtype: str) -> None:
-        _, _, block_size, two_d = kv_cache.shape
-        layout = probe_layout(isa, kv_cache.dtype, block_size, two_d // 2)
-        keys, values = read_tokens(kv_cache, task.src_blocks, task.prompt_len, layout)
+                       kv_cache: torch.Tensor, access: PagedCacheAccess) -> None:
+        block_size = kv_cache.shape[2]
+        keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
         if kept_idx is None:
@@ -232,8 +240,8 @@ class WorkerCompression:
             task.selections[source] = kept_idx
         slots = row_slots(task.dst_blocks, task.kept, block_size)
         # Gather (copies) before writing: destination may overlap the source (in place).
-        write_tokens(kv_cache, keys[:, kept_idx], values[:, kept_idx], slots, isa,
-                     kv_cache_dtype)
+        kept_on = kept_idx.to(keys.device)
+        access.write(kv_cache, keys[:, kept_on], values[:, kept_on], slots)
         if self.record:
             self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
         if layer_idx == self.num_layers - 1:

@@ -1,0 +1,169 @@
+"""Paged-cache access per backend layout, the compaction step, and the physical-length remap.
+
+CPU_ATTN is exercised through vLLM's own CPU writer; the FLASH_ATTN / TRITON_ATTN layout is checked
+against the exact view expression those backends use, on CPU tensors, so the NVIDIA path is
+covered here even though no GPU can run vLLM 0.32 in this project.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_kvcompress.config import CompressionSpec
+from vllm_kvcompress.engine.cpu_paged_cache import CpuAttnCache, probe_layout, row_slots
+from vllm_kvcompress.engine.flash_paged_cache import FlashLayoutCache
+from vllm_kvcompress.engine.worker_side import CompactionTask, WorkerCompression
+from vllm_kvcompress.policies import LayerObservation, build_policy
+
+
+def cpu_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
+def random_row(gen: torch.Generator, num_blocks: int, n_blocks: int) -> torch.Tensor:
+    """Distinct, non-contiguous, unordered block ids (never block 0, vLLM's null block)."""
+    return (torch.randperm(num_blocks - 1, generator=gen)[:n_blocks] + 1).to(torch.int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("block_size", "head_size"), [(32, 64), (128, 64), (32, 128), (32, 48)])
+def test_cpu_attn_roundtrip_through_vllm_writer(dtype: torch.dtype, block_size: int,
+                                                head_size: int) -> None:
+    """What vLLM's CPU writer stores, our reader returns, for each ISA layout and a partial
+    last block (48 = the vec16 layout)."""
+    gen = torch.Generator().manual_seed(block_size + head_size)
+    isa = cpu_isa(dtype, block_size, head_size)
+    heads, num_blocks, n_tokens = 3, 12, 3 * block_size + 7
+    cache = torch.zeros(num_blocks, heads, block_size, 2 * head_size, dtype=dtype)
+    row = random_row(gen, num_blocks, 4)
+    keys = torch.randn(heads, n_tokens, head_size, generator=gen).to(dtype)
+    values = torch.randn(heads, n_tokens, head_size, generator=gen).to(dtype)
+    access = CpuAttnCache(isa)
+    access.write(cache, keys, values, row_slots(row, n_tokens, block_size))
+    got_k, got_v = access.read(cache, row, n_tokens)
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    assert probe_layout(isa, dtype, block_size, head_size) is probe_layout(
+        isa, dtype, block_size, head_size)  # probed once
+
+
+def flash_view_tokens(cache: torch.Tensor, slots: torch.Tensor, head_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens at ``slots`` through the exact view FLASH_ATTN/TRITON_ATTN use in vLLM 0.32:
+    ``kv_cache.transpose(1, 2).split(head_size, dim=-1)`` -> ``[blocks, block_size, H, D]``."""
+    key_cache, value_cache = cache.transpose(1, 2).split(head_size, dim=-1)
+    block_size = cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    return (key_cache[blocks, offsets].transpose(0, 1),
+            value_cache[blocks, offsets].transpose(0, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(("block_size", "heads", "head_size"), [(16, 8, 128), (32, 1, 64),
+                                                                (64, 2, 80)])
+def test_flash_layout_matches_the_backends_view(dtype: torch.dtype, block_size: int, heads: int,
+                                                head_size: int) -> None:
+    gen = torch.Generator().manual_seed(heads * head_size)
+    num_blocks, n_tokens = 40, 5 * block_size - 3
+    cache = torch.randn(num_blocks, heads, block_size, 2 * head_size, generator=gen).to(dtype)
+    row = random_row(gen, num_blocks, 5)
+    slots = row_slots(row, n_tokens, block_size)
+    access = FlashLayoutCache()
+    want_k, want_v = flash_view_tokens(cache, slots, head_size)
+    got_k, got_v = access.read(cache, row, n_tokens)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    keys = torch.randn(heads, 9, head_size, generator=gen).to(dtype)
+    values = torch.randn(heads, 9, head_size, generator=gen).to(dtype)
+    dst = random_row(gen, num_blocks, 1)
+    access.write(cache, keys, values, row_slots(dst, 9, block_size))
+    back_k, back_v = flash_view_tokens(cache, row_slots(dst, 9, block_size), head_size)
+    assert torch.equal(back_k, keys) and torch.equal(back_v, values)
+
+
+def test_large_block_ids_do_not_overflow() -> None:
+    """Slots beyond 2**31 (large pools, large blocks) stay int64 end to end."""
+    row = torch.tensor([70_000_000, 3], dtype=torch.int64)
+    slots = row_slots(row, 40, 32)
+    assert slots.dtype == torch.int64 and int(slots[0]) == 70_000_000 * 32
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("policy", ["snapkv", "chunkkv", "streamingllm"])
+def test_compaction_writes_the_policys_tokens_to_destination_slots(policy: str,
+                                                                   in_place: bool) -> None:
+    """One layer through the worker's compaction with the flash layout: the destination holds
+    exactly the kept tokens, in order; a source block reused in place is read before it is
+    overwritten."""
+    gen = torch.Generator().manual_seed(7)
+    block_size, kv_heads, q_heads, head_size, prompt_len = 16, 2, 8, 64, 150
+    cache = torch.randn(30, kv_heads, block_size, 2 * head_size, generator=gen)
+    src = random_row(gen, 30, 10)
+    spec = CompressionSpec(policy=policy, ratio=0.3, window=16)
+    kept = spec.kept_tokens(prompt_len)
+    n_dst = -(-kept // block_size)
+    dst = src[:n_dst] if in_place else torch.tensor([b for b in range(1, 30)
+                                                     if b not in src.tolist()][:n_dst])
+    access = FlashLayoutCache()
+    keys, values = access.read(cache, src, prompt_len)
+    keys, values = keys.clone(), values.clone()
+    query = torch.randn(prompt_len, q_heads, head_size, generator=gen)
+    expected = build_policy(spec).keep_indices(LayerObservation(
+        seq_len=prompt_len, budget=kept, sink_tokens=spec.sink_tokens, window=spec.window,
+        queries=query[-spec.window:].transpose(0, 1), keys=keys))
+
+    worker = WorkerCompression(num_layers=1, block_size=block_size)
+    worker.record = True
+    task = CompactionTask(req_id="r", spec=spec, policy=build_policy(spec), kept=kept,
+                          prompt_len=prompt_len, src_blocks=src, dst_blocks=dst,
+                          query_start=0, query_end=prompt_len)
+    worker.compactions = [task]
+    worker.after_attention(0, query, cache, access)
+
+    assert worker.kept_log["r"][0] == expected.tolist()
+    got_k, got_v = access.read(cache, dst, kept)
+    assert torch.equal(got_k, keys[:, expected]) and torch.equal(got_v, values[:, expected])
+
+
+def test_physical_remap_on_vllms_block_table() -> None:
+    """`_to_physical` on a fake runner built from a fake step (two requests, one compacted) and
+    vLLM's real BlockTable: seq_lens and the slot mapping become physical, positions stay
+    logical. This is the boundary every backend's metadata is built from."""
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.block_table import BlockTable
+
+    current_platform.register_triton_kernel_overrides()  # what the CPU worker does at start
+    block_size = 32
+    table = BlockTable(block_size=block_size, max_num_reqs=4, max_num_blocks_per_req=16,
+                       max_num_batched_tokens=64, pin_memory=False, device=torch.device("cpu"),
+                       cp_kv_cache_interleave_size=1)
+    table.add_row([5, 9, 2], 0)      # compacted request: 70 kept of 300, decoding
+    table.add_row([7, 3, 11, 4], 1)  # uncompressed request: prefill chunk of 3 at 100..102
+    table.commit_block_table(2)
+    logical_computed = np.array([300, 100])
+    scheduled = np.array([1, 3])
+    evicted = np.array([230, 0], dtype=np.int32)
+    req_indices = np.repeat(np.arange(2), scheduled)
+    query_pos = np.concatenate([np.arange(n) for n in scheduled])
+    positions = torch.from_numpy(logical_computed[req_indices] + query_pos)
+    runner = SimpleNamespace(
+        seq_lens=torch.from_numpy(logical_computed + scheduled).to(torch.int32),
+        optimistic_seq_lens_cpu=torch.from_numpy(logical_computed + scheduled).to(torch.int32),
+        positions=positions.clone(),
+        req_indices=SimpleNamespace(np=req_indices),
+        query_start_loc=SimpleNamespace(gpu=torch.tensor([0, 1, 4], dtype=torch.int32)),
+        input_batch=SimpleNamespace(block_table=table))
+    WorkerCompression._to_physical(runner, evicted, num_tokens=4)
+
+    assert runner.seq_lens.tolist() == [71, 103]
+    assert runner.optimistic_seq_lens_cpu.tolist() == [71, 103]
+    assert torch.equal(runner.positions, positions)  # RoPE positions untouched
+    physical = [70, 100, 101, 102]
+    rows = [[5, 9, 2], [7, 3, 11, 4]]
+    want = [rows[r][p // block_size] * block_size + p % block_size
+            for r, p in zip(req_indices, physical, strict=True)]
+    assert table.slot_mapping.gpu[:4].tolist() == want
