@@ -5,7 +5,7 @@ shared; the registry maps names to factories (and loads third-party entry points
 """
 
 from .base import KVPolicy, LayerObservation, Scorer, middle_range, protected_mask, select
-from .chunkkv import ChunkKV, chunk_select
+from .chunkkv import ChunkKV, chunk_means, chunk_select, stable_descending
 from .pyramidkv import PyramidKV, pyramid_schedule
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -21,8 +21,27 @@ from .streamingllm import StreamingLLM
 from .window_scoring import pool_scores, window_attention_scores
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "NO_POLICY", "ChunkKV", "KVPolicy", "LayerObservation", "PolicyInfo",
-    "PyramidKV", "Scorer", "SnapKV", "StreamingLLM", "build_policy", "chunk_select",
-    "get_policy_info", "middle_range", "policy_names", "pool_scores", "protected_mask",
-    "pyramid_schedule", "register_policy", "select", "window_attention_scores",
+    "ENTRY_POINT_GROUP",
+    "NO_POLICY",
+    "ChunkKV",
+    "KVPolicy",
+    "LayerObservation",
+    "PolicyInfo",
+    "PyramidKV",
+    "Scorer",
+    "SnapKV",
+    "StreamingLLM",
+    "build_policy",
+    "chunk_means",
+    "chunk_select",
+    "get_policy_info",
+    "middle_range",
+    "policy_names",
+    "pool_scores",
+    "protected_mask",
+    "pyramid_schedule",
+    "register_policy",
+    "select",
+    "stable_descending",
+    "window_attention_scores",
 ]

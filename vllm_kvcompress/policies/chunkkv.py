@@ -19,6 +19,7 @@ Shapes: scores ``[L]`` float32; kept indices ``[budget]`` int64 sorted.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,8 +60,44 @@ class ChunkKV:
         return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size)
 
 
+def chunk_means(scores: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean score per chunk, summed in a fixed left-to-right order.
+
+    The order is part of the contract: a kernel that adds the same float32 values in the same
+    order gets bit-identical means, hence identical rankings and kept indices.
+
+    Args:
+        scores: ``[n]`` float32, the droppable middle of the prompt.
+        chunk_size: tokens per chunk; the last chunk may be shorter.
+
+    Returns:
+        ``(means [n_chunks], sizes [n_chunks])``, both float32.
+    """
+    n = scores.shape[0]
+    n_chunks = -(-n // chunk_size)
+    padded = torch.zeros(n_chunks * chunk_size, dtype=torch.float32, device=scores.device)
+    padded[:n] = scores
+    grid = padded.view(n_chunks, chunk_size)
+    sums = grid[:, 0].clone()
+    for i in range(1, chunk_size):
+        sums += grid[:, i]  # adding the zero padding leaves a sum unchanged
+    sizes = torch.full((n_chunks,), float(chunk_size), device=scores.device)
+    if n_chunks:
+        sizes[-1] = n - (n_chunks - 1) * chunk_size
+    return sums / sizes, sizes
+
+
+def stable_descending(values: torch.Tensor) -> torch.Tensor:
+    """Indices of ``values`` best first; ties keep index order."""
+    return torch.argsort(values, descending=True, stable=True)
+
+
 def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: int,
-                 chunk_size: int) -> torch.Tensor:
+                 chunk_size: int,
+                 aggregate: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+                 = chunk_means,
+                 order: Callable[[torch.Tensor], torch.Tensor] = stable_descending
+                 ) -> torch.Tensor:
     """Keeps sinks, window and the best whole chunks of the middle, exactly ``budget`` tokens.
 
     Args:
@@ -69,6 +106,8 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
         sink_tokens: leading tokens always kept.
         window: trailing tokens always kept.
         chunk_size: tokens per chunk.
+        aggregate: ``chunk_means`` or a kernel with the same contract.
+        order: ``stable_descending`` or a kernel with the same contract.
 
     Returns:
         ``[budget]`` int64 sorted unique indices.
@@ -80,23 +119,22 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
     free = budget - int(protected.sum())
     if free < 0 or budget > seq_len:
         raise ValueError(f"budget {budget} outside [{int(protected.sum())}, {seq_len}]")
-    middle = scores[start:end]
+    middle = scores[start:end].float()
     n_mid = end - start
-    n_chunks = -(-n_mid // chunk_size) if n_mid else 0
+    means, sizes = aggregate(middle, chunk_size)
+    n_chunks = means.shape[0]
     chunk_id = torch.arange(n_mid, device=device) // chunk_size
-    sums = torch.zeros(n_chunks, dtype=torch.float32, device=device).index_add_(0, chunk_id, middle)
-    sizes = torch.bincount(chunk_id, minlength=n_chunks).float()
-    order = torch.argsort(sums / sizes, descending=True, stable=True)
+    ranked = order(means)
     # Whole chunks while they fit: the cumulative size of the ranked chunks decides.
-    cum = torch.cumsum(sizes[order], dim=0)
+    cum = torch.cumsum(sizes[ranked], dim=0)
     n_whole = int((cum <= free).sum())
     keep_chunk = torch.zeros(n_chunks, dtype=torch.bool, device=device)
-    keep_chunk[order[:n_whole]] = True
+    keep_chunk[ranked[:n_whole]] = True
     kept_mid = keep_chunk[chunk_id]
     remainder = free - int(cum[n_whole - 1]) if n_whole else free
     if remainder > 0:
         # Trim the next-best chunk to its best tokens so the budget is exact.
-        boundary = int(order[n_whole])
+        boundary = int(ranked[n_whole])
         lo = boundary * chunk_size
         hi = min(lo + chunk_size, n_mid)
         best = torch.argsort(middle[lo:hi], descending=True, stable=True)[:remainder]
