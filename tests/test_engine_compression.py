@@ -103,6 +103,27 @@ def test_eviction_matches_reference_in_one_mixed_batch(llm: Any,
         assert got == want, f"{xargs}: engine {got} != reference {want}"
 
 
+def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: ReferenceModel,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine through the dispatcher's Triton path (interpreted on CPU): window scores read
+    from CPU_ATTN's paged cache and ChunkKV's chunk ranking on the kernels; output still exact
+    against the reference on the kept tokens the engine chose."""
+    from vllm import SamplingParams
+
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "triton")
+    cases = [{"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16},
+             {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16}]
+    prompts = [{"prompt_token_ids": prompt_ids(40 + i, 200)} for i in range(len(cases))]
+    outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                    extra_args=x) for x in cases],
+                           use_tqdm=False)
+    _, _, runner = engine_internals(llm)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        kept = kept_log(runner, out.request_id)
+        want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept)
+        assert list(out.outputs[0].token_ids) == want
+
+
 def test_chunkkv_reuse_shares_selection_within_groups(llm: Any) -> None:
     from vllm import SamplingParams
 

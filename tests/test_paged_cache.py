@@ -92,13 +92,16 @@ def test_large_block_ids_do_not_overflow() -> None:
     assert slots.dtype == torch.int64 and int(slots[0]) == 70_000_000 * 32
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("policy", ["snapkv", "chunkkv", "streamingllm"])
-def test_compaction_writes_the_policys_tokens_to_destination_slots(policy: str,
-                                                                   in_place: bool) -> None:
-    """One layer through the worker's compaction with the flash layout: the destination holds
-    exactly the kept tokens, in order; a source block reused in place is read before it is
-    overwritten."""
+def test_compaction_writes_the_policys_tokens_to_destination_slots(
+        policy: str, in_place: bool, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One layer through the worker's compaction with the flash layout, via the dispatcher
+    (torch reference, or the Triton kernels: scoring from the paged cache, chunk ranking,
+    compaction): the destination holds exactly the kept tokens, in order; a source block reused
+    in place is read before it is overwritten."""
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", kernels)
     gen = torch.Generator().manual_seed(7)
     block_size, kv_heads, q_heads, head_size, prompt_len = 16, 2, 8, 64, 150
     cache = torch.randn(30, kv_heads, block_size, 2 * head_size, generator=gen)
@@ -120,13 +123,17 @@ def test_compaction_writes_the_policys_tokens_to_destination_slots(policy: str,
     worker.record = True
     task = CompactionTask(req_id="r", spec=spec, policy=build_policy(spec), kept=kept,
                           prompt_len=prompt_len, src_blocks=src, dst_blocks=dst,
-                          query_start=0, query_end=prompt_len)
+                          in_place=in_place, query_start=0, query_end=prompt_len)
     worker.compactions = [task]
     worker.after_attention(0, query, cache, access)
 
-    assert worker.kept_log["r"][0] == expected.tolist()
+    kept_idx = torch.tensor(worker.kept_log["r"][0])
+    if kernels == "torch" or policy == "streamingllm":
+        assert torch.equal(kept_idx, expected)
+    else:  # scores summed in another order: near-ties may differ, the set barely
+        assert len(set(kept_idx.tolist()) ^ set(expected.tolist())) <= 4
     got_k, got_v = access.read(cache, dst, kept)
-    assert torch.equal(got_k, keys[:, expected]) and torch.equal(got_v, values[:, expected])
+    assert torch.equal(got_k, keys[:, kept_idx]) and torch.equal(got_v, values[:, kept_idx])
 
 
 def test_physical_remap_on_vllms_block_table() -> None:

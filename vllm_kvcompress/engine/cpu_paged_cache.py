@@ -147,6 +147,11 @@ class CpuAttnCache:
     isa: str
     kv_cache_dtype: str = "auto"
 
+    @property
+    def kernel_layout(self) -> str | None:
+        """``"cpu_vec"`` where the Triton scoring kernel can address keys by strides."""
+        return "cpu_vec" if self.isa == "vec" else None
+
     def read(self, cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, block_size, two_d = cache.shape

@@ -17,6 +17,9 @@ import torch
 class FlashLayoutCache:
     """Token access for the FlashAttention-style layout."""
 
+    #: Layout name for the Triton kernels (``vllm_kvcompress.kernels``).
+    kernel_layout = "flash"
+
     def read(self, cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``num_tokens`` tokens of a block row.

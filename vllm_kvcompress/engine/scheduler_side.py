@@ -223,4 +223,5 @@ class SchedulerCompression:
             "prompt_len": prompt_len,
             "src_blocks": [block.block_id for block in old],
             "dst_blocks": [block.block_id for block in fresh],
+            "in_place": in_place,
         }

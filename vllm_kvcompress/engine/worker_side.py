@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..config import CompressionSpec
-from ..policies.base import KVPolicy, LayerObservation
+from ..kernels.dispatch import kernel_backend
+from ..policies.base import KVPolicy, LayerObservation, SelectionKernels
 from ..policies.registry import build_policy, get_policy_info
 from .cpu_paged_cache import row_slots
 
@@ -36,7 +37,13 @@ RECORD_ENV = "VLLM_KVCOMPRESS_RECORD_KEPT"
 
 
 class PagedCacheAccess(Protocol):
-    """Reads and writes tokens of one attention backend's per-layer paged cache."""
+    """Reads and writes tokens of one attention backend's per-layer paged cache.
+
+    ``kernel_layout`` names the layout for the Triton kernels, or is ``None`` where they cannot
+    address it (the torch path is used then).
+    """
+
+    kernel_layout: str | None
 
     def read(self, cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
              ) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -57,6 +64,7 @@ class CompactionTask:
         prompt_len: the prompt length ``L``.
         src_blocks: ``[>= cdiv(L, block_size)]`` block ids holding the full prompt.
         dst_blocks: ``[cdiv(kept, block_size)]`` block ids receiving the kept tokens.
+        in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
         query_start: first row of this request's tokens in the step's flattened batch.
         query_end: one past its last row.
         selections: selection layer -> kept indices, for layer-wise index reuse.
@@ -69,6 +77,7 @@ class CompactionTask:
     prompt_len: int
     src_blocks: torch.Tensor
     dst_blocks: torch.Tensor
+    in_place: bool
     query_start: int
     query_end: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -153,7 +162,8 @@ class WorkerCompression:
                 prompt_len=plan["prompt_len"],
                 src_blocks=torch.tensor(plan["src_blocks"], dtype=torch.int64),
                 dst_blocks=torch.tensor(plan["dst_blocks"], dtype=torch.int64),
-                query_start=int(starts[row]), query_end=int(starts[row + 1])))
+                in_place=plan["in_place"], query_start=int(starts[row]),
+                query_end=int(starts[row + 1])))
             self.pending[req_id] = (list(plan["dst_blocks"]), plan["prompt_len"] - plan["kept"])
         for req_id, window in message.get("stash", {}).items():
             row = batch.req_id_to_index[req_id]
@@ -226,22 +236,44 @@ class WorkerCompression:
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
                        kv_cache: torch.Tensor, access: PagedCacheAccess) -> None:
         block_size = kv_cache.shape[2]
-        keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+        layout = access.kernel_layout if kernel_backend(kv_cache.device) == "triton" else None
+        needs_queries = get_policy_info(task.spec.policy).needs_queries
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
+        keys = values = None
         if kept_idx is None:
-            queries = (self._window_queries(task, layer_idx, query)
-                       if get_policy_info(task.spec.policy).needs_queries else None)
+            queries = self._window_queries(task, layer_idx, query) if needs_queries else None
+            window_scores, kernels = None, None
+            if layout is not None:
+                from ..kernels.chunk_select import chunk_means_triton, stable_descending_order
+                from ..kernels.window_scores import paged_window_scores
+
+                kernels = SelectionKernels(chunk_means_triton, stable_descending_order)
+                if queries is not None:
+                    window_scores = paged_window_scores(
+                        queries.contiguous(), kv_cache, task.src_blocks.to(kv_cache.device),
+                        task.prompt_len, layout=layout)
+            else:
+                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
             obs = LayerObservation(
                 seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
                 window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
-                queries=queries, keys=keys)
+                queries=queries, keys=keys, window_scores=window_scores, kernels=kernels)
             kept_idx = task.policy.keep_indices(obs)
             task.selections[source] = kept_idx
-        slots = row_slots(task.dst_blocks, task.kept, block_size)
-        # Gather (copies) before writing: destination may overlap the source (in place).
-        kept_on = kept_idx.to(keys.device)
-        access.write(kv_cache, keys[:, kept_on], values[:, kept_on], slots)
+        dst_slots = row_slots(task.dst_blocks, task.kept, block_size).to(kv_cache.device)
+        kept_on = kept_idx.to(kv_cache.device)
+        if layout == "flash":
+            from ..kernels.compaction import compact_paged
+
+            src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
+                kv_cache.device)[kept_on]
+            compact_paged(kv_cache, src_slots, dst_slots, in_place=task.in_place)
+        else:
+            if keys is None:
+                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+            # Gather (copies) before writing: destination may overlap the source (in place).
+            access.write(kv_cache, keys[:, kept_on], values[:, kept_on], dst_slots)
         if self.record:
             self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
         if layer_idx == self.num_layers - 1:

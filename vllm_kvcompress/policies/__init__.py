@@ -4,7 +4,15 @@ Each policy is a small frozen dataclass in its own module; ``select`` and the wi
 shared; the registry maps names to factories (and loads third-party entry points lazily).
 """
 
-from .base import KVPolicy, LayerObservation, Scorer, middle_range, protected_mask, select
+from .base import (
+    KVPolicy,
+    LayerObservation,
+    Scorer,
+    SelectionKernels,
+    middle_range,
+    protected_mask,
+    select,
+)
 from .chunkkv import ChunkKV, chunk_means, chunk_select, stable_descending
 from .pyramidkv import PyramidKV, pyramid_schedule
 from .registry import (
@@ -29,6 +37,7 @@ __all__ = [
     "PolicyInfo",
     "PyramidKV",
     "Scorer",
+    "SelectionKernels",
     "SnapKV",
     "StreamingLLM",
     "build_policy",

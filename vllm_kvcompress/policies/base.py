@@ -15,10 +15,24 @@ Conventions used throughout (``L`` = prompt length, ``w`` = observation window, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+@dataclass(frozen=True)
+class SelectionKernels:
+    """Device kernels a policy may use in place of its torch reference (same contracts).
+
+    Attributes:
+        chunk_means: ``(scores [n], chunk_size) -> (means, sizes)``, see ``chunk_means``.
+        descending_order: ``values [n] -> indices best first, ties by index``.
+    """
+
+    chunk_means: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+    descending_order: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,9 @@ class LayerObservation:
         num_layers: number of attention layers of the model.
         queries: ``[num_q_heads, w, head_dim]`` or ``None`` for policies that need no scores.
         keys: ``[num_kv_heads, L, head_dim]`` or ``None`` for policies that need no scores.
+        window_scores: ``[num_kv_heads, L]`` float32 window-attention mass already computed from
+            the paged cache by a kernel; scorers use it instead of queries and keys.
+        kernels: device kernels for selection steps, or ``None`` for the torch references.
     """
 
     seq_len: int
@@ -44,6 +61,8 @@ class LayerObservation:
     num_layers: int = 1
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    window_scores: torch.Tensor | None = None
+    kernels: SelectionKernels | None = None
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.window < 0:

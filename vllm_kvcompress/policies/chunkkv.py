@@ -57,7 +57,11 @@ class ChunkKV:
 
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
         scores = self.scorer.score(obs).float()
-        return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size)
+        if obs.kernels is None:
+            return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size)
+        return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size,
+                            aggregate=obs.kernels.chunk_means,
+                            order=obs.kernels.descending_order)
 
 
 def chunk_means(scores: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ class SnapKV:
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         """Returns ``[L]`` float32 pooled window-attention scores summed over KV heads."""
+        if obs.window_scores is not None:
+            return pool_scores(obs.window_scores.sum(dim=0), self.pool_kernel)
         queries, keys = obs.require_qk()
         if obs.window < 1 or queries.shape[1] < obs.window:
             raise ValueError(f"scoring needs window >= 1 queries, got window={obs.window} and "
