@@ -6,6 +6,7 @@ Usage::
     kvcompress prepare-model tiny-llama --out models/tiny-llama
     kvcompress policies
     kvcompress bench overhead
+    kvcompress bench kernels
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from .bench import kernels
+
+    kernels.print_report(kernels.run(args))
+    print(f"\nwrote {args.out}/kernels.json, kernels.csv, kernels.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.prepare import MODELS
 
@@ -76,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     overhead_bench.add_arguments(overhead)
     overhead.set_defaults(func=_cmd_bench_overhead)
+    kernels = bench_sub.add_parser("kernels", help="scoring / selection / compaction per layer "
+                                   "on model shapes, vs copy bandwidth and prefill attention")
+    from .bench import kernels as kernels_bench
+
+    kernels_bench.add_arguments(kernels)
+    kernels.set_defaults(func=_cmd_bench_kernels)
     return parser
 
 
