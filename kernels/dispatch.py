@@ -1,10 +1,11 @@
 """Which implementation runs the compression step on a device: Triton or the torch reference.
 
-``VLLM_KVCOMPRESS_KERNELS`` overrides the choice (``auto`` | ``torch`` | ``triton``); servers can
-also pass ``--kv-kernels``. ``auto`` picks Triton on CUDA devices and the torch reference
-elsewhere (PyPI Triton has no CPU backend; forcing ``triton`` on CPU needs
-``TRITON_INTERPRET=1``, which is for tests). CUDA C++ kernels (``csrc/``) are not built yet, so
-they are never chosen. The choice is logged once per device type.
+``VLLM_KVCOMPRESS_KERNELS`` overrides the choice (``auto`` | ``torch`` | ``triton`` | ``cuda``).
+``auto`` picks, per device, the fastest implementation that runs there: the CUDA C++ compaction
+(``csrc/``, built on demand) > Triton > the torch reference. PyPI Triton has no CPU backend, so
+CPU uses the torch reference (forcing ``triton`` on CPU needs ``TRITON_INTERPRET=1``, which is for
+tests). Only compaction has a CUDA C++ kernel; scoring and selection use Triton there. The choice
+is logged once per device type.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 logger = logging.getLogger("vllm.kvcompress")
 
 ENV = "VLLM_KVCOMPRESS_KERNELS"
-CHOICES = ("auto", "torch", "triton")
+CHOICES = ("auto", "torch", "triton", "cuda")
 
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
 class KernelChoiceError(ValueError):
@@ -41,7 +42,8 @@ def kernel_backend(device: torch.device, requested: str | None = None) -> str:
 
     Args:
         device: where the KV cache lives.
-        requested: ``auto``/``torch``/``triton``; ``None`` reads ``VLLM_KVCOMPRESS_KERNELS``.
+        requested: ``auto``/``torch``/``triton``/``cuda``; ``None`` reads
+            ``VLLM_KVCOMPRESS_KERNELS``.
 
     Raises:
         KernelChoiceError: unknown name, or ``triton`` where it cannot run.
@@ -49,6 +51,8 @@ def kernel_backend(device: torch.device, requested: str | None = None) -> str:
     requested = (requested or os.environ.get(ENV) or "auto").lower()
     if requested not in CHOICES:
         raise KernelChoiceError(f"{ENV}: must be one of {', '.join(CHOICES)}, got {requested!r}")
+    if requested == "cuda":
+        requested = "triton"  # scoring and selection: Triton is the fastest there is
     if requested == "auto":
         choice = "triton" if device.type == "cuda" and _triton_runs_on(device) else "torch"
     elif requested == "triton" and not _triton_runs_on(device):
@@ -56,8 +60,34 @@ def kernel_backend(device: torch.device, requested: str | None = None) -> str:
                                 "(no CUDA device; the interpreter needs TRITON_INTERPRET=1)")
     else:
         choice = requested
-    key = (device.type, choice)
+    _log_once(device, "scoring/selection", choice)
+    return choice
+
+
+def compaction_backend(device: torch.device, requested: str | None = None) -> str:
+    """``"cuda"``, ``"triton"`` or ``"torch"`` for compaction on ``device``.
+
+    Raises:
+        KernelChoiceError: as ``kernel_backend``, or ``cuda`` where the extension cannot load.
+    """
+    requested = (requested or os.environ.get(ENV) or "auto").lower()
+    if requested in ("auto", "cuda") and device.type == "cuda":
+        from .cuda_ext import load
+
+        if load() is not None:
+            _log_once(device, "compaction", "cuda")
+            return "cuda"
+        if requested == "cuda":
+            raise KernelChoiceError(f"{ENV}=cuda: the CUDA extension could not be built")
+    elif requested == "cuda":
+        raise KernelChoiceError(f"{ENV}=cuda: no CUDA device")
+    choice = kernel_backend(device, "auto" if requested == "cuda" else requested)
+    _log_once(device, "compaction", choice)
+    return choice
+
+
+def _log_once(device: torch.device, what: str, choice: str) -> None:
+    key = (device.type, what, choice)
     if key not in _logged:
         _logged.add(key)
-        logger.info("vllm-kvcompress: compression kernels on %s: %s", device.type, choice)
-    return choice
+        logger.info("vllm-kvcompress: %s kernels on %s: %s", what, device.type, choice)

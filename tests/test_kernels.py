@@ -9,6 +9,9 @@ Covered: odd shapes, GQA 1/4/8, partial last blocks, non-contiguous block ids, l
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +28,7 @@ from vllm_kvcompress.engine.flash_paged_cache import FlashLayoutCache
 from vllm_kvcompress.policies import chunk_means, chunk_select, window_attention_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
 #: Scores are sums of softmax weights computed in fp32 in a different order than the reference.
 SCORE_TOL = {"rtol": 2e-4, "atol": 1e-6}
 
@@ -174,3 +178,80 @@ def test_compaction_large_block_ids_and_bad_input() -> None:
         compact_paged(cache, src.int(), dst.int(), in_place=False)
     with pytest.raises(ValueError, match="out of range"):
         compact_paged(cache, src + 10**9, dst, in_place=False)
+
+
+INSTANTIATE = """
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include "paged_compaction.cuh"
+#define INST(T) template __global__ void kvcompress::copy_lanes_kernel<T>(const T*, T*, \\
+    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
+INST(float)
+INST(__half)
+INST(__nv_bfloat16)
+"""
+
+
+def test_csrc_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
+    """The CUDA compaction kernel compiles for Hopper (sm_90) with every cache dtype. The torch
+    binding itself needs a CUDA build of torch and is built on a GPU machine on first use."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed: the CUDA kernel is compiled only where CUDA exists")
+    source = tmp_path / "instantiate.cu"
+    source.write_text(INSTANTIATE)
+    proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "-c", str(source), "-o",
+                           str(tmp_path / "k.o"), f"-I{REPO / 'csrc'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and CUDA torch")
+@pytest.mark.parametrize("in_place", [False, True])
+def test_cuda_compaction_matches_reference(in_place: bool) -> None:
+    from vllm_kvcompress.kernels.cuda_ext import load
+
+    ext = load()
+    assert ext is not None, "the CUDA extension failed to build"
+    gen = fresh_generator()
+    block_size, heads, head_dim, prompt_len, kept = 16, 8, 128, 1000, 250
+    cache = torch.randn(200, heads, block_size, 2 * head_dim, generator=gen).to(torch.bfloat16)
+    src_row = random_row(gen, 200, -(-prompt_len // block_size))
+    kept_idx = torch.sort(torch.randperm(prompt_len, generator=gen)[:kept]).values
+    n_dst = -(-kept // block_size)
+    dst_row = src_row[:n_dst] if in_place else torch.tensor(
+        [b for b in range(1, 200) if b not in src_row.tolist()][:n_dst])
+    access = FlashLayoutCache()
+    keys, values = access.read(cache, src_row, prompt_len)
+    want = cache.clone()
+    access.write(want, keys[:, kept_idx].clone(), values[:, kept_idx].clone(),
+                 row_slots(dst_row, kept, block_size))
+    got = cache.cuda()
+    ext.compact_paged(got, row_slots(src_row, prompt_len, block_size)[kept_idx].cuda(),
+                      row_slots(dst_row, kept, block_size).cuda(), in_place)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_dispatch_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm_kvcompress.kernels.dispatch import (
+        KernelChoiceError,
+        compaction_backend,
+        kernel_backend,
+    )
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("VLLM_KVCOMPRESS_KERNELS", raising=False)
+    assert kernel_backend(cpu) == "torch" and compaction_backend(cpu) == "torch"
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "triton")
+    assert kernel_backend(cpu) == "triton"  # the interpreter is on in tests
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "fast")
+    with pytest.raises(KernelChoiceError, match="VLLM_KVCOMPRESS_KERNELS: must be one of"):
+        kernel_backend(cpu)
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "cuda")
+    with pytest.raises(KernelChoiceError, match="no CUDA device"):
+        compaction_backend(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "triton")
+    with pytest.raises(KernelChoiceError, match="cannot run on cpu"):
+        kernel_backend(cpu)

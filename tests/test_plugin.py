@@ -81,6 +81,16 @@ def test_flags_reach_additional_config(serve_parser: argparse.ArgumentParser,
     assert spec["policy"] == "chunkkv" and spec["ratio"] == 0.1 and spec["chunk_size"] == 20
 
 
+def test_kernels_flag_reaches_additional_config(serve_parser: argparse.ArgumentParser,
+                                               model_dir: str) -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = serve_parser.parse_args([model_dir, "--kv-kernels", "torch"])
+    args.model = args.model_tag
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config[vllm_patches.KERNELS_KEY] == "torch"
+
+
 def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser,
                                     model_dir: str) -> None:
     assert engine_spec(serve_parser, [model_dir])["policy"] == "none"

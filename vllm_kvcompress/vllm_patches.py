@@ -38,6 +38,8 @@ SUPPORTED_VLLM = ">=0.32,<0.33"
 
 #: Key of the plugin's runtime settings in ``additional_config`` (not user-facing).
 RUNTIME_KEY = "kvcompress_runtime"
+#: ``additional_config`` key choosing the kernels (``--kv-kernels``); wins over the env var.
+KERNELS_KEY = "kvcompress_kernels"
 
 
 #: Opt-in for the NVIDIA path (FLASH_ATTN / TRITON_ATTN on the V1 model runner): written against
@@ -147,6 +149,9 @@ def _add_cli_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **kwargs)
     group.add_argument("--kv-compress-config", default=None, metavar="FILE",
                        help="YAML file with compression settings (policy, ratio, budget, ...).")
+    group.add_argument("--kv-kernels", default=None, choices=["auto", "torch", "triton", "cuda"],
+                       help="Implementation of scoring/selection/compaction (default: auto = "
+                            "CUDA C++ > Triton > torch per device; env VLLM_KVCOMPRESS_KERNELS).")
     group.add_argument("--kvcompress", default=None, metavar="JSON",
                        help="Compression settings as a JSON object; this is what a `kvcompress:` "
                             "block inside `vllm serve --config` becomes.")
@@ -239,6 +244,8 @@ def _patch_engine_args() -> None:
             ADDITIONAL_CONFIG_KEY: spec.model_dump(exclude_none=True),
             RUNTIME_KEY: {"stats_path": _register_stats_collector()},
         }
+        if getattr(args, "kv_kernels", None):
+            engine_args.additional_config[KERNELS_KEY] = args.kv_kernels
         return engine_args
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
@@ -402,8 +409,9 @@ def _worker_state(runner: Any) -> Any:
 
     state = getattr(runner, "_kvcompress", None)
     if state is None:
+        kernels = (runner.vllm_config.additional_config or {}).get(KERNELS_KEY)
         state = WorkerCompression(num_layers=len(runner.kv_caches),
-                                  block_size=runner.cache_config.block_size)
+                                  block_size=runner.cache_config.block_size, kernels=kernels)
         runner._kvcompress = state
     return state
 

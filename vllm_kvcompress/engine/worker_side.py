@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import CompressionSpec
-from ..kernels.dispatch import kernel_backend
+from ..kernels.dispatch import compaction_backend, kernel_backend
 from ..policies.base import KVPolicy, LayerObservation, SelectionKernels
 from ..policies.registry import build_policy, get_policy_info
 from .cpu_paged_cache import row_slots
@@ -99,11 +99,14 @@ class WorkerCompression:
     Args:
         num_layers: attention layers of the model.
         block_size: tokens per KV block.
+        kernels: ``auto``/``torch``/``triton``/``cuda`` from the config, or ``None`` to follow
+            ``VLLM_KVCOMPRESS_KERNELS`` (see ``kernels.dispatch``).
     """
 
-    def __init__(self, num_layers: int, block_size: int) -> None:
+    def __init__(self, num_layers: int, block_size: int, kernels: str | None = None) -> None:
         self.num_layers = num_layers
         self.block_size = block_size
+        self.kernels = kernels
         self.evicted: dict[str, int] = {}
         self.pending: dict[str, tuple[list[int], int]] = {}
         self.stash: dict[str, dict[int, torch.Tensor]] = {}
@@ -236,7 +239,8 @@ class WorkerCompression:
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
                        kv_cache: torch.Tensor, access: PagedCacheAccess) -> None:
         block_size = kv_cache.shape[2]
-        layout = access.kernel_layout if kernel_backend(kv_cache.device) == "triton" else None
+        layout = (access.kernel_layout
+                  if kernel_backend(kv_cache.device, self.kernels) == "triton" else None)
         needs_queries = get_policy_info(task.spec.policy).needs_queries
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
@@ -264,11 +268,16 @@ class WorkerCompression:
         dst_slots = row_slots(task.dst_blocks, task.kept, block_size).to(kv_cache.device)
         kept_on = kept_idx.to(kv_cache.device)
         if layout == "flash":
-            from ..kernels.compaction import compact_paged
-
             src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
                 kv_cache.device)[kept_on]
-            compact_paged(kv_cache, src_slots, dst_slots, in_place=task.in_place)
+            if compaction_backend(kv_cache.device, self.kernels) == "cuda":
+                from ..kernels.cuda_ext import load
+
+                load().compact_paged(kv_cache, src_slots, dst_slots, task.in_place)
+            else:
+                from ..kernels.compaction import compact_paged
+
+                compact_paged(kv_cache, src_slots, dst_slots, in_place=task.in_place)
         else:
             if keys is None:
                 keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)

@@ -1,0 +1,41 @@
+"""On-demand build of the CUDA C++ kernels in ``csrc/`` (only where CUDA exists).
+
+``load()`` compiles ``csrc/paged_compaction.cu`` with ``torch.utils.cpp_extension`` the first
+time it is called on a machine with a CUDA device and a CUDA build of torch, and caches the module;
+everywhere else it returns ``None`` and the dispatcher falls back to Triton or torch. It needs the
+source tree (an editable or source install), since ``csrc/`` is not shipped in the wheel.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger("vllm.kvcompress")
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> ModuleType | None:
+    """The compiled extension, or ``None`` where it cannot be built (logged once)."""
+    if not torch.cuda.is_available() or torch.version.cuda is None:
+        return None
+    source = CSRC / "paged_compaction.cu"
+    if not source.is_file():
+        logger.info("vllm-kvcompress: %s not found (not a source install); no CUDA kernels",
+                    source)
+        return None
+    try:
+        from torch.utils.cpp_extension import load as build
+
+        return build(name="kvcompress_cuda", sources=[str(source)],
+                     extra_include_paths=[str(CSRC)], extra_cuda_cflags=["-O3"], verbose=False)
+    except Exception as err:  # a failed build must not take the engine down
+        logger.warning("vllm-kvcompress: building the CUDA kernels failed (%s); using Triton",
+                       err)
+        return None
