@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from kv_reference import ReferenceModel
 
 pytestmark = pytest.mark.engine
@@ -122,6 +123,56 @@ def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: Refer
         kept = kept_log(runner, out.request_id)
         want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept)
         assert list(out.outputs[0].token_ids) == want
+
+
+class ExplodingPolicy:
+    """A third-party policy whose selection raises, as a kernel bug would."""
+
+    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
+                     protected: int) -> int:
+        return budget
+
+    def selection_layer(self, layer_idx: int) -> int:
+        return layer_idx
+
+    def keep_indices(self, obs: Any) -> Any:
+        if obs.layer_idx == 2:
+            raise RuntimeError("simulated kernel failure")
+        return torch.arange(obs.budget)
+
+
+def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: ReferenceModel
+                                                      ) -> None:
+    from vllm import SamplingParams
+
+    from vllm_kvcompress.policies import registry
+
+    info = registry.PolicyInfo(name="exploding", build=lambda spec: ExplodingPolicy(),
+                               paper="-", summary="raises at layer 2", parameters=())
+    registry.register_policy(info)
+    try:
+        scheduler, pool, _ = engine_internals(llm)
+        start_free = pool.get_num_free_blocks()
+        failed_before = scheduler._kvcompress.stats.failed
+        cases = [{"kv_policy": "exploding", "kv_ratio": 0.3}, {"kv_policy": "snapkv",
+                                                             "kv_ratio": 0.3}, None]
+        prompts = [{"prompt_token_ids": prompt_ids(60 + i, 200)} for i in range(3)]
+        outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                        extra_args=x) for x in cases],
+                               use_tqdm=False)
+        assert outputs[0].outputs[0].finish_reason == "error"
+        assert len(outputs[0].outputs[0].token_ids) <= 1
+        _, _, runner = engine_internals(llm)
+        for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
+            kept = kept_log(runner, out.request_id) if xargs else None
+            assert list(out.outputs[0].token_ids) == reference.greedy(
+                prompt["prompt_token_ids"], MAX_TOKENS, kept)
+        assert scheduler._kvcompress.stats.failed == failed_before + 1
+        assert pool.get_num_free_blocks() == start_free
+        again = llm.generate([prompts[1]], SamplingParams(max_tokens=4), use_tqdm=False)
+        assert len(again[0].outputs[0].token_ids) == 4  # the engine keeps serving
+    finally:
+        registry._REGISTRY.pop("exploding", None)
 
 
 def test_chunkkv_reuse_shares_selection_within_groups(llm: Any) -> None:

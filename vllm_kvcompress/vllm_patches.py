@@ -398,8 +398,21 @@ def _patch_scheduler() -> None:
                              if compression is not None else {})
         return output
 
+    original_update = Scheduler.update_from_output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        failed = getattr(model_runner_output, "kvcompress_failed", None)
+        if failed and self._kvcompress is not None:
+            live = [req_id for req_id in failed if req_id in self.requests]
+            # vLLM finishes the requests in this set with FINISHED_ERROR (finish_reason
+            # "error") inside update_from_output and frees their blocks; others go on.
+            self.encoder_cache_mismatch_reqs.update(live)
+            self._kvcompress.stats.record_failed(len(live))
+        return original_update(self, scheduler_output, model_runner_output)
+
     Scheduler.__init__ = __init__
     Scheduler.schedule = schedule
+    Scheduler.update_from_output = update_from_output
 
 
 # --- worker: physical lengths and per-layer compaction ---------------------------------------
@@ -435,8 +448,19 @@ def _patch_model_runner() -> None:
         worker_side.ACTIVE_STEP = state if state.has_layer_work else None
         return result
 
+    original_sample = GPUModelRunner.sample_tokens
+
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        output = original_sample(self, *args, **kwargs)
+        state = getattr(self, "_kvcompress", None)
+        if state is not None and state.failed and hasattr(output, "__dict__"):
+            # A plain attribute on the (dataclass) output survives pickling to the engine core.
+            output.kvcompress_failed = state.take_failed()
+        return output
+
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner.sample_tokens = sample_tokens
 
 
 def _compact_after_forward(impl_cls: type, access_for: Callable[[Any, Any], Any]) -> None:
@@ -500,18 +524,21 @@ MANIFEST: tuple[Patch, ...] = (
           "LLM(additional_config=...) with a bad block fails at construction); re-check kv_* "
           "extra_args at admission for SamplingParams built before the plugin loaded", "0.32.x",
           _patch_input_processor),
-    Patch("vllm.v1.core.sched.scheduler.Scheduler.__init__/schedule + "
+    Patch("vllm.v1.core.sched.scheduler.Scheduler.__init__/schedule/update_from_output + "
           "vllm.v1.core.kv_cache_manager.KVCacheManager.get_computed_blocks",
           "engine core: convert the full-attention manager to allocate by physical length and "
           "never hash compacted blocks; after each schedule(), on the step that completes a "
           "prompt, move the request to cdiv(kept, block_size) fresh blocks, free the originals "
           "(their cache hashes stay valid) and attach the plan as SchedulerOutput.kvcompress; "
-          "cap prefix-cache hits so a scoring policy's window is recomputed (its queries)",
+          "cap prefix-cache hits so a scoring policy's window is recomputed (its queries); "
+          "finish a request whose compaction raised with FINISHED_ERROR, alone",
           "0.32.x", _patch_scheduler),
-    Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs",
+    Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs/"
+          "sample_tokens",
           "worker (V1 runner, used on CPU): replace a compacted request's block-table row before "
           "new blocks are appended; make seq_lens and the slot mapping physical (positions stay "
-          "logical, so RoPE is unchanged) once, where the runner derives them", "0.32.x",
+          "logical, so RoPE is unchanged) once, where the runner derives them; report requests "
+          "whose compaction raised on the step's output", "0.32.x",
           _patch_model_runner),
     Patch("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
           "after each layer's attention on the step that completes a prompt: score with the "

@@ -34,6 +34,7 @@ class CompressionStats:
             request's blocks were shared.
         skipped_resumed: re-prefills after preemption, which keep their full KV.
         not_compressed_short: requests with a policy whose prompt was too short to compress.
+        failed: requests finished with an error because their compaction raised.
         ratio_bucket_counts: histogram counts per ``RATIO_BUCKETS`` bound (not cumulative).
         ratio_sum: sum of kept ratios (for the histogram's ``_sum``).
         path: where ``flush`` writes; ``None`` keeps the counters in memory only.
@@ -46,6 +47,7 @@ class CompressionStats:
     skipped_no_memory: int = 0
     skipped_resumed: int = 0
     not_compressed_short: int = 0
+    failed: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
     ratio_sum: float = 0.0
     path: str | None = None
@@ -60,6 +62,11 @@ class CompressionStats:
         self.ratio_sum += ratio
         bucket = next(i for i, bound in enumerate(RATIO_BUCKETS) if ratio <= bound)
         self.ratio_bucket_counts[bucket] += 1
+        self.flush()
+
+    def record_failed(self, count: int) -> None:
+        """Counts requests failed by a compaction error and flushes."""
+        self.failed += count
         self.flush()
 
     def as_dict(self) -> dict[str, Any]:
@@ -111,6 +118,9 @@ class StatsCollector:
         skipped.add_metric(["resumed_after_preemption"], stats.skipped_resumed)
         skipped.add_metric(["prompt_too_short"], stats.not_compressed_short)
         yield skipped
+        yield CounterMetricFamily("vllm_kvcompress:requests_failed",
+                                  "Requests finished with an error because compaction raised",
+                                  value=stats.failed)
         cumulative, buckets = 0, []
         for bound, count in zip(RATIO_BUCKETS, stats.ratio_bucket_counts, strict=True):
             cumulative += count

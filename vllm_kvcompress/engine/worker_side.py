@@ -116,6 +116,9 @@ class WorkerCompression:
         self.kept_log: dict[str, dict[int, list[int]]] = {}
         #: Wall time spent scoring, selecting and compacting (for the overhead benchmark).
         self.compaction_seconds = 0.0
+        #: Requests whose compaction raised this step; reported to the scheduler, which fails
+        #: them alone (their destination blocks are half written).
+        self.failed: set[str] = set()
         self._policies: dict[str, KVPolicy] = {}
 
     # --- step boundaries ----------------------------------------------------------------------
@@ -212,9 +215,25 @@ class WorkerCompression:
         for stash in self.stashes:
             self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
                                 stash.window)
-        for task in self.compactions:
-            self._compact_layer(task, layer_idx, query, kv_cache, access)
+        for task in list(self.compactions):
+            try:
+                self._compact_layer(task, layer_idx, query, kv_cache, access)
+            except Exception:
+                # One request's failure must not take the engine (and every other request)
+                # down: drop its task, keep its old block-table row, and report it.
+                logger.exception("vllm-kvcompress: compaction of request %s failed at layer %d;"
+                                 " the request is finished with an error", task.req_id,
+                                 layer_idx)
+                self.compactions.remove(task)
+                self.pending.pop(task.req_id, None)
+                self.stash.pop(task.req_id, None)
+                self.failed.add(task.req_id)
         self.compaction_seconds += time.perf_counter() - start
+
+    def take_failed(self) -> list[str]:
+        """Request ids whose compaction failed since the last call."""
+        failed, self.failed = sorted(self.failed), set()
+        return failed
 
     def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
                        window: int) -> None:
