@@ -34,6 +34,8 @@ logger = logging.getLogger("vllm.kvcompress")
 
 #: Set to 1 to keep every compressed request's kept indices per layer (tests, debugging).
 RECORD_ENV = "VLLM_KVCOMPRESS_RECORD_KEPT"
+#: Policy objects kept for reuse across requests (they are tiny; this only bounds growth).
+MAX_CACHED_POLICIES = 256
 
 
 class PagedCacheAccess(Protocol):
@@ -190,6 +192,9 @@ class WorkerCompression:
     def _policy(self, spec: CompressionSpec) -> KVPolicy:
         key = spec.model_dump_json()
         if key not in self._policies:
+            if len(self._policies) >= MAX_CACHED_POLICIES:
+                # Per-request budgets make specs unbounded on a long-running server.
+                self._policies.clear()
             policy = build_policy(spec)
             assert policy is not None
             self._policies[key] = policy
