@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -134,3 +135,51 @@ def test_metrics_show_blocks_freed_and_kv_usage_drop(server: LocalServer,
     assert metric_values(text, "vllm_kvcompress:blocks_freed_total")[0] > 0
     assert metric_values(text, "vllm_kvcompress:tokens_evicted_total")[0] > 0
     assert metric_values(text, "vllm_kvcompress:kept_ratio_count")[0] >= 1
+
+
+KV_KEYS = ["kv_policy", "kv_ratio", "kv_budget", "kv_window", "kv_pool_kernel", "kv_chunk_size",
+           "kv_reuse_layers", "kv_sink_tokens", "kv_min_prompt_len", "kv_bogus", "kv_",
+           "not_ours"]
+
+
+def xargs_strategy() -> Any:
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(
+        st.sampled_from(["none", "snapkv", "chunkkv", "streamingllm", "pyramidkv", "h2o", "",
+                         "0.5", "SNAPKV"]),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),  # JSON has no NaN/Inf
+        st.booleans())
+    value = st.one_of(scalar, st.lists(scalar, max_size=3))
+    return st.dictionaries(st.sampled_from(KV_KEYS), value, max_size=4)
+
+
+def test_fuzzed_xargs_never_5xx(server: LocalServer, tiny_model: Path) -> None:
+    """Random kv_* keys and values on completions and chat, streaming or not: every answer is a
+    200 with tokens or a 400 whose message names a vllm_xargs field; never a 5xx, and the server
+    still answers a plain request afterwards."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    seen = {200: 0, 400: 0}
+
+    @settings(max_examples=80, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(xargs=xargs_strategy(), endpoint=st.sampled_from(["completions", "chat/completions"]),
+           stream=st.booleans())
+    def check(xargs: dict, endpoint: str, stream: bool) -> None:
+        resp = post(server, endpoint, tiny_model, xargs, stream=stream)
+        assert resp.status_code in (200, 400), (xargs, resp.status_code, resp.text[:500])
+        seen[resp.status_code] += 1
+        if resp.status_code == 400:
+            error = resp.json()["error"]
+            assert str(error.get("param", "")).startswith("vllm_xargs"), error
+        elif stream:
+            assert resp.text.rstrip().endswith("data: [DONE]") and '"error"' not in resp.text
+        else:
+            assert resp.json()["usage"]["completion_tokens"] >= 1
+
+    check()
+    assert seen[200] > 0 and seen[400] > 0  # both paths exercised
+    assert post(server, "completions", tiny_model, None).status_code == 200
