@@ -353,3 +353,70 @@ def test_preemption_recompute_and_tiny_pool_leave_no_leak(small_pool_llm: Any) -
     assert pool.get_num_free_blocks() == start_free
     assert scheduler._kvcompress.stats.skipped_resumed > 0
     assert len(runner._kvcompress.evicted) <= 1  # only the last finisher, dropped next step
+
+
+def test_edge_cases_with_compression(llm: Any, reference: ReferenceModel) -> None:
+    """Defined behaviour at the edges, with no block leaked:
+    * a prompt shorter than sinks + window is not compressed, and counted as such;
+    * budget 0 or 1 keeps exactly sinks + window;
+    * a prompt that is an exact multiple of the block size, and one at max_model_len;
+    * n > 1, stop strings, logprobs, prompt_logprobs, structured output, and a generation after
+      compression that crosses many new blocks."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    scheduler, pool, runner = engine_internals(llm)
+    stats = scheduler._kvcompress.stats
+    start_free = pool.get_num_free_blocks()
+
+    short_before = stats.not_compressed_short
+    out = llm.generate([{"prompt_token_ids": prompt_ids(70, 30)}], SamplingParams(
+        max_tokens=3, extra_args={"kv_policy": "snapkv", "kv_window": 32}), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3 and stats.not_compressed_short == short_before + 1
+
+    for budget in (0, 1):
+        out = llm.generate([{"prompt_token_ids": prompt_ids(71, 200)}], SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0.0, extra_args={
+                "kv_policy": "snapkv", "kv_budget": budget, "kv_window": 16}),
+            use_tqdm=False)[0]
+        kept = kept_log(runner, out.request_id)
+        assert all(len(k) == 4 + 16 for k in kept.values())  # sinks + window
+        assert list(out.outputs[0].token_ids) == reference.greedy(
+            prompt_ids(71, 200), MAX_TOKENS, kept)
+
+    compress = {"kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16}
+    cases = {
+        "block multiple": ({"prompt_token_ids": prompt_ids(72, 8 * BLOCK)},
+                           SamplingParams(max_tokens=8, extra_args=compress)),
+        "at max_model_len": ({"prompt_token_ids": prompt_ids(73, 1023)},
+                             SamplingParams(max_tokens=1, extra_args=compress)),
+        # No seed: stock vLLM 0.32 on CPU fails seeded requests whose chunked-prefill sample is
+        # discarded (it calls set_offset on a CPU torch.Generator), plugin or not.
+        "n=3": ({"prompt_token_ids": prompt_ids(74, 300)},
+                SamplingParams(n=3, max_tokens=8, temperature=0.8, extra_args=compress)),
+        "stop": ({"prompt_token_ids": prompt_ids(75, 300)},
+                 SamplingParams(max_tokens=40, stop=["e"], extra_args=compress)),
+        "logprobs": ({"prompt_token_ids": prompt_ids(76, 300)},
+                     SamplingParams(max_tokens=8, logprobs=3, extra_args=compress)),
+        "prompt_logprobs": ({"prompt_token_ids": prompt_ids(77, 300)},
+                            SamplingParams(max_tokens=4, prompt_logprobs=1, extra_args=compress)),
+        "structured": ({"prompt_token_ids": prompt_ids(78, 300)},
+                       SamplingParams(max_tokens=10, extra_args=compress,
+                                      structured_outputs=StructuredOutputsParams(
+                                          choice=["yes", "no"]))),
+        "long": ({"prompt_token_ids": prompt_ids(79, 300)},
+                 SamplingParams(max_tokens=600, ignore_eos=True, extra_args=compress)),
+    }
+    compressed_before = stats.requests_compressed
+    results = {name: llm.generate([prompt], params, use_tqdm=False)[0]
+               for name, (prompt, params) in cases.items()}
+    assert stats.requests_compressed - compressed_before == len(cases) + 2  # n=3 -> 3 requests
+    assert [len(o.token_ids) for o in results["n=3"].outputs] == [8, 8, 8]
+    assert len(results["at max_model_len"].outputs[0].token_ids) == 1
+    assert len(results["block multiple"].outputs[0].token_ids) == 8
+    assert "e" not in results["stop"].outputs[0].text
+    assert all(len(step) >= 3 for step in results["logprobs"].outputs[0].logprobs)
+    assert len(results["prompt_logprobs"].prompt_logprobs) == 300
+    assert results["structured"].outputs[0].text in ("yes", "no")
+    assert len(results["long"].outputs[0].token_ids) == 600  # 600 tokens = 19 new blocks
+    assert pool.get_num_free_blocks() == start_free
