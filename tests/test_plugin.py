@@ -157,3 +157,41 @@ def test_additional_config_json_flag_is_validated(serve_parser: argparse.Argumen
     block = json.dumps({ADDITIONAL_CONFIG_KEY: {"policy": "snapkv", "ratio": 0.4}})
     spec = engine_spec(serve_parser, [model_dir, "--additional-config", block, "--kv-window", "16"])
     assert (spec["policy"], spec["ratio"], spec["window"]) == ("snapkv", 0.4, 16)
+
+
+def fake_config(**overrides: object) -> object:
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(get_sliding_window=lambda: overrides.get("sliding"),
+                            is_hybrid=overrides.get("hybrid", False), is_attention_free=False,
+                            is_multimodal_model=overrides.get("multimodal", False))
+    return SimpleNamespace(model_config=model,
+                           cache_config=SimpleNamespace(cache_dtype=overrides.get("dtype", "auto")),
+                           speculative_config=overrides.get("spec"))
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({}, None),
+    ({"sliding": 4096}, "sliding-window"),
+    ({"hybrid": True}, "hybrid"),
+    ({"multimodal": True}, "multimodal"),
+    ({"spec": object()}, "speculative decoding"),
+    ({"dtype": "fp8_e4m3"}, "quantized KV cache"),
+])
+def test_unsupported_deployments_are_named(overrides: dict, fragment: str | None) -> None:
+    plugin.register()
+    reason = vllm_patches.deployment_unsupported_reason(fake_config(**overrides))
+    assert reason is None if fragment is None else fragment in reason
+
+
+def test_policy_request_on_unsupported_deployment_is_a_400() -> None:
+    from types import SimpleNamespace
+
+    from vllm.exceptions import VLLMValidationError
+
+    processor = SimpleNamespace(_kvcompress_unsupported="speculative decoding is not supported")
+    with pytest.raises(VLLMValidationError, match=r"^kv_policy: compression is not available"):
+        vllm_patches._refuse_if_unsupported(processor, {"kv_policy": "snapkv"})
+    vllm_patches._refuse_if_unsupported(processor, {"kv_policy": "none"})  # fine
+    vllm_patches._refuse_if_unsupported(SimpleNamespace(_kvcompress_unsupported=None),
+                                        {"kv_policy": "snapkv"})

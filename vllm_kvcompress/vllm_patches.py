@@ -277,6 +277,21 @@ def _raise_for_request(extra_args: dict[str, Any] | None) -> None:
         raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
 
 
+def _refuse_if_unsupported(processor: Any, extra_args: dict[str, Any]) -> None:
+    """A request asking for a policy on a deployment that cannot compress gets a 400, rather
+    than silently running uncompressed."""
+    from vllm.exceptions import VLLMValidationError
+
+    policy = extra_args.get("kv_policy")
+    if policy in (None, "none"):
+        return
+    reason = getattr(processor, "_kvcompress_unsupported", None)
+    if reason:
+        raise VLLMValidationError(
+            f"kv_policy: compression is not available on this deployment: {reason}",
+            parameter="vllm_xargs.kv_policy")
+
+
 def _patch_input_processor() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
@@ -288,15 +303,18 @@ def _patch_input_processor() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         # Fails an offline LLM(additional_config=...) with a bad block at construction.
         spec = server_spec(vllm_config)
-        supported, detail = engine_compression_supported()
+        _, detail = engine_compression_supported()
+        self._kvcompress_unsupported = deployment_unsupported_reason(vllm_config)
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
                     spec.model_dump(exclude_none=True),
-                    f"active ({detail})" if supported else f"NOT ACTIVE: {detail}")
+                    f"active ({detail})" if self._kvcompress_unsupported is None else
+                    f"NOT ACTIVE: {self._kvcompress_unsupported}")
 
     def _validate_params(self, params, supported_tasks):
         # Admission check for SamplingParams built before vLLM loaded this plugin.
-        if isinstance(params, SamplingParams):
+        if isinstance(params, SamplingParams) and params.extra_args:
             _raise_for_request(params.extra_args)
+            _refuse_if_unsupported(self, params.extra_args)
         return original_validate(self, params, supported_tasks)
 
     InputProcessor.__init__ = __init__
@@ -317,6 +335,26 @@ def _patch_sampling_params() -> None:
 
 # --- engine core: the scheduler decides and frees blocks ------------------------------------------
 
+def deployment_unsupported_reason(vllm_config: Any) -> str | None:
+    """Why this deployment cannot compress, or ``None`` when it can (known before the engine
+    starts, so the API server can refuse per-request policies with a 400)."""
+    supported, detail = engine_compression_supported()
+    if not supported:
+        return detail
+    model = vllm_config.model_config
+    reasons = []
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+        reasons.append(f"a quantized KV cache ({cache_dtype}) is not supported")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported together with compression")
+    if model.get_sliding_window() is not None or model.is_hybrid or model.is_attention_free:
+        reasons.append("sliding-window, hybrid and attention-free models are not supported")
+    if model.is_multimodal_model:
+        reasons.append("multimodal models are not supported")
+    return "; ".join(reasons) or None
+
+
 def _install_scheduler_compression(scheduler: Any) -> None:
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 
@@ -329,27 +367,16 @@ def _install_scheduler_compression(scheduler: Any) -> None:
 
     scheduler._kvcompress = None
     vllm_config = scheduler.vllm_config
-    supported, detail = engine_compression_supported()
-    cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if supported and cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
-        supported, detail = False, (f"a quantized KV cache ({cache_dtype}) is not supported; "
-                                    "requests keep their full KV")
-    if not supported:
-        logger.warning("vllm-kvcompress: %s", detail)
-        return
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
-    reasons = []
-    if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
-        reasons.append("the model's KV cache is not one full-attention group (hybrid or "
-                       "sliding-window models are not supported)")
-    if vllm_config.speculative_config is not None:
-        reasons.append("speculative decoding is not supported together with compression")
+    reason = deployment_unsupported_reason(vllm_config)
+    if reason is None and (len(managers) != 1 or type(managers[0]) is not FullAttentionManager):
+        reason = "the model's KV cache is not one full-attention group"
     spec = server_spec(vllm_config)
-    if reasons:
-        message = "vllm-kvcompress: compression disabled: " + "; ".join(reasons)
+    if reason is not None:
+        message = f"vllm-kvcompress: compression disabled: {reason}"
         if spec.enabled:
             raise SystemExit(message + f" (server default policy {spec.policy!r})")
-        logger.warning(message)
+        logger.warning(message + "; requests asking for a policy get HTTP 400")
         return
     manager = managers[0]
     manager.__class__ = make_compressed_manager_class(FullAttentionManager)
