@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast lint clean
+.PHONY: setup models demo test test-fast lint soak clean
 
 setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
 	@bash scripts/setup.sh
@@ -25,6 +25,9 @@ test: setup                  ## everything: unit, engine (in process) and server
 
 test-fast: setup             ## unit tests only (no engine)
 	$(PY) -m pytest -q -m "not engine and not server"
+
+soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
+	$(PY) scripts/soak.py --out runs/soak
 
 lint: setup
 	$(PY) -m ruff check .
