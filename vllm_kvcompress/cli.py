@@ -7,6 +7,7 @@ Usage::
     kvcompress policies
     kvcompress bench overhead
     kvcompress bench kernels
+    kvcompress bench throughput
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from .bench import throughput
+
+    throughput.print_report(throughput.run(args))
+    print(f"\nwrote {args.out}/throughput.json, throughput.csv, throughput.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.prepare import MODELS
 
@@ -91,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     kernels_bench.add_arguments(kernels)
     kernels.set_defaults(func=_cmd_bench_kernels)
+    throughput = bench_sub.add_parser("throughput", help="memory-bound serving: none vs each "
+                                      "policy/ratio, one engine, one run")
+    from .bench import throughput as throughput_bench
+
+    throughput_bench.add_arguments(throughput)
+    throughput.set_defaults(func=_cmd_bench_throughput)
     return parser
 
 

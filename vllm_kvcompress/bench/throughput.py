@@ -1,0 +1,179 @@
+"""`kvcompress bench throughput`: memory-bound serving, policy `none` vs each policy and ratio.
+
+One in-process engine (SmolLM2-135M-Instruct by default) with a KV pool that holds only a few full
+prompts; all requests arrive at once; the engine is stepped until idle. Per configuration:
+requests/s, output tokens/s, peak concurrently running requests, preemptions, TTFT and TPOT p50/p99,
+each also as a ratio to `none` measured in the same run. Variants with short and long outputs.
+Prefix caching is off so every configuration prefills for real. Writes ``throughput.json``,
+``throughput.csv`` and ``throughput.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .overhead import _prompts, machine
+
+CONFIGS = [("none", 1.0), ("streamingllm", 0.25), ("snapkv", 0.25), ("chunkkv", 0.25),
+           ("chunkkv", 0.1)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, max_tokens: int,
+               tag: str) -> dict[str, Any]:
+    """All requests at once; steps until idle; returns the figures of one configuration."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    xargs = {"kv_policy": policy} if policy == "none" else {"kv_policy": policy,
+                                                             "kv_ratio": ratio}
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            extra_args=xargs)
+    start = time.perf_counter()
+    ids = [f"{tag}-{policy}-{ratio}-{i}" for i in range(len(prompts))]
+    for req_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(req_id, {"prompt_token_ids": prompt}, params)
+    first: dict[str, float] = {}
+    done: dict[str, tuple[float, int]] = {}
+    peak = 0
+    preemptions: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.outputs and out.outputs[0].token_ids and out.request_id not in first:
+                first[out.request_id] = now
+            if out.finished:
+                done[out.request_id] = (now, len(out.outputs[0].token_ids))
+        peak = max(peak, len(scheduler.running))
+        for req_id, request in scheduler.requests.items():
+            preemptions[req_id] = request.num_preemptions
+    elapsed = time.perf_counter() - start
+    ttft = [first[i] - start for i in ids]
+    tpot = [(done[i][0] - first[i]) / max(done[i][1] - 1, 1) for i in ids]
+    out_tokens = sum(done[i][1] for i in ids)
+    return {"policy": policy, "ratio": ratio, "max_tokens": max_tokens,
+            "requests": len(ids), "seconds": elapsed,
+            "requests_per_s": len(ids) / elapsed, "output_tokens_per_s": out_tokens / elapsed,
+            "peak_running": peak, "preemptions": sum(preemptions.values()),
+            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+            "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99)}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm import LLM
+
+    block = 128
+    per_request = -(-(args.prompt_len + max(args.max_tokens)) // block)
+    llm = LLM(model=args.model, max_model_len=args.prompt_len + max(args.max_tokens),
+              enforce_eager=True, seed=0,
+              enable_prefix_caching=False, block_size=block, max_num_seqs=64,
+              num_gpu_blocks_override=args.full_requests * per_request + 1)
+    prompts = _prompts(args.model, args.requests, args.prompt_len)
+    rows = []
+    cases = [(m, p, r) for m in args.max_tokens for p, r in CONFIGS]
+    for max_tokens, policy, ratio in tqdm(cases, desc="throughput configurations"):
+        rows.append(run_config(llm, prompts, policy, ratio, max_tokens, f"t{len(rows)}"))
+    for row in rows:
+        base = next(r for r in rows if r["policy"] == "none" and
+                    r["max_tokens"] == row["max_tokens"])
+        for key in ("requests_per_s", "output_tokens_per_s", "peak_running"):
+            row[f"{key}_vs_none"] = row[key] / base[key]
+        for key in ("ttft_p50_s", "tpot_p50_s"):
+            row[f"{key}_vs_none"] = row[key] / base[key]
+    report = {"machine": machine(), "command": " ".join(sys.argv), "model": args.model,
+              "workload": {"requests": args.requests, "prompt_len": args.prompt_len,
+                           "pool_holds_full_requests": args.full_requests,
+                           "block_size": block}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "throughput.json").write_text(json.dumps(report, indent=2))
+    with (out / "throughput.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(report, out / "throughput.png")
+    return report
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    variants = sorted({r["max_tokens"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"{p}\n{r:g}" for p, r in CONFIGS]
+    width = 0.8 / len(variants)
+    for i, max_tokens in enumerate(variants):
+        mine = [r for r in rows if r["max_tokens"] == max_tokens]
+        xs = [j + i * width for j in range(len(mine))]
+        axes[0].bar(xs, [r["output_tokens_per_s_vs_none"] for r in mine], width,
+                    label=f"{max_tokens} output tokens")
+        axes[1].bar(xs, [r["peak_running"] for r in mine], width,
+                    label=f"{max_tokens} output tokens")
+    for ax, title in zip(axes, ("output tokens/s vs none", "peak running requests"),
+                         strict=True):
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(CONFIGS))])
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[0].axhline(1.0, color="gray", linestyle="--")
+    m = report["machine"]
+    w = report["workload"]
+    fig.suptitle(f"{w['requests']} x {w['prompt_len']}-token prompts, pool for "
+                 f"{w['pool_holds_full_requests']} full requests; {m['cpu']} "
+                 f"({m['cores']} cores), {m['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="models/smollm2")
+    parser.add_argument("--out", default="runs/bench-throughput")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[16, 128],
+                        help="output lengths (short and long variants)")
+    parser.add_argument("--full-requests", type=int, default=2,
+                        help="the KV pool holds this many uncompressed requests")
+
+
+def print_report(report: dict[str, Any]) -> None:
+    m = report["machine"]
+    print(f"\n{report['model']} on {m['cpu']} ({m['cores']} cores), {m['date']}; "
+          f"workload {report['workload']}")
+    print(f"{'policy':<13}{'ratio':>6}{'out':>5}{'req/s':>8}{'tok/s':>8}{'x none':>8}"
+          f"{'peak':>6}{'preempt':>8}{'TTFT p50':>10}{'p99':>7}{'TPOT p50':>10}{'p99':>7}")
+    for r in report["rows"]:
+        print(f"{r['policy']:<13}{r['ratio']:>6.2f}{r['max_tokens']:>5}"
+              f"{r['requests_per_s']:>8.3f}{r['output_tokens_per_s']:>8.1f}"
+              f"{r['output_tokens_per_s_vs_none']:>8.2f}{r['peak_running']:>6}"
+              f"{r['preemptions']:>8}{r['ttft_p50_s']:>10.1f}{r['ttft_p99_s']:>7.1f}"
+              f"{r['tpot_p50_s']:>10.3f}{r['tpot_p99_s']:>7.3f}")
+
+
+if __name__ == "__main__":
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(cli)
+    print_report(run(cli.parse_args()))
