@@ -420,3 +420,20 @@ def test_edge_cases_with_compression(llm: Any, reference: ReferenceModel) -> Non
     assert results["structured"].outputs[0].text in ("yes", "no")
     assert len(results["long"].outputs[0].token_ids) == 600  # 600 tokens = 19 new blocks
     assert pool.get_num_free_blocks() == start_free
+
+
+def test_throughput_benchmark_loop_reports_consistent_figures(small_pool_llm: Any) -> None:
+    """`kvcompress bench throughput`'s measuring loop on the small pool: every request finishes,
+    percentiles are ordered, and compression lets more requests run at once than `none`."""
+    from vllm_kvcompress.bench.throughput import run_config
+
+    _, pool, _ = engine_internals(small_pool_llm)
+    start_free = pool.get_num_free_blocks()
+    prompts = [prompt_ids(500 + i, 480) for i in range(24)]
+    full = run_config(small_pool_llm, prompts, "none", 1.0, 32, "bench-test")
+    compressed = run_config(small_pool_llm, prompts, "snapkv", 0.25, 32, "bench-test")
+    for row in (full, compressed):
+        assert row["requests"] == 24 and row["output_tokens_per_s"] > 0
+        assert row["ttft_p50_s"] <= row["ttft_p99_s"] and row["tpot_p50_s"] <= row["tpot_p99_s"]
+    assert full["peak_running"] == 8 and compressed["peak_running"] > 2 * full["peak_running"]
+    assert pool.get_num_free_blocks() == start_free
