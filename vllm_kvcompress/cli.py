@@ -8,6 +8,7 @@ Usage::
     kvcompress bench overhead
     kvcompress bench kernels
     kvcompress bench throughput
+    kvcompress eval [--backend vllm|kvpress] [--limit N]
 """
 
 from __future__ import annotations
@@ -74,6 +75,20 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval import run as eval_run
+
+    try:
+        eval_run.validate(args)
+    except ValueError as err:
+        print(f"kvcompress eval: {err}", file=sys.stderr)
+        return 2
+    result = eval_run.run(args)
+    eval_run.print_report(result)
+    print(f"\nwrote {args.out}/results.json, results.csv, accuracy_vs_ratio.png, heatmap_*.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .models.prepare import MODELS
 
@@ -106,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput_bench.add_arguments(throughput)
     throughput.set_defaults(func=_cmd_bench_throughput)
+    evaluation = sub.add_parser("eval", help="long-context accuracy vs kept ratio (NIAH, "
+                                "variable tracking, SQuAD) through the engine or kvpress")
+    from .eval import run as eval_run
+
+    eval_run.add_arguments(evaluation)
+    evaluation.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Long-context accuracy evaluation (``kvcompress eval``)."""
