@@ -161,7 +161,7 @@ class PromptBuilder:
                                                        tokenize=True, return_dict=False))
 
     def fill(self, pieces: list[str], budget: int, overhead_text: str) -> list[str]:
-        """The longest prefix of ``pieces`` that fits ``budget`` tokens next to the overhead.
+        """Pieces in order, skipping those that no longer fit ``budget`` tokens with the overhead.
 
         Token counts of concatenated pieces are close to the sum of their counts; the caller
         verifies the final prompt and trims again if needed.
@@ -169,10 +169,15 @@ class PromptBuilder:
         room = budget - self.count(overhead_text) - 24  # template tokens
         chosen: list[str] = []
         used = 0
+        skipped = 0
         for piece in pieces:
             cost = self.count(piece) + 1
             if used + cost > room:
-                break
+                # A shorter piece further on may still fit (SQuAD paragraphs vary a lot).
+                skipped += 1
+                if skipped > 50:
+                    break
+                continue
             chosen.append(piece)
             used += cost
         return chosen
@@ -198,20 +203,30 @@ def _value(rng: random.Random) -> str:
 
 def _fit(builder: PromptBuilder, target: int, make: Callable[[int], tuple[str, str, str]],
          budget: int) -> list[int]:
-    """Adjusts the filler budget until the templated prompt has ``target - 64 .. target`` tokens
-    (piece-wise counts drift from the count of the joined text)."""
+    """Searches the filler budget for the longest templated prompt of at most ``target`` tokens
+    (piece-wise counts drift from the count of the joined text); stops within 64 tokens."""
     best: list[int] | None = None
-    for _ in range(12):
+    fits: int | None = None  # largest budget known to fit
+    overflows: int | None = None  # smallest budget known to overflow
+    for _ in range(16):
         context, question, prefix = make(budget)
         ids = builder.encode(context, question, prefix)
         if len(ids) <= target:
             if best is None or len(ids) > len(best):
                 best = ids
             if target - len(ids) <= 64:
-                return ids
-            budget += target - len(ids) - 16
+                break
+            fits = budget
+            step = budget + target - len(ids) - 16
         else:
-            budget -= len(ids) - target + 8
+            overflows = budget
+            step = budget - (len(ids) - target) - 8
+        if fits is not None and overflows is not None:
+            step = (fits + overflows) // 2
+        if step == budget or (fits is not None and overflows is not None
+                              and overflows - fits <= 1):
+            break
+        budget = step
     if best is None:
         raise RuntimeError(f"could not fit a prompt into {target} tokens")
     return best

@@ -1,0 +1,465 @@
+#!/usr/bin/env python
+"""Peer backend of the accuracy study: NVIDIA kvpress presses on HF transformers, CPU, greedy.
+
+A standalone script for the `.kvpress-venv` (``make kvpress-venv``), which holds kvpress 0.5.5 and a
+transformers it accepts (< 5.3). It imports only the standard library, torch, transformers, kvpress
+and tqdm, never ``vllm_kvcompress``, so it runs from its path::
+
+    .kvpress-venv/bin/python vllm_kvcompress/eval/kvpress_runner.py --model models/smollm2 \\
+        --samples samples.jsonl --configs configs.json --out predictions.jsonl
+
+Inputs:
+
+- ``samples.jsonl``: ``{"id": str, "input_ids": [int, ...], "max_tokens": int}`` per line; the
+  ids are the complete chat-templated prompt (context, question, answer prefix) and are used as is.
+- ``configs.json``: ``{"configs": [{"policy": ..., "ratio": ...}], "params": {"window": 32,
+  "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}}``. ``ratio`` is the fraction of prompt
+  tokens whose KV is KEPT; kvpress's ``compression_ratio`` is the fraction removed (1 - ratio).
+
+Semantics (query-aware, as the vLLM engine): the whole prompt, question included, is prefilled
+with the press active, so SnapKV's observation window covers the question. Greedy decoding then
+runs without the press; decoded tokens get RoPE positions continuing from the ORIGINAL prompt
+length (kvpress keeps the original positions baked into the kept keys) while ``cache_position``
+follows the compressed cache, as kvpress's own pipeline does.
+
+Output: one JSON line per (sample, config), appended and flushed as soon as it is done; lines
+already in ``--out`` (same id, policy, ratio) are skipped, so an interrupted run resumes. Bad input
+prints one error line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv")
+DEFAULT_PARAMS: dict[str, int] = {
+    "window": 32,
+    "pool_kernel": 5,
+    "chunk_size": 10,
+    "sink_tokens": 4,
+}
+EXIT_BAD_INPUT = 2
+
+# A press spec: kvpress class name and constructor kwargs; a kwarg may itself be a spec (ChunkKV
+# wraps a scorer press).
+PressSpec = tuple[str, dict[str, Any]]
+
+
+class InputError(ValueError):
+    """Bad input (file, JSON, field); main() prints it on one line and exits with status 2."""
+
+
+def press_spec(policy: str, ratio: float, params: dict[str, int]) -> PressSpec | None:
+    """Map one of our configs to a kvpress press, without importing kvpress.
+
+    Args:
+        policy: one of ``POLICIES``.
+        ratio: fraction of prompt tokens whose KV is kept, in (0, 1]; kvpress's
+            ``compression_ratio`` is the fraction removed, ``1 - ratio``.
+        params: ``window``, ``pool_kernel``, ``chunk_size``, ``sink_tokens`` (missing keys take
+            ``DEFAULT_PARAMS``).
+
+    Returns:
+        ``(class_name, kwargs)`` for ``build_press``, or None when nothing is compressed
+        (policy ``none`` or ratio 1.0).
+
+    Raises:
+        InputError: unknown policy or a ratio outside (0, 1].
+    """
+    if policy not in POLICIES:
+        raise InputError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise InputError(f"ratio must be a number in (0, 1], got {ratio!r} (policy {policy!r})")
+    if policy == "none" or ratio == 1:
+        return None
+    p = {**DEFAULT_PARAMS, **params}
+    compression_ratio = 1.0 - float(ratio)
+    snapkv = {
+        "compression_ratio": compression_ratio,
+        "window_size": p["window"],
+        "kernel_size": p["pool_kernel"],
+    }
+    if policy == "streamingllm":
+        return "StreamingLLMPress", {
+            "compression_ratio": compression_ratio,
+            "n_sink": p["sink_tokens"],
+        }
+    if policy == "snapkv":
+        return "SnapKVPress", snapkv
+    if policy == "chunkkv":
+        return "ChunkKVPress", {"press": ("SnapKVPress", snapkv), "chunk_length": p["chunk_size"]}
+    return "PyramidKVPress", snapkv
+
+
+def build_press(spec: PressSpec | None) -> Any:
+    """Instantiate a ``press_spec`` result with kvpress (imported here, not at module import).
+
+    Args:
+        spec: ``(class_name, kwargs)``, kwargs possibly holding nested specs, or None.
+
+    Returns:
+        The kvpress press, or None for None.
+    """
+    if spec is None:
+        return None
+    import kvpress
+
+    name, kwargs = spec
+    built = {k: build_press(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    return getattr(kvpress, name)(**built)
+
+
+def min_prompt_len(spec: PressSpec | None) -> int:
+    """Shortest prompt a press accepts (kvpress asserts on shorter ones).
+
+    Args:
+        spec: a ``press_spec`` result.
+
+    Returns:
+        SnapKV-based presses need more tokens than the window, StreamingLLM more than the sinks.
+    """
+    if spec is None:
+        return 1
+    _name, kwargs = spec
+    if "press" in kwargs:
+        return min_prompt_len(kwargs["press"])
+    if "window_size" in kwargs:
+        return kwargs["window_size"] + 1
+    return kwargs.get("n_sink", 0) + 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Read and check configs.json.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The configs (``policy``, ``ratio``, ``spec``) and the merged params.
+
+    Raises:
+        InputError: missing file, bad JSON, or a bad field (named in the message).
+    """
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise InputError(f"--configs {path}: cannot read: {e.strerror or e}") from e
+    except json.JSONDecodeError as e:
+        raise InputError(f"--configs {path}: bad JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"--configs {path}: expected a JSON object")
+    params = data.get("params", {})
+    if not isinstance(params, dict):
+        raise InputError(f"--configs {path}: 'params' must be an object")
+    for key, lowest in (("window", 1), ("pool_kernel", 1), ("chunk_size", 1), ("sink_tokens", 0)):
+        value = params.get(key, DEFAULT_PARAMS[key])
+        if not _is_int(value) or value < lowest:
+            raise InputError(
+                f"--configs {path}: params.{key} must be an int >= {lowest}, got {value!r}"
+            )
+    if params.get("pool_kernel", DEFAULT_PARAMS["pool_kernel"]) % 2 == 0:
+        raise InputError(f"--configs {path}: params.pool_kernel must be odd")
+    merged = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if k in DEFAULT_PARAMS}}
+    configs = data.get("configs")
+    if not isinstance(configs, list) or not configs:
+        raise InputError(f"--configs {path}: 'configs' must be a non-empty list")
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, float]] = set()
+    for i, cfg in enumerate(configs):
+        where = f"--configs {path}: configs[{i}]"
+        if not isinstance(cfg, dict) or "policy" not in cfg or "ratio" not in cfg:
+            raise InputError(f"{where}: expected an object with 'policy' and 'ratio'")
+        policy, ratio = cfg["policy"], cfg["ratio"]
+        try:
+            spec = press_spec(policy, ratio, merged)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from e
+        key = (policy, float(ratio))
+        if key in seen:
+            raise InputError(f"{where}: duplicate config {policy} {ratio}")
+        seen.add(key)
+        out.append({"policy": policy, "ratio": float(ratio), "spec": spec})
+    return out, merged
+
+
+def load_samples(path: Path) -> list[dict[str, Any]]:
+    """Read and check samples.jsonl (keys other than id, input_ids, max_tokens are ignored).
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``{"id", "input_ids", "max_tokens"}`` per sample, in file order.
+
+    Raises:
+        InputError: missing file, bad JSON, or a bad field (named with its line number).
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise InputError(f"--samples {path}: cannot read: {e.strerror or e}") from e
+    samples: list[dict[str, Any]] = []
+    ids: set[str] = set()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"--samples {path} line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: bad JSON: {e}") from e
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected a JSON object")
+        sid, input_ids, max_tokens = obj.get("id"), obj.get("input_ids"), obj.get("max_tokens")
+        if not isinstance(sid, str) or not sid:
+            raise InputError(f"{where}: 'id' must be a non-empty string, got {sid!r}")
+        if sid in ids:
+            raise InputError(f"{where}: duplicate id {sid!r}")
+        if (
+            not isinstance(input_ids, list)
+            or not input_ids
+            or not all(_is_int(t) and t >= 0 for t in input_ids)
+        ):
+            raise InputError(f"{where}: 'input_ids' must be a non-empty list of ints >= 0")
+        if not _is_int(max_tokens) or max_tokens < 1:
+            raise InputError(f"{where}: 'max_tokens' must be an int >= 1, got {max_tokens!r}")
+        ids.add(sid)
+        samples.append({"id": sid, "input_ids": input_ids, "max_tokens": max_tokens})
+    if not samples:
+        raise InputError(f"--samples {path}: no samples")
+    return samples
+
+
+def done_keys(out: Path) -> set[tuple[str, str, float]]:
+    """The (id, policy, ratio) already in ``out``; unparsable lines are reported and ignored.
+
+    Args:
+        out: the predictions file (may not exist).
+
+    Returns:
+        The keys to skip.
+    """
+    keys: set[tuple[str, str, float]] = set()
+    if not out.exists():
+        return keys
+    for n, line in enumerate(out.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            keys.add((obj["id"], obj["policy"], float(obj["ratio"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            print(f"kvpress_runner: {out} line {n} unreadable, ignored", file=sys.stderr)
+    return keys
+
+
+def eos_token_ids(model: Any) -> set[int]:
+    """EOS ids from the model's generation_config and config (either may hold an int or a list)."""
+    ids: set[int] = set()
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return ids
+
+
+def generate(
+    model: Any, press: Any, input_ids: list[int], max_tokens: int, eos: set[int]
+) -> dict[str, Any]:
+    """Prefill the whole prompt with ``press`` active, then greedy-decode without it.
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        press: a kvpress press or None.
+        input_ids: the complete prompt.
+        max_tokens: most new tokens; stops after an EOS token (included, as HF generate does).
+        eos: EOS token ids.
+
+    Returns:
+        ``output_ids``, ``kept_tokens`` (layer 0), ``kept_tokens_per_layer``, ``prefill_s``,
+        ``decode_s``.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    prompt_len = len(input_ids)
+    cache = DynamicCache()
+    with torch.inference_mode():
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        start = time.perf_counter()
+        with press(model) if press is not None else contextlib.nullcontext():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        prefill_s = time.perf_counter() - start
+        kept = [int(layer.keys.shape[-2]) for layer in cache.layers]
+        token = int(out.logits[0, -1].argmax())
+        output_ids = [token]
+        start = time.perf_counter()
+        # RoPE positions continue from the original prompt length; cache_position indexes the
+        # (compressed) cache, whose length grows by one per step.
+        position = prompt_len
+        while len(output_ids) < max_tokens and token not in eos:
+            cache_len = cache.get_seq_length()
+            out = model(
+                input_ids=torch.tensor([[token]], dtype=torch.long),
+                past_key_values=cache,
+                position_ids=torch.tensor([[position]], dtype=torch.long),
+                cache_position=torch.tensor([cache_len], dtype=torch.long),
+                use_cache=True,
+            )
+            position += 1
+            token = int(out.logits[0, -1].argmax())
+            output_ids.append(token)
+        decode_s = time.perf_counter() - start
+    return {
+        "output_ids": output_ids,
+        "kept_tokens": kept[0],
+        "kept_tokens_per_layer": kept,
+        "prefill_s": round(prefill_s, 4),
+        "decode_s": round(decode_s, 4),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (argparse itself exits with status 2 on bad flags)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, type=Path, help="HF safetensors model folder")
+    ap.add_argument("--samples", required=True, type=Path, help="samples.jsonl")
+    ap.add_argument("--configs", required=True, type=Path, help="configs.json")
+    ap.add_argument("--out", required=True, type=Path, help="predictions.jsonl (appended)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error("--threads must be >= 1")
+    return args
+
+
+def load_model(path: Path, dtype: str) -> tuple[Any, Any]:
+    """Model (SDPA attention, eval mode) and tokenizer from a local folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    # SDPA: kvpress's ChunkKV asserts that the layer returns no attention weights (eager would).
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    )
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check the inputs, then run every (sample, config) not yet in ``--out``."""
+    if not (args.model / "config.json").is_file():
+        raise InputError(f"--model {args.model}: no config.json (not a HF model folder)")
+    configs, _params = load_configs(args.configs)
+    samples = load_samples(args.samples)
+    for sample in samples:
+        for cfg in configs:
+            need = min_prompt_len(cfg["spec"])
+            if len(sample["input_ids"]) < need:
+                raise InputError(
+                    f"--samples {args.samples}: sample {sample['id']!r} has "
+                    f"{len(sample['input_ids'])} prompt tokens; {cfg['policy']} needs >= {need}"
+                )
+    done = done_keys(args.out)
+    todo = [
+        (s, c) for s in samples for c in configs if (s["id"], c["policy"], c["ratio"]) not in done
+    ]
+
+    try:
+        import kvpress  # noqa: F401  (checked here: the mapping above works without it)
+    except ImportError as e:
+        print(
+            f"kvpress_runner: error: cannot import kvpress ({e}); run it with "
+            ".kvpress-venv/bin/python (make kvpress-venv)",
+            file=sys.stderr,
+        )
+        return 1
+    import importlib.metadata
+
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    version = importlib.metadata.version("kvpress")
+    model, tokenizer = load_model(args.model, args.dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    for sample in samples:
+        if max(sample["input_ids"]) >= vocab:
+            raise InputError(
+                f"--samples {args.samples}: sample {sample['id']!r} input_ids has a token id "
+                f">= the model's vocabulary size {vocab}"
+            )
+    eos = eos_token_ids(model)
+    presses = {(c["policy"], c["ratio"]): build_press(c["spec"]) for c in configs}
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # A line cut short by a crash must not swallow the next record.
+    cut_short = False
+    if args.out.exists() and args.out.stat().st_size > 0:
+        with args.out.open("rb") as raw:
+            raw.seek(-1, 2)
+            cut_short = raw.read(1) != b"\n"
+    total = len(samples) * len(configs)
+    with (
+        args.out.open("a") as fh,
+        tqdm(total=total, initial=total - len(todo), file=sys.stderr, desc="kvpress") as bar,
+    ):
+        if cut_short:
+            fh.write("\n")
+        for sample, cfg in todo:
+            result = generate(
+                model,
+                presses[(cfg["policy"], cfg["ratio"])],
+                sample["input_ids"],
+                sample["max_tokens"],
+                eos,
+            )
+            record = {
+                "id": sample["id"],
+                "policy": cfg["policy"],
+                "ratio": cfg["ratio"],
+                "text": tokenizer.decode(result["output_ids"], skip_special_tokens=True),
+                "output_ids": result["output_ids"],
+                "prompt_tokens": len(sample["input_ids"]),
+                "kept_tokens": result["kept_tokens"],
+                "kept_tokens_per_layer": result["kept_tokens_per_layer"],
+                "prefill_s": result["prefill_s"],
+                "decode_s": result["decode_s"],
+                "backend": "kvpress",
+                "kvpress_version": version,
+            }
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            bar.update(1)
+            bar.set_postfix_str(
+                f"{cfg['policy']} {cfg['ratio']:g} prefill {result['prefill_s']:.1f}s"
+            )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad input)."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"kvpress_runner: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
