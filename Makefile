@@ -4,10 +4,13 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast lint soak clean
+.PHONY: setup models demo test test-fast lint soak clean kvpress-venv
 
 setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
 	@bash scripts/setup.sh
+
+kvpress-venv:                ## .kvpress-venv: NVIDIA kvpress 0.5.5 (transformers < 5.3), the eval's peer backend
+	@bash scripts/kvpress_venv.sh
 
 models/smollm2/config.json: | setup
 	$(PY) -m vllm_kvcompress.cli prepare-model smollm2 --out models/smollm2
@@ -24,7 +27,7 @@ test: setup                  ## everything: unit, engine (in process) and server
 	$(PY) -m pytest -q
 
 test-fast: setup             ## unit tests only (no engine)
-	$(PY) -m pytest -q -m "not engine and not server"
+	$(PY) -m pytest -q -m "not engine and not server and not peer"
 
 soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
 	$(PY) scripts/soak.py --out runs/soak
@@ -33,4 +36,4 @@ lint: setup
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf .venv models runs .pytest_cache .ruff_cache
+	rm -rf .venv .kvpress-venv models runs .pytest_cache .ruff_cache

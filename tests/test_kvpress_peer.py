@@ -1,0 +1,317 @@
+"""The kvpress peer backend: the policy mapping (pure), the runner end to end in .kvpress-venv."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "vllm_kvcompress" / "eval" / "kvpress_runner.py"
+KVPRESS_PYTHON = REPO / ".kvpress-venv" / "bin" / "python"
+PARAMS = {"window": 32, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
+
+
+def _load_runner() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kvpress_runner_under_test", RUNNER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runner = _load_runner()
+
+
+# --- the mapping (no kvpress here) ---
+
+
+def test_runner_imports_without_kvpress() -> None:
+    # The module imported above (the main venv has no kvpress): kvpress is imported lazily.
+    assert "kvpress" not in sys.modules
+    assert "kvpress" not in vars(runner)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])
+def test_compression_ratio_is_one_minus_kept_ratio(ratio: float) -> None:
+    for policy in ("streamingllm", "snapkv", "pyramidkv"):
+        spec = runner.press_spec(policy, ratio, PARAMS)
+        assert spec is not None
+        assert spec[1]["compression_ratio"] == pytest.approx(1 - ratio)
+    name, kwargs = runner.press_spec("chunkkv", ratio, PARAMS)
+    assert name == "ChunkKVPress"
+    assert kwargs["press"][1]["compression_ratio"] == pytest.approx(1 - ratio)
+
+
+def test_press_classes_and_params() -> None:
+    params = {"window": 16, "pool_kernel": 7, "chunk_size": 8, "sink_tokens": 2}
+    assert runner.press_spec("streamingllm", 0.25, params) == (
+        "StreamingLLMPress",
+        {"compression_ratio": 0.75, "n_sink": 2},
+    )
+    snap = {"compression_ratio": 0.75, "window_size": 16, "kernel_size": 7}
+    assert runner.press_spec("snapkv", 0.25, params) == ("SnapKVPress", snap)
+    assert runner.press_spec("pyramidkv", 0.25, params) == ("PyramidKVPress", snap)
+    assert runner.press_spec("chunkkv", 0.25, params) == (
+        "ChunkKVPress",
+        {"press": ("SnapKVPress", snap), "chunk_length": 8},
+    )
+    # Missing params take the defaults (the engine's).
+    assert runner.press_spec("snapkv", 0.5, {})[1] == {
+        "compression_ratio": 0.5,
+        "window_size": 32,
+        "kernel_size": 5,
+    }
+
+
+@pytest.mark.parametrize("policy", ["none", "snapkv", "chunkkv", "streamingllm", "pyramidkv"])
+def test_none_and_full_ratio_are_no_press(policy: str) -> None:
+    assert runner.press_spec(policy, 1.0, PARAMS) is None
+    assert runner.press_spec("none", 0.25, PARAMS) is None
+    assert runner.build_press(None) is None
+
+
+def test_unknown_policy_error_names_it() -> None:
+    with pytest.raises(runner.InputError, match=r"'h2o'.*allowed: none, streamingllm, snapkv"):
+        runner.press_spec("h2o", 0.25, PARAMS)
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "0.5", True, None])
+def test_ratio_outside_range(ratio: Any) -> None:
+    with pytest.raises(runner.InputError, match="ratio"):
+        runner.press_spec("snapkv", ratio, PARAMS)
+
+
+def _write_inputs(
+    folder: Path, samples: list[dict[str, Any]], configs: list[dict[str, Any]], **params: Any
+) -> tuple[Path, Path]:
+    samples_path, configs_path = folder / "samples.jsonl", folder / "configs.json"
+    samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    configs_path.write_text(json.dumps({"configs": configs, "params": {**PARAMS, **params}}))
+    return samples_path, configs_path
+
+
+def _run(python: Path | str, model: Path, folder: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        str(python), str(RUNNER), "--model", str(model), "--out", str(out),
+        "--samples", str(folder / "samples.jsonl"), "--configs", str(folder / "configs.json"),
+    ]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _sample(n: int = 64, **fields: Any) -> list[dict[str, Any]]:
+    return [{"id": "a", "input_ids": [5] * n, "max_tokens": 4, **fields}]
+
+
+def _config(policy: str = "snapkv", ratio: Any = 0.5) -> list[dict[str, Any]]:
+    return [{"policy": policy, "ratio": ratio}]
+
+
+@pytest.mark.parametrize(
+    ("samples", "configs", "params", "message"),
+    [
+        (_sample(), _config("h2o"), {}, "configs[0]: unknown policy 'h2o'"),
+        (_sample(), _config(ratio=0), {}, "configs[0]: ratio must be"),
+        (_sample(max_tokens=None), _config(), {}, "line 1: 'max_tokens'"),
+        (_sample(id=7), _config(), {}, "line 1: 'id'"),
+        (_sample(0), _config("none", 1), {}, "line 1: 'input_ids'"),
+        (_sample(), _config(), {"pool_kernel": 4}, "params.pool_kernel must be odd"),
+        (_sample(20), _config(), {}, "has 20 prompt tokens; snapkv needs >= 33"),
+    ],
+)
+def test_bad_input_exits_2(
+    tmp_path: Path,
+    samples: list[dict[str, Any]],
+    configs: list[dict[str, Any]],
+    params: dict[str, Any],
+    message: str,
+) -> None:
+    # Inputs are checked before torch or kvpress is imported: the main venv's Python will do.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    _write_inputs(tmp_path, samples, configs, **params)
+    proc = _run(sys.executable, model, tmp_path, tmp_path / "out.jsonl")
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_missing_files_and_bad_json_exit_2(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    _write_inputs(tmp_path, [], [{"policy": "none", "ratio": 1}])
+    (tmp_path / "samples.jsonl").write_text('{"id": "a", "input_ids": [1, 2\n')
+    proc = _run(sys.executable, model, tmp_path, tmp_path / "out.jsonl")
+    assert proc.returncode == 2 and "samples.jsonl line 1: bad JSON" in proc.stderr
+    (tmp_path / "configs.json").unlink()
+    proc = _run(sys.executable, model, tmp_path, tmp_path / "out.jsonl")
+    assert proc.returncode == 2 and "--configs" in proc.stderr and "cannot read" in proc.stderr
+    proc = _run(sys.executable, tmp_path / "nowhere", tmp_path, tmp_path / "out.jsonl")
+    assert proc.returncode == 2 and "--model" in proc.stderr
+
+
+# --- end to end in .kvpress-venv ---
+
+# Run with the kvpress venv's Python: transformers' own greedy `generate` (the reference for
+# policy none) and, for StreamingLLM, greedy decoding over the FULL cache with the evicted
+# positions masked out: the same attention as the compressed cache, so it checks that decoded
+# tokens get positions continuing from the original prompt length.
+REFERENCE = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+torch.set_num_threads(1)
+model_dir, samples_path = sys.argv[1], sys.argv[2]
+n_sink, kept_ratio = int(sys.argv[3]), float(sys.argv[4])
+model = AutoModelForCausalLM.from_pretrained(
+    model_dir, dtype=torch.float32, attn_implementation="sdpa"
+)
+model.eval()
+eos = model.generation_config.eos_token_id
+eos = set([eos] if isinstance(eos, int) else eos)
+result = {}
+with torch.inference_mode():
+    for line in open(samples_path):
+        s = json.loads(line)
+        ids = torch.tensor([s["input_ids"]])
+        L = ids.shape[1]
+        gen = model.generate(ids, max_new_tokens=s["max_tokens"], do_sample=False)
+        # kvpress StreamingLLM keeps int(L * (1 - compression_ratio)) tokens: the n_sink first and
+        # the most recent rest; it drops [n_sink, n_sink + n_pruned).
+        n_pruned = L - int(L * (1 - (1 - kept_ratio)))
+        keep = torch.ones(L, dtype=torch.long)
+        keep[n_sink:n_sink + n_pruned] = 0
+        cache = DynamicCache()
+        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        token = int(out.logits[0, -1].argmax())
+        masked = [token]
+        mask = keep.clone()
+        while len(masked) < s["max_tokens"] and token not in eos:
+            mask = torch.cat([mask, torch.ones(1, dtype=torch.long)])
+            out = model(
+                input_ids=torch.tensor([[token]]), past_key_values=cache,
+                attention_mask=mask[None], position_ids=torch.tensor([[L + len(masked) - 1]]),
+            )
+            token = int(out.logits[0, -1].argmax())
+            masked.append(token)
+        result[s["id"]] = {"generate": gen[0, L:].tolist(), "streamingllm_masked": masked}
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def kvpress_python() -> Path:
+    """The .kvpress-venv interpreter, built (about a minute) when missing or stale."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "kvpress_venv.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert KVPRESS_PYTHON.exists()
+    return KVPRESS_PYTHON
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.peer
+def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Path) -> None:
+    rng = random.Random(0)
+    max_tokens = 8
+    samples = [
+        {"id": f"s{n}", "input_ids": [rng.randrange(4, 1000) for _ in range(n)],
+         "max_tokens": max_tokens, "question": "ignored"}
+        for n in (200, 150)
+    ]  # fmt: skip
+    configs = [
+        {"policy": "none", "ratio": 1.0},
+        {"policy": "snapkv", "ratio": 0.25},
+        {"policy": "streamingllm", "ratio": 0.25},
+        {"policy": "chunkkv", "ratio": 0.25},
+        {"policy": "pyramidkv", "ratio": 0.25},
+    ]
+    _write_inputs(tmp_path, samples, configs)
+    out = tmp_path / "predictions.jsonl"
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert "kvpress: 100%" in proc.stderr  # the tqdm bar, on stderr
+    records = _records(out)
+    assert len(records) == len(samples) * len(configs)
+    by_key = {(r["id"], r["policy"]): r for r in records}
+
+    ref = subprocess.run(
+        [str(kvpress_python), "-c", REFERENCE, str(tiny_model), str(tmp_path / "samples.jsonl"),
+         str(PARAMS["sink_tokens"]), "0.25"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    reference = json.loads(ref.stdout.strip().splitlines()[-1])
+
+    for sample in samples:
+        prompt_len = len(sample["input_ids"])
+        none = by_key[(sample["id"], "none")]
+        assert none["output_ids"] == reference[sample["id"]]["generate"]
+        assert none["kept_tokens"] == prompt_len
+        for r in (by_key[(sample["id"], c["policy"])] for c in configs):
+            assert r["backend"] == "kvpress" and r["kvpress_version"] == "0.5.5"
+            assert r["prompt_tokens"] == prompt_len and r["prefill_s"] > 0
+            ids = r["output_ids"]
+            assert len(ids) == max_tokens or (0 < len(ids) < max_tokens and ids[-1] == 3)
+            # The press evicts after each layer's prefill attention, which saw the whole prompt:
+            # the first token is the uncompressed one.
+            assert ids[0] == none["output_ids"][0]
+        # kvpress keeps max(1, int(L * (1 - compression_ratio))) tokens per layer (and per head)
+        # for SnapKV and StreamingLLM: int(0.25 * L), window and sinks included in the count.
+        for policy in ("snapkv", "streamingllm"):
+            r = by_key[(sample["id"], policy)]
+            assert r["kept_tokens"] == int(prompt_len * 0.25)
+            assert r["kept_tokens_per_layer"] == [int(prompt_len * 0.25)] * 4
+        # ChunkKV keeps whole chunks: max(1, int(n_chunks * 0.25)) of chunk_size (prompts here are
+        # multiples of chunk_size, so no partial chunk).
+        n_chunks = prompt_len // PARAMS["chunk_size"]
+        chunk = by_key[(sample["id"], "chunkkv")]
+        assert chunk["kept_tokens"] == int(n_chunks * 0.25) * PARAMS["chunk_size"]
+        # PyramidKV's pyramid needs min_num >= window; for such short prompts kvpress falls back to
+        # a uniform round(L * 0.25) per layer.
+        pyramid = by_key[(sample["id"], "pyramidkv")]
+        assert pyramid["kept_tokens_per_layer"] == [round(prompt_len * 0.25)] * 4
+        # StreamingLLM's compressed cache decodes like the full cache with the evicted positions
+        # masked, RoPE positions continuing from the original prompt length.
+        streaming = by_key[(sample["id"], "streamingllm")]
+        assert streaming["output_ids"] == reference[sample["id"]]["streamingllm_masked"]
+
+    # Resume: nothing to do, nothing appended.
+    before = out.read_text()
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text() == before
+    # A crash left two records missing and the last one cut short: those two are redone.
+    lines = before.splitlines(keepends=True)
+    out.write_text("".join(lines[:-2]) + lines[-2][:25])
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    cut = lines[-2][:25]
+    text = out.read_text()
+    assert cut + "\n" in text  # the cut line stays; the runner ignores it (and says so)
+    redone = [json.loads(line) for line in text.splitlines() if line.strip() and line != cut]
+    assert len(redone) == len(records)
+    strip = ("prefill_s", "decode_s")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in redone] == [
+        {k: v for k, v in r.items() if k not in strip} for r in records
+    ]
