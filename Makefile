@@ -4,7 +4,8 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast lint soak clean kvpress-venv
+.PHONY: setup models demo test test-fast lint soak clean kvpress-venv bench bench-eval \
+	bench-peer bench-throughput results
 
 setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
 	@bash scripts/setup.sh
@@ -31,6 +32,27 @@ test-fast: setup             ## unit tests only (no engine)
 
 soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
 	$(PY) scripts/soak.py --out runs/soak
+
+# `make bench`: the measured study behind docs/results.md (about an hour on a 2-core CPU).
+# Every step writes JSON/CSV/PNG under runs/; `make results` turns them into docs/results.md.
+# The *_ARGS variables are the quick settings; override them for a bigger study.
+EVAL_ARGS ?= --lengths 1024 2048 4096 8192 --depths 0 0.25 0.5 0.75 1
+PEER_ARGS ?= --lengths 1024 2048 4096 --depths 0 0.5 1
+THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1
+bench: bench-eval bench-peer bench-throughput results
+
+bench-eval: setup models/smollm2/config.json    ## accuracy vs kept ratio, all policies, 1k-8k
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval $(EVAL_ARGS)
+
+bench-peer: setup models/smollm2/config.json kvpress-venv   ## ours vs kvpress, same prompts
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-peer $(PEER_ARGS)
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-peer --backend kvpress $(PEER_ARGS)
+
+bench-throughput: setup models/smollm2/config.json   ## memory-bound serving, none vs policies
+	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput $(THROUGHPUT_ARGS)
+
+results: setup                ## docs/results.md (+ docs/img/results/) from runs/
+	$(PY) -m vllm_kvcompress.bench.results --runs runs --out docs/results.md
 
 lint: setup
 	$(PY) -m ruff check .

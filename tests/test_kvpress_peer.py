@@ -99,11 +99,14 @@ def _write_inputs(
     return samples_path, configs_path
 
 
-def _run(python: Path | str, model: Path, folder: Path, out: Path) -> subprocess.CompletedProcess:
+def _run(
+    python: Path | str, model: Path, folder: Path, out: Path, *extra: str
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [
         str(python), str(RUNNER), "--model", str(model), "--out", str(out),
         "--samples", str(folder / "samples.jsonl"), "--configs", str(folder / "configs.json"),
+        *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -315,3 +318,135 @@ def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Pat
     assert [{k: v for k, v in r.items() if k not in strip} for r in redone] == [
         {k: v for k, v in r.items() if k not in strip} for r in records
     ]
+
+
+# --- shared prefill (the default) vs one prefill per config (--no-shared-prefill) ---
+
+# Run with the kvpress venv's Python: for every config, the cache right after compression from a
+# real prefill with the press active (`prefill`) and from the press's hook replayed on one shared
+# press-free prefill (`replay_press`), all layers, then greedy decoding from each.
+EQUIVALENCE = r"""
+import importlib.util, json, random, sys
+from pathlib import Path
+import torch
+
+spec = importlib.util.spec_from_file_location("kvpress_runner", sys.argv[1])
+runner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runner)
+torch.set_num_threads(1)
+model, _ = runner.load_model(Path(sys.argv[2]), "float32")
+prompt_len, params = int(sys.argv[3]), json.loads(sys.argv[4])
+rng = random.Random(1)
+input_ids = [rng.randrange(4, 1000) for _ in range(prompt_len)]
+eos = runner.eos_token_ids(model)
+shared = runner.shared_prefill(model, input_ids)
+snapshot = [(c.keys.clone(), c.values.clone(), c.kwargs["hidden_states"].clone(),
+             c.output[0].clone()) for c in shared.calls]
+results = []
+for policy in runner.POLICIES:
+    for ratio in [1.0] if policy == "none" else [0.5, 0.25, 0.1]:
+        press = runner.build_press(runner.press_spec(policy, ratio, params))
+        old, old_logits, _ = runner.prefill(model, press, input_ids)
+        new, _ = runner.replay_press(model, press, shared)
+        layers = []
+        for a, b in zip(old.layers, new.layers, strict=True):
+            layer = {"kept": [a.keys.shape[-2], b.keys.shape[-2]], "bitwise": True, "max_diff": 0.0}
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                if x.shape != y.shape:
+                    layer["bitwise"], layer["max_diff"] = False, None
+                elif not torch.equal(x, y):
+                    layer["bitwise"] = False
+                    layer["max_diff"] = max(layer["max_diff"], float((x - y).abs().max()))
+            layers.append(layer)
+        old_ids = runner.decode(model, old, int(old_logits.argmax()), prompt_len, 8, eos)
+        new_ids = runner.decode(model, new, int(shared.logits.argmax()), prompt_len, 8, eos)
+        results.append({
+            "policy": policy, "ratio": ratio, "layers": layers, "n_layers": len(old.layers),
+            "logits_bitwise": bool(torch.equal(old_logits, shared.logits)),
+            "old_ids": old_ids, "new_ids": new_ids,
+        })
+intact = all(
+    torch.equal(k, c.keys) and torch.equal(v, c.values)
+    and torch.equal(h, c.kwargs["hidden_states"]) and torch.equal(o, c.output[0])
+    for (k, v, h, o), c in zip(snapshot, shared.calls, strict=True)
+)
+print(json.dumps({"results": results, "shared_intact": intact, "n_calls": len(shared.calls)}))
+"""
+
+
+@pytest.mark.peer
+def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model: Path) -> None:
+    # PyramidKV uses its pyramid only when min_num = L * ratio / beta(20) >= window (else a uniform
+    # fallback): window 8 and 1703 tokens give real per-layer budgets at 0.5, 0.25 and 0.1 (window
+    # 32 would need 6400+ tokens at 0.1). 1703 is no multiple of chunk_size: ChunkKV has a partial
+    # chunk.
+    prompt_len, params = 1703, {**PARAMS, "window": 8}
+    proc = subprocess.run(
+        [str(kvpress_python), "-c", EQUIVALENCE, str(RUNNER), str(tiny_model), str(prompt_len),
+         json.dumps(params)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = report["results"]
+    assert len(results) == 1 + 4 * 3
+    assert report["n_calls"] == 4  # every attention layer recorded once
+    for r in results:
+        where = f"{r['policy']} {r['ratio']}"
+        assert r["n_layers"] == 4, where
+        # The cache right after compression, every layer: same kept tokens, bit for bit.
+        for layer in r["layers"]:
+            assert layer["kept"][0] == layer["kept"][1], where
+            assert layer["bitwise"], f"{where}: max |diff| {layer['max_diff']}"
+        # The press leaves the forward pass alone: the last prompt token's logits are the same.
+        assert r["logits_bitwise"], where
+        assert r["old_ids"] == r["new_ids"], where
+        assert len(r["old_ids"]) == 8 or r["old_ids"][-1] == 3, where
+    kept = {(r["policy"], r["ratio"]): [layer["kept"][0] for layer in r["layers"]] for r in results}
+    assert kept[("none", 1.0)] == [prompt_len] * 4
+    for ratio in (0.5, 0.25, 0.1):
+        assert kept[("snapkv", ratio)] == [int(prompt_len * ratio)] * 4
+        # Real pyramid: strictly decreasing budgets, the last layer's >= the window.
+        pyramid = kept[("pyramidkv", ratio)]
+        assert pyramid == sorted(set(pyramid), reverse=True) and pyramid[-1] >= 8, pyramid
+        # The partial chunk (3 tokens) is among ChunkKV's chunks or not: kept % 10 is 0 or 3.
+        assert kept[("chunkkv", ratio)][0] % PARAMS["chunk_size"] in (0, 3)
+    # Replays read the shared prefill and never write to it.
+    assert report["shared_intact"]
+
+
+@pytest.mark.peer
+def test_shared_prefill_matches_per_config_prefill_end_to_end(
+    kvpress_python: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    # The runner's default (shared prefill) and --no-shared-prefill write the same records but
+    # for the timings and the shared_prefill flag; default params (window 32): 700 tokens give
+    # PyramidKV real budgets at 0.5.
+    rng = random.Random(2)
+    samples = [
+        {"id": f"s{n}", "input_ids": [rng.randrange(4, 1000) for _ in range(n)], "max_tokens": 6}
+        for n in (700, 333)
+    ]
+    configs = [{"policy": "none", "ratio": 1.0}] + [
+        {"policy": p, "ratio": r}
+        for p in ("streamingllm", "snapkv", "chunkkv", "pyramidkv")
+        for r in (0.5, 0.1)
+    ]
+    _write_inputs(tmp_path, samples, configs)
+    shared_out, per_config_out = tmp_path / "shared.jsonl", tmp_path / "per_config.jsonl"
+    proc = _run(kvpress_python, tiny_model, tmp_path, shared_out)
+    assert proc.returncode == 0, proc.stderr
+    assert "kvpress: 100%" in proc.stderr and f"{len(samples) * len(configs)}/" in proc.stderr
+    proc = _run(kvpress_python, tiny_model, tmp_path, per_config_out, "--no-shared-prefill")
+    assert proc.returncode == 0, proc.stderr
+    shared, per_config = _records(shared_out), _records(per_config_out)
+    assert len(shared) == len(per_config) == len(samples) * len(configs)
+    assert all(r["shared_prefill"] is True for r in shared)
+    assert all(r["shared_prefill"] is False for r in per_config)
+    strip = ("prefill_s", "decode_s", "shared_prefill")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in shared] == [
+        {k: v for k, v in r.items() if k not in strip} for r in per_config
+    ]
+    pyramid = next(r for r in shared if r["id"] == "s700" and r["policy"] == "pyramidkv"
+                   and r["ratio"] == 0.5)  # fmt: skip
+    assert len(set(pyramid["kept_tokens_per_layer"])) == 4

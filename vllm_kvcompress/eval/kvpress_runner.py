@@ -22,9 +22,19 @@ runs without the press; decoded tokens get RoPE positions continuing from the OR
 length (kvpress keeps the original positions baked into the kept keys) while ``cache_position``
 follows the compressed cache, as kvpress's own pipeline does.
 
+Shared prefill (the default; ``--no-shared-prefill`` runs one prefill per config with the press
+active): a press does not change the prefill's forward pass (its hook runs after each attention
+layer and only replaces that layer's cached keys/values), so each sample is prefilled ONCE without
+a press while every attention layer's hook arguments are recorded; per config, the press's own
+``forward_hook`` is then replayed layer by layer on a fresh cache holding the full keys/values.
+The compressed caches, hence the outputs, are bit-identical to the per-config prefill's (tested);
+the prefill is paid once per sample instead of once per config.
+
 Output: one JSON line per (sample, config), appended and flushed as soon as it is done; lines
-already in ``--out`` (same id, policy, ratio) are skipped, so an interrupted run resumes. Bad input
-prints one error line and exits with status 2.
+already in ``--out`` (same id, policy, ratio) are skipped, so an interrupted run resumes. With
+shared prefill, ``prefill_s`` is the shared prefill's seconds plus this config's replay (comparable
+with a per-config prefill's) and ``shared_prefill`` is true. Bad input prints one error line and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv")
 DEFAULT_PARAMS: dict[str, int] = {
@@ -274,40 +284,35 @@ def eos_token_ids(model: Any) -> set[int]:
     return ids
 
 
-def generate(
-    model: Any, press: Any, input_ids: list[int], max_tokens: int, eos: set[int]
-) -> dict[str, Any]:
-    """Prefill the whole prompt with ``press`` active, then greedy-decode without it.
+def _kept(cache: Any) -> list[int]:
+    """Cached tokens per layer."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def decode(
+    model: Any, cache: Any, token: int, prompt_len: int, max_tokens: int, eos: set[int]
+) -> list[int]:
+    """Greedy decoding without a press from a (possibly compressed) prefilled cache.
 
     Args:
-        model: a HF causal LM (Llama family) with SDPA attention.
-        press: a kvpress press or None.
-        input_ids: the complete prompt.
-        max_tokens: most new tokens; stops after an EOS token (included, as HF generate does).
+        model: the HF causal LM.
+        cache: the DynamicCache after the prefill (and its compression); grown in place.
+        token: the first generated token (argmax of the last prompt token's logits).
+        prompt_len: the ORIGINAL prompt length: decoded tokens get RoPE positions from there.
+        max_tokens: most new tokens, ``token`` included; stops after an EOS token (included, as
+            HF generate does).
         eos: EOS token ids.
 
     Returns:
-        ``output_ids``, ``kept_tokens`` (layer 0), ``kept_tokens_per_layer``, ``prefill_s``,
-        ``decode_s``.
+        The generated ids, ``token`` first.
     """
     import torch
-    from transformers import DynamicCache
 
-    prompt_len = len(input_ids)
-    cache = DynamicCache()
+    output_ids = [token]
+    # RoPE positions continue from the original prompt length; cache_position indexes the
+    # (compressed) cache, whose length grows by one per step.
+    position = prompt_len
     with torch.inference_mode():
-        ids = torch.tensor([input_ids], dtype=torch.long)
-        start = time.perf_counter()
-        with press(model) if press is not None else contextlib.nullcontext():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill_s = time.perf_counter() - start
-        kept = [int(layer.keys.shape[-2]) for layer in cache.layers]
-        token = int(out.logits[0, -1].argmax())
-        output_ids = [token]
-        start = time.perf_counter()
-        # RoPE positions continue from the original prompt length; cache_position indexes the
-        # (compressed) cache, whose length grows by one per step.
-        position = prompt_len
         while len(output_ids) < max_tokens and token not in eos:
             cache_len = cache.get_seq_length()
             out = model(
@@ -320,12 +325,202 @@ def generate(
             position += 1
             token = int(out.logits[0, -1].argmax())
             output_ids.append(token)
-        decode_s = time.perf_counter() - start
+    return output_ids
+
+
+def prefill(model: Any, press: Any, input_ids: list[int]) -> tuple[Any, Any, float]:
+    """One prefill of the whole prompt with ``press`` active (the per-config path).
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        press: a kvpress press or None.
+        input_ids: the complete prompt.
+
+    Returns:
+        The (compressed) DynamicCache, the last prompt token's logits and the seconds taken.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        start = time.perf_counter()
+        with press(model) if press is not None else contextlib.nullcontext():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    return cache, out.logits[0, -1], seconds
+
+
+def generate(
+    model: Any, press: Any, input_ids: list[int], max_tokens: int, eos: set[int]
+) -> dict[str, Any]:
+    """Prefill the whole prompt with ``press`` active, then greedy-decode without it.
+
+    The per-config path (``--no-shared-prefill``): one full prefill per (sample, config).
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        press: a kvpress press or None.
+        input_ids: the complete prompt.
+        max_tokens: most new tokens; stops after an EOS token (included, as HF generate does).
+        eos: EOS token ids.
+
+    Returns:
+        ``output_ids``, ``kept_tokens`` (layer 0), ``kept_tokens_per_layer``, ``prefill_s``,
+        ``decode_s``.
+    """
+    cache, logits, prefill_s = prefill(model, press, input_ids)
+    kept = _kept(cache)
+    start = time.perf_counter()
+    output_ids = decode(model, cache, int(logits.argmax()), len(input_ids), max_tokens, eos)
+    decode_s = time.perf_counter() - start
     return {
         "output_ids": output_ids,
         "kept_tokens": kept[0],
         "kept_tokens_per_layer": kept,
         "prefill_s": round(prefill_s, 4),
+        "decode_s": round(decode_s, 4),
+    }
+
+
+def _attention_layers(model: Any) -> list[Any]:
+    """The attention modules kvpress hooks (``BasePress.__call__``'s choice), in forward order."""
+    language_model = getattr(model.model, "language_model", model.model)
+    return [layer.self_attn for layer in language_model.layers]
+
+
+class LayerCall(NamedTuple):
+    """What kvpress's ``forward_hook(module, input, kwargs, output)`` saw for one attention layer.
+
+    ``kwargs`` is the layer's own kwargs dict (hidden_states, position_embeddings,
+    cache_position, attention_mask, ..., past_key_values: the prefill's cache, replaced on
+    replay). ``keys``/``values`` are what the layer wrote into the empty cache (the full
+    prompt's post-RoPE keys and values); DynamicLayer.update builds them with ``torch.cat`` and
+    nothing writes to them afterwards (the next layer's input is computed out of place), so no
+    clone is needed.
+    """
+
+    module: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    output: Any
+    keys: Any
+    values: Any
+
+
+class SharedPrefill(NamedTuple):
+    """One press-free prefill of a prompt, enough to replay any press on it."""
+
+    prompt_len: int
+    logits: Any  # the last prompt token's
+    calls: list[LayerCall]
+    seconds: float
+
+
+def shared_prefill(model: Any, input_ids: list[int]) -> SharedPrefill:
+    """Prefill the prompt once, without a press, recording every attention layer's hook call.
+
+    A kvpress press changes nothing in the prefill's forward pass: its forward hook runs after
+    each attention layer, returns the layer's output unchanged and only replaces that layer's
+    cached keys/values; the next layer's input comes from the uncompressed attention output. So
+    the hidden states, the kwargs and the attention outputs are the same for every press, and so
+    are the last prompt token's logits.
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        input_ids: the complete prompt.
+
+    Returns:
+        The recorded calls (forward order), the last prompt token's logits and the seconds taken.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    calls: list[LayerCall] = []
+
+    def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        calls.append(LayerCall(module, args, dict(kwargs), output, layer.keys, layer.values))
+
+    hooks = [
+        attn.register_forward_hook(record, with_kwargs=True) for attn in _attention_layers(model)
+    ]
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([input_ids], dtype=torch.long)
+            start = time.perf_counter()
+            out = model(
+                input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1
+            )
+            seconds = time.perf_counter() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return SharedPrefill(len(input_ids), out.logits[0, -1], calls, seconds)
+
+
+def replay_press(model: Any, press: Any, shared: SharedPrefill) -> tuple[Any, float]:
+    """The cache a prefill with ``press`` active would leave, rebuilt from a shared prefill.
+
+    Layer by layer, in forward order, as the prefill does: the layer's keys/values go into a
+    fresh DynamicCache (``update``, as the attention layer does), then kvpress's own
+    ``press.forward_hook`` runs with the recorded input, kwargs (``past_key_values`` pointing at
+    the new cache) and output: its scoring, chunking, per-layer budget and cache write are
+    kvpress's code. It runs inside ``with press(model)``, as the prefill does, for
+    ``post_init_from_model`` and the rotary_emb it attaches (no forward pass runs inside).
+
+    Args:
+        model: the model ``shared`` was computed with.
+        press: a kvpress press or None (the full cache).
+        shared: a ``shared_prefill`` result.
+
+    Returns:
+        The (compressed) DynamicCache and the seconds taken.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    start = time.perf_counter()
+    with torch.inference_mode(), press(model) if press is not None else contextlib.nullcontext():
+        for call in shared.calls:
+            cos, sin = call.kwargs["position_embeddings"]
+            cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.kwargs["cache_position"]}
+            cache.update(call.keys, call.values, call.module.layer_idx, cache_kwargs)
+            if press is not None:
+                kwargs = {**call.kwargs, "past_key_values": cache}
+                press.forward_hook(call.module, call.args, kwargs, call.output)
+    return cache, time.perf_counter() - start
+
+
+def generate_shared(
+    model: Any, press: Any, shared: SharedPrefill, max_tokens: int, eos: set[int]
+) -> dict[str, Any]:
+    """``generate``'s result from a shared prefill: replay ``press``, then greedy-decode.
+
+    Args:
+        model: the model ``shared`` was computed with.
+        press: a kvpress press or None.
+        shared: a ``shared_prefill`` result for the prompt.
+        max_tokens: most new tokens; stops after an EOS token (included, as HF generate does).
+        eos: EOS token ids.
+
+    Returns:
+        As ``generate``; ``prefill_s`` is the shared prefill's seconds plus this press's replay
+        (what a prefill with the press would cost, comparable with the per-config path's).
+    """
+    cache, replay_s = replay_press(model, press, shared)
+    kept = _kept(cache)
+    start = time.perf_counter()
+    token = int(shared.logits.argmax())
+    output_ids = decode(model, cache, token, shared.prompt_len, max_tokens, eos)
+    decode_s = time.perf_counter() - start
+    return {
+        "output_ids": output_ids,
+        "kept_tokens": kept[0],
+        "kept_tokens_per_layer": kept,
+        "prefill_s": round(shared.seconds + replay_s, 4),
         "decode_s": round(decode_s, 4),
     }
 
@@ -339,6 +534,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, type=Path, help="predictions.jsonl (appended)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument(
+        "--shared-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefill each sample once and replay every press's hook on it (default); "
+        "--no-shared-prefill: one prefill per (sample, config) with the press active",
+    )
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error("--threads must be >= 1")
@@ -420,34 +622,40 @@ def run(args: argparse.Namespace) -> int:
     ):
         if cut_short:
             fh.write("\n")
-        for sample, cfg in todo:
-            result = generate(
-                model,
-                presses[(cfg["policy"], cfg["ratio"])],
-                sample["input_ids"],
-                sample["max_tokens"],
-                eos,
-            )
-            record = {
-                "id": sample["id"],
-                "policy": cfg["policy"],
-                "ratio": cfg["ratio"],
-                "text": tokenizer.decode(result["output_ids"], skip_special_tokens=True),
-                "output_ids": result["output_ids"],
-                "prompt_tokens": len(sample["input_ids"]),
-                "kept_tokens": result["kept_tokens"],
-                "kept_tokens_per_layer": result["kept_tokens_per_layer"],
-                "prefill_s": result["prefill_s"],
-                "decode_s": result["decode_s"],
-                "backend": "kvpress",
-                "kvpress_version": version,
-            }
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
-            bar.update(1)
-            bar.set_postfix_str(
-                f"{cfg['policy']} {cfg['ratio']:g} prefill {result['prefill_s']:.1f}s"
-            )
+        for sample in samples:
+            cfgs = [c for c in configs if (sample["id"], c["policy"], c["ratio"]) not in done]
+            if not cfgs:
+                continue
+            # Per sample, not per config: freed before the next sample's prefill.
+            shared = shared_prefill(model, sample["input_ids"]) if args.shared_prefill else None
+            for cfg in cfgs:
+                press = presses[(cfg["policy"], cfg["ratio"])]
+                if shared is not None:
+                    result = generate_shared(model, press, shared, sample["max_tokens"], eos)
+                else:
+                    result = generate(model, press, sample["input_ids"], sample["max_tokens"], eos)
+                record = {
+                    "id": sample["id"],
+                    "policy": cfg["policy"],
+                    "ratio": cfg["ratio"],
+                    "text": tokenizer.decode(result["output_ids"], skip_special_tokens=True),
+                    "output_ids": result["output_ids"],
+                    "prompt_tokens": len(sample["input_ids"]),
+                    "kept_tokens": result["kept_tokens"],
+                    "kept_tokens_per_layer": result["kept_tokens_per_layer"],
+                    "prefill_s": result["prefill_s"],
+                    "decode_s": result["decode_s"],
+                    "backend": "kvpress",
+                    "kvpress_version": version,
+                    "shared_prefill": shared is not None,
+                }
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                bar.update(1)
+                bar.set_postfix_str(
+                    f"{cfg['policy']} {cfg['ratio']:g} prefill {result['prefill_s']:.1f}s"
+                )
+            del shared
     return 0
 
 

@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vllm backend: prefill every request from scratch")
     parser.add_argument("--kvpress-python", default=".kvpress-venv/bin/python",
                         help="the interpreter of `make kvpress-venv`")
+    parser.add_argument("--fresh", action="store_true",
+                        help="discard this backend's earlier predictions instead of resuming")
     parser.add_argument("--report-only", action="store_true",
                         help="grade and plot what the output folder holds; run nothing")
 
@@ -129,7 +131,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "prefix_reuse": not args.no_prefix_reuse,
                     "command": "kvcompress " + " ".join(sys.argv[1:]),
                     "machine": machine()}
-        (out / f"settings-{args.backend}.json").write_text(json.dumps(settings, indent=2))
+        settings_path = out / f"settings-{args.backend}.json"
+        if predictions.exists() and (args.fresh or _changed(settings_path, settings)):
+            # Resuming is only sound for the same prompts, model and policy parameters.
+            print(f"kvcompress eval: starting {predictions} afresh "
+                  f"({'--fresh' if args.fresh else 'settings changed'})", file=sys.stderr)
+            predictions.unlink()
+        settings_path.write_text(json.dumps(settings, indent=2))
         if args.backend == "vllm":
             from . import engine_backend
 
@@ -138,6 +146,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             run_kvpress(args, samples_path, configs, params, predictions)
     return report(out)
+
+
+def _changed(path: Path, settings: dict[str, Any]) -> bool:
+    """Whether a previous run in the same folder used other prompts or parameters."""
+    if not path.exists():
+        return True
+    previous = json.loads(path.read_text())
+    keys = ("model", "tasks", "lengths", "depths", "per_cell", "limit", "seed", "dtype",
+            "params", "prefix_reuse")
+    return any(previous.get(k) != settings[k] for k in keys)
 
 
 def run_kvpress(args: argparse.Namespace, samples_path: Path, configs: list[tuple[str, float]],

