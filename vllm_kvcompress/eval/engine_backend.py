@@ -79,7 +79,7 @@ def run(samples: list[EvalSample], configs: list[tuple[str, float]], params: dic
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # The pool must hold a group's full prompts plus the compressed copies.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "8")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM, SamplingParams
 
     configs = [config_key(p, r) for p, r in configs]
