@@ -157,3 +157,34 @@ def test_report_grades_every_backend_and_writes_plots(tmp_path: Path) -> None:
     for name in ("results.json", "results.csv", "accuracy_vs_ratio.png", "heatmap_vllm.png",
                  "heatmap_kvpress.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
+    """`make results`: docs/results.md from runs/, missing inputs named, images copied."""
+    from vllm_kvcompress.bench.results import build
+
+    runs = tmp_path / "runs"
+    (runs / "eval-peer").mkdir(parents=True)
+    test_report_grades_every_backend_and_writes_plots(runs / "eval-peer")
+    row = {"policy": "none", "ratio": 1.0, "max_tokens": 16, "requests_per_s": 1.0,
+           "output_tokens_per_s": 10.0, "output_tokens_per_s_vs_none": 1.0, "peak_running": 4,
+           "peak_running_vs_none": 1.0, "peak_goal": 3.6, "peak_goal_met": True,
+           "preemptions": 0, "ttft_p50_s": 1.0, "ttft_p99_s": 2.0, "tpot_p50_s": 0.1,
+           "tpot_p99_s": 0.2}
+    compressed = {**row, "policy": "chunkkv", "ratio": 0.25, "output_tokens_per_s": 25.0,
+                  "output_tokens_per_s_vs_none": 2.5, "peak_running": 13,
+                  "peak_running_vs_none": 3.25, "peak_goal": 14.4, "peak_goal_met": False}
+    (runs / "bench-throughput").mkdir(parents=True)
+    (runs / "bench-throughput" / "throughput.json").write_text(json.dumps({
+        "machine": {"cpu": "cpu", "cores": 2, "date": "today"}, "command": "kvcompress bench",
+        "workload": {"requests": 24, "prompt_len": 1024, "pool_holds_full_requests": 4,
+                     "block_size": 32}, "rows": [row, compressed]}))
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(runs, out)
+    assert "runs/eval/results.json is missing: run `make bench-eval`" in text
+    assert "| chunkkv | 0.25 | 1.00 | 0.00 | 1.000 |" in text  # ours vs kvpress row
+    assert "| tok/s >= 3x none at 0.25 kept (chunkkv, 16 out) | 2.50x | **no** |" in text
+    assert "13 vs goal 14.4 | **no**" in text
+    assert "Throughput, 16 output tokens: best chunkkv 0.25 at 2.50x" in text
+    assert (out.parent / "img" / "results" / "peer_heatmap_kvpress.png").exists()
