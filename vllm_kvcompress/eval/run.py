@@ -212,14 +212,15 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_config: dict[tuple[str, str, float], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_config[(row["backend"], row["policy"], row["ratio"])].append(row)
-    # Only samples every configuration of a backend answered count (a partial run stays fair).
-    common: dict[str, set[str]] = {}
-    for (backend, _, _), mine in by_config.items():
+    # Only samples that every configuration of every backend answered count, so a partial run
+    # (or a backend run on fewer prompts) never compares different prompt sets.
+    common: set[str] | None = None
+    for mine in by_config.values():
         ids = {r["id"] for r in mine}
-        common[backend] = common.get(backend, ids) & ids
+        common = ids if common is None else common & ids
     summary = []
     for (backend, policy, ratio), mine in sorted(by_config.items()):
-        mine = [r for r in mine if r["id"] in common[backend]]
+        mine = [r for r in mine if r["id"] in (common or set())]
         if not mine:
             continue
         entry: dict[str, Any] = {"backend": backend, "policy": policy, "ratio": ratio,
