@@ -125,6 +125,15 @@ def peer_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
     return [*lines, "", METHOD_NOTES]
 
 
+def _peak_verdict(row: dict[str, Any], requests: int) -> str:
+    """met / not met, or why the workload cannot tell (every request already ran at once)."""
+    if row["peak_goal_met"]:
+        return "met"
+    if row["peak_running"] >= requests:
+        return f"not measurable: all {requests} requests ran at once"
+    return "not met"
+
+
 def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[str]:
     """Memory-bound serving: every configuration as a ratio to `none`."""
     m, w = report["machine"], report["workload"]
@@ -140,10 +149,29 @@ def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[
         lines.append(
             f"| {r['policy']} | {r['ratio']:g} | {r['max_tokens']} | {r['requests_per_s']:.3f} | "
             f"{r['output_tokens_per_s']:.1f} | {r['output_tokens_per_s_vs_none']:.2f}x | "
-            f"{r['peak_running']} | {r['peak_goal']:.1f} "
-            f"({'met' if r['peak_goal_met'] else 'not met'}) | {r['preemptions']} | "
+            f"{r['peak_running']} | {r['peak_goal']:.1f} ({_peak_verdict(r, w['requests'])}) | "
+            f"{r['preemptions']} | "
             f"{r['ttft_p50_s']:.1f} / {r['ttft_p99_s']:.1f} | "
             f"{r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} |")
+    long_rows = [r for r in report["rows"] if r["max_tokens"] == max(x["max_tokens"]
+                                                                       for x in report["rows"])]
+    base = next((r for r in long_rows if r["policy"] == "none"), None)
+    best = max((r for r in long_rows if r["policy"] != "none"),
+               key=lambda r: r["output_tokens_per_s_vs_none"], default=None)
+    if base and best:
+        lines += ["", f"Why more requests at once buys less throughput here: on this CPU a decode "
+                  f"step costs more with every request in the batch, and prefills of newly "
+                  f"admitted requests land between decode steps (TPOT p50 "
+                  f"{base['tpot_p50_s']:.3f} s with {base['peak_running']} running, "
+                  f"{best['tpot_p50_s']:.3f} s with up to {best['peak_running']} for "
+                  f"{best['policy']} {best['ratio']:g}), so {best['peak_running_vs_none']:.2f}x "
+                  f"the concurrency gives {best['output_tokens_per_s_vs_none']:.2f}x the tokens/s. "
+                  "The regime the issue's 3x target describes (a decode step that costs about the "
+                  "same for 4 or 16 sequences, as on a GPU) is not on this machine; no GPU ran "
+                  "vLLM here. With short outputs the work is mostly prefill, which compression "
+                  "does not shorten. Peak concurrency stays under 1/ratio x `none` because a new "
+                  "request is admitted with its whole prompt (compression happens after its "
+                  "prefill), so a full prompt's blocks must be free, and blocks are 32 tokens."]
     path = _copy(run / "throughput.png", images, "throughput.png")
     if path:
         lines += ["", f"![throughput]({path})"]
@@ -165,9 +193,11 @@ def targets_section(evals: list[dict[str, Any]], throughput: dict[str, Any] | No
         for r in throughput["rows"]:
             if r["policy"] == "none":
                 continue
+            verdict = _peak_verdict(r, throughput["workload"]["requests"])
             lines.append(f"| peak running >= 0.9 x (1/{r['ratio']:g}) x none ({r['policy']}, "
                          f"{r['max_tokens']} out) | {r['peak_running']} vs goal "
-                         f"{r['peak_goal']:.1f} | {'yes' if r['peak_goal_met'] else '**no**'} |")
+                         f"{r['peak_goal']:.1f} | {verdict if verdict != 'not met' else '**no**'}"
+                         " |")
             if r["ratio"] == 0.25:
                 met = r["output_tokens_per_s_vs_none"] >= 3.0
                 lines.append(f"| tok/s >= 3x none at 0.25 kept ({r['policy']}, "
