@@ -178,17 +178,20 @@ def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[
     return [*lines, ""]
 
 
-def targets_section(evals: list[dict[str, Any]], throughput: dict[str, Any] | None
+def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None
                     ) -> list[str]:
-    """The issue's targets, one line each, with the measured value."""
+    """The issue's targets, one line each, with the measured value and the run it comes from."""
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for result in evals:
+    for name, result in evals.items():
         for t in result["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+            if "raw" in t and t["value"] is not None:
+                value = f"{t['value']:.0%} of full ({t['raw'][0]:.2f} vs {t['raw'][1]:.2f})"
             if "detail" in t:
                 value += " (ours, kvpress by ratio: " + ", ".join(
                     f"{k}: {a:.2f} vs {b:.2f}" for k, (a, b) in t["detail"].items()) + ")"
-            lines.append(f"| {t['target']} | {value} | {'yes' if t['met'] else '**no**'} |")
+            lines.append(f"| {t['target']} (runs/{name}) | {value} | "
+                         f"{'yes' if t['met'] else '**no**'} |")
     if throughput:
         for r in throughput["rows"]:
             if r["policy"] == "none":
@@ -254,7 +257,6 @@ def build(runs: Path, out: Path) -> str:
              "length and depth): differences of a few points are noise. Variable tracking is 0 "
              "for every configuration, full KV included: the model cannot do it.", ""]
     parts: list[str] = []
-    evals = []
     named: dict[str, dict[str, Any]] = {}
     sources = ((runs / "eval", accuracy_section, "make bench-eval"),
                (runs / "eval-peer", peer_section, "make bench-peer"))
@@ -262,7 +264,6 @@ def build(runs: Path, out: Path) -> str:
         path = folder / "results.json"
         if path.exists():
             result = json.loads(path.read_text())
-            evals.append(result)
             named[folder.name] = result
             parts += section(result, images, folder)
         else:
@@ -274,7 +275,7 @@ def build(runs: Path, out: Path) -> str:
         parts += throughput_section(throughput, images, path.parent)
     else:
         parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
-    parts += targets_section(evals, throughput)
+    parts += targets_section(named, throughput)
     text = "\n".join([*intro, *headline(named, throughput), *parts]).rstrip() + "\n"
     out.write_text(text)
     return text

@@ -250,6 +250,7 @@ def targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
             value = mine["needle_4k"] / full["needle_4k"] if full["needle_4k"] else None
             result.append({"target": f"ChunkKV {ratio:g} kept: needle accuracy at 4k >= "
                            f"{goal:.0%} of full KV", "value": value,
+                           "raw": [mine["needle_4k"], full["needle_4k"]],
                            "met": value is not None and value >= goal})
     for policy in ("chunkkv", "snapkv"):
         pairs = [(find("vllm", policy, s["ratio"]), s) for s in summary
