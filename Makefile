@@ -47,6 +47,8 @@ bench-eval: setup models/smollm2/config.json    ## accuracy vs kept ratio, all p
 bench-peer: setup models/smollm2/config.json kvpress-venv   ## ours vs kvpress, same prompts
 	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-peer $(PEER_ARGS)
 	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-peer --backend kvpress $(PEER_ARGS)
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-peer-sink0 --policies chunkkv \
+	  --sink-tokens 0 $(PEER_ARGS)
 
 bench-throughput: setup models/smollm2/config.json   ## memory-bound serving, none vs policies
 	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput $(THROUGHPUT_ARGS)
