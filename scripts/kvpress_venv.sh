@@ -13,16 +13,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=.kvpress-venv
 PIP="$VENV/bin/python -m pip"
-# The machine's local package indexes print one warning per missing project; hide only those.
-quiet() {
-  local status
-  # grep exits 1 when it prints nothing; only the command's own status matters.
-  { "$@" 2>&1; echo "exit=$?" > "$VENV/.quiet-status"; } \
-    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
-  status=$(sed 's/exit=//' "$VENV/.quiet-status")
-  rm -f "$VENV/.quiet-status"
-  return "$status"
-}
+# shellcheck source=scripts/quiet.sh
+source scripts/quiet.sh
 
 stamp_key=$(sha256sum scripts/kvpress_venv.sh | cut -c1-16)
 stamp="$VENV/.kvpress-setup-$stamp_key"
