@@ -188,3 +188,19 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
     assert "13 vs goal 14.4 | **no**" in text
     assert "Throughput, 16 output tokens: best chunkkv 0.25 at 2.50x" in text
     assert (out.parent / "img" / "results" / "peer_heatmap_kvpress.png").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--policies", "snapkv", "magic"], "--policies: unknown"),
+    (["--ratios", "0.25", "1.0"], "--ratios"),
+    (["--block-size", "16"], "--block-size"),
+])
+def test_throughput_options_are_checked_before_the_engine(argv: list[str], message: str) -> None:
+    from vllm_kvcompress.bench import throughput
+
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        throughput.validate(parser.parse_args(argv))
+    assert throughput.configurations(["snapkv"], [0.5, 0.1]) == [
+        ("none", 1.0), ("snapkv", 0.5), ("snapkv", 0.1)]

@@ -70,6 +70,11 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     from .bench import throughput
 
+    try:
+        throughput.validate(args)
+    except ValueError as err:
+        print(f"kvcompress bench throughput: {err}", file=sys.stderr)
+        return 2
     throughput.print_report(throughput.run(args))
     print(f"\nwrote {args.out}/throughput.json, throughput.csv, throughput.png")
     return 0

@@ -79,7 +79,24 @@ def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, ma
             "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99)}
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Fails before the engine starts, naming the option."""
+    from ..policies.registry import policy_names
+
+    known = set(policy_names()) - {"none"}
+    unknown = [p for p in args.policies if p not in known]
+    if unknown:
+        raise ValueError(f"--policies: unknown {unknown}; allowed: {', '.join(sorted(known))}")
+    bad = [r for r in args.ratios if not 0.0 < r < 1.0]
+    if bad:
+        raise ValueError(f"--ratios: {bad} not in (0, 1) (1.0 is the `none` baseline)")
+    if args.requests < 1 or args.full_requests < 1 or args.block_size % 32:
+        raise ValueError("--requests and --full-requests must be >= 1, --block-size a multiple "
+                         "of 32")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    validate(args)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
