@@ -33,7 +33,7 @@ test-fast: setup             ## unit tests only (no engine)
 soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
 	$(PY) scripts/soak.py --out runs/soak
 
-# `make bench`: the measured study behind docs/results.md (about an hour on a 2-core CPU).
+# `make bench`: the measured study behind docs/results.md (1.5-2 hours on a 2-core CPU).
 # Every step writes JSON/CSV/PNG under runs/; `make results` turns them into docs/results.md.
 # The *_ARGS variables are the quick settings; override them for a bigger study.
 EVAL_ARGS ?= --lengths 1024 2048 4096 8192 --depths 0 0.25 0.5 0.75 1
