@@ -17,6 +17,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .config import CompressionSpec
 
@@ -51,47 +52,47 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_reported(label: str, module: Any, args: argparse.Namespace, wrote: str) -> int:
+    """The shape every measuring command shares: check the options (exit 2 naming the bad one),
+    run, print the table, say which files were written."""
+    validate = getattr(module, "validate", None)
+    if validate is not None:
+        try:
+            validate(args)
+        except ValueError as err:
+            print(f"{label}: {err}", file=sys.stderr)
+            return 2
+    module.print_report(module.run(args))
+    print(f"\nwrote {args.out}/{wrote}")
+    return 0
+
+
 def _cmd_bench_overhead(args: argparse.Namespace) -> int:
     from .bench import overhead
 
-    overhead.print_report(overhead.run(args))
-    print(f"\nwrote {args.out}/overhead.json, overhead.csv, overhead.png")
-    return 0
+    return _run_reported("kvcompress bench overhead", overhead, args,
+                         "overhead.json, overhead.csv, overhead.png")
 
 
 def _cmd_bench_kernels(args: argparse.Namespace) -> int:
     from .bench import kernels
 
-    kernels.print_report(kernels.run(args))
-    print(f"\nwrote {args.out}/kernels.json, kernels.csv, kernels.png")
-    return 0
+    return _run_reported("kvcompress bench kernels", kernels, args,
+                         "kernels.json, kernels.csv, kernels.png")
 
 
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     from .bench import throughput
 
-    try:
-        throughput.validate(args)
-    except ValueError as err:
-        print(f"kvcompress bench throughput: {err}", file=sys.stderr)
-        return 2
-    throughput.print_report(throughput.run(args))
-    print(f"\nwrote {args.out}/throughput.json, throughput.csv, throughput.png")
-    return 0
+    return _run_reported("kvcompress bench throughput", throughput, args,
+                         "throughput.json, throughput.csv, throughput.png")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import run as eval_run
 
-    try:
-        eval_run.validate(args)
-    except ValueError as err:
-        print(f"kvcompress eval: {err}", file=sys.stderr)
-        return 2
-    result = eval_run.run(args)
-    eval_run.print_report(result)
-    print(f"\nwrote {args.out}/results.json, results.csv, accuracy_vs_ratio.png, heatmap_*.png")
-    return 0
+    return _run_reported("kvcompress eval", eval_run, args,
+                         "results.json, results.csv, accuracy_vs_ratio.png, heatmap_*.png")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,8 +18,6 @@ share of prefill attention, and the speed-up of Triton over torch. Writes ``kern
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ from tqdm import tqdm
 from ..engine.cpu_paged_cache import row_slots
 from ..engine.flash_paged_cache import FlashLayoutCache
 from ..policies import chunk_select, pool_scores, window_attention_scores
-from .overhead import machine
+from .artifacts import machine, pyplot, write_json_csv
 from .shapes import MODEL_SHAPES, ModelShape
 
 RATIO, WINDOW, CHUNK, SINKS = 0.25, 32, 10, 4
@@ -151,27 +149,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-    report = {"machine": info, "command": " ".join(sys.argv), "device": device.type,
+    report = {"machine": info, "command": "kvcompress " + " ".join(sys.argv[1:]),
+              "device": device.type,
               "ratio": RATIO, "window": WINDOW, "chunk_size": CHUNK, "rows": rows,
               "note": None if device.type == "cuda" else
               "no CUDA device: torch reference only; Triton kernels are not timed on CPU"}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps(report, indent=2))
-    with (out / "kernels.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json_csv(out, "kernels", report, rows)
     _plot(report, out / "kernels.png")
     return report
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for (model, impl) in sorted({(r["model"], r["impl"]) for r in rows}):

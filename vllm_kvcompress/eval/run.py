@@ -12,7 +12,6 @@ Every backend found in the output folder is graded and plotted together.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from ..bench.overhead import machine
+from ..bench.artifacts import machine, write_json_csv
 from .tasks import TASKS, EvalSample, build_samples, score_answer
 
 POLICIES = ("streamingllm", "snapkv", "chunkkv", "pyramidkv")
@@ -108,7 +107,7 @@ def configurations(policies: list[str], ratios: list[float]) -> list[tuple[str, 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    validate(args)
+    """Builds the samples, runs the backend, grades; ``args`` already passed ``validate``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     params = {"window": args.window, "pool_kernel": args.pool_kernel,
@@ -274,11 +273,7 @@ def report(out: Path) -> dict[str, Any]:
     settings = {b: json.loads((out / f"settings-{b}.json").read_text()) for b in BACKENDS
                 if (out / f"settings-{b}.json").exists()}
     result = {"settings": settings, "summary": summary, "targets": targets(summary)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_json_csv(out, "results", result, rows)
     from .plots import plot_accuracy_vs_ratio, plot_heatmaps
 
     plot_accuracy_vs_ratio(summary, out / "accuracy_vs_ratio.png", settings)

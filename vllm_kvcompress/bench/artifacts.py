@@ -1,0 +1,48 @@
+"""What every benchmark and ``kvcompress eval`` leave behind: the machine they ran on, the report
+as JSON, its rows as CSV, and a headless matplotlib for their PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (CPU model, cores, Python, UTC date)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_json_csv(out: Path, stem: str, report: dict[str, Any],
+                   rows: list[dict[str, Any]]) -> None:
+    """``out/<stem>.json`` (the whole report) and ``out/<stem>.csv`` (one line per row; the
+    columns are the first row's keys)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    with (out / f"{stem}.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
