@@ -1,7 +1,10 @@
 // Paged KV compaction for the FLASH_ATTN / TRITON_ATTN layout of vLLM 0.32:
 // cache [num_blocks, num_kv_heads, block_size, lane] with lane = 2 * head_dim (K then V),
-// the last dim contiguous. Each (token, head) lane moves from src_slots[i] to dst_slots[i].
-// Reference: vllm_kvcompress.engine.flash_paged_cache.FlashLayoutCache read + write.
+// the last dim contiguous. Head h's lane of its j-th kept token moves from
+// src_slots[h * src_slots_stride_head + j] to dst_slots[j]: src_slots is [num_kv_heads, n]
+// per head (stride n) or [n] shared by every head (stride 0); dst_slots [n] is always shared.
+// Reference: vllm_kvcompress.engine.flash_paged_cache.FlashLayoutCache read, per-head gather,
+// write.
 #pragma once
 #include <cstdint>
 
@@ -14,6 +17,7 @@ __global__ void copy_lanes_kernel(const scalar_t* __restrict__ src_base,
                                   scalar_t* __restrict__ dst_base,
                                   const int64_t* __restrict__ src_slots,
                                   const int64_t* __restrict__ dst_slots,
+                                  int64_t src_slots_stride_head,
                                   int64_t src_stride_block, int64_t src_stride_head,
                                   int64_t src_stride_token, int64_t dst_stride_block,
                                   int64_t dst_stride_head, int64_t dst_stride_token,
@@ -21,7 +25,7 @@ __global__ void copy_lanes_kernel(const scalar_t* __restrict__ src_base,
   const int64_t token = blockIdx.x;
   const int64_t head = blockIdx.y;
   // src_slots == nullptr: source is a dense [n, heads, lane] staging buffer (token-major).
-  const int64_t s = src_slots ? src_slots[token] : token;
+  const int64_t s = src_slots ? src_slots[head * src_slots_stride_head + token] : token;
   const int64_t d = dst_slots ? dst_slots[token] : token;
   const scalar_t* from = src_slots
       ? src_base + (s / block_size) * src_stride_block + head * src_stride_head +

@@ -4,6 +4,21 @@
 time it is called on a machine with a CUDA device and a CUDA build of torch, and caches the module;
 everywhere else it returns ``None`` and the dispatcher falls back to Triton or torch. It needs the
 source tree (an editable or source install), since ``csrc/`` is not shipped in the wheel.
+
+The module has one function, ``compact_paged(cache, src_slots, dst_slots, in_place) -> None``
+(FLASH_ATTN / TRITON_ATTN layout only), with the contract of the Triton
+``kernels.compaction.compact_paged`` at ``layout="flash"``:
+
+* ``cache``: ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` CUDA tensor (fp32, fp16 or
+  bf16), last dim contiguous.
+* ``src_slots``: contiguous int64, ``[num_kv_heads, n]`` (row ``h`` = physical slots of head
+  ``h``'s kept tokens) or ``[n]`` (shared by every head).
+* ``dst_slots``: contiguous int64 ``[n]``, shared: slot ``j`` receives each head's ``j``-th kept
+  token.
+* ``in_place``: destinations may overlap sources (staged through a dense buffer).
+
+Bad input (device, shapes, dtype, contiguity, slots out of range) raises ``RuntimeError`` from
+``TORCH_CHECK``; the range check costs one host sync.
 """
 
 from __future__ import annotations

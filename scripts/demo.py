@@ -91,7 +91,7 @@ def main() -> int:
 
     spec = deployment_spec(args.config)
     prompt = needle_prompt(args.chars, args.depth, seed=7)
-    print(f"Deployment {args.config}: {spec.model_dump(exclude_none=True)}")
+    print(f"Deployment {args.config}: {spec.explicit()}")
     print(f"Starting vllm serve {args.model} (log: {args.log}) ...", flush=True)
     server = LocalServer(args.model, ["--config", str(args.config), "--enforce-eager",
                                       "--max-model-len", "8192", "--max-num-seqs", "4",

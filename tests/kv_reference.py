@@ -2,16 +2,43 @@
 
 This is the oracle for the engine's eviction: the prompt is prefilled with full attention (the
 engine's first token also comes from full attention, since each layer is compacted after its own
-attention), then each layer's KV cache is cut to the engine's kept indices, and greedy decoding
-continues with LOGICAL positions for RoPE (``position_ids``) and physical cache positions.
-Benchmarks import it from here.
+attention), then each layer's KV cache is cut, per KV head, to the kept indices, and greedy
+decoding continues with LOGICAL positions for RoPE (``position_ids``) and physical cache
+positions.
+
+The kept indices come from the reference's OWN selection (``select``): it captures each layer's
+post-RoPE queries, keys and values from its own full prefill (not from the engine) and runs the
+request's policy on them, so a wrong window row, a stale stash or a wrong key read in the engine
+makes the engine's kept tokens (and its output) differ from the reference's. Benchmarks import it
+from here.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+#: layer -> ``[num_kv_heads][kept]`` kept token indices.
+KeptIndices = dict[int, list[list[int]]]
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """One layer's tensors from the reference's full prefill (batch 1).
+
+    Attributes:
+        queries: ``[num_q_heads, L, head_dim]`` after RoPE.
+        keys: ``[num_kv_heads, L, head_dim]`` after RoPE.
+        values: ``[num_kv_heads, L, head_dim]``.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class ReferenceModel:
@@ -24,18 +51,88 @@ class ReferenceModel:
     def __init__(self, model_dir: Path | str) -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, attn_implementation="sdpa")
         self.model.eval()
+        self.num_layers = self.model.config.num_hidden_layers
+
+    @contextlib.contextmanager
+    def _capture(self) -> Iterator[dict[int, LayerInputs]]:
+        """Records every layer's post-RoPE q/k/v while the block runs (sdpa swapped back after)."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.modeling_utils import AttentionInterface
+
+        captured: dict[int, LayerInputs] = {}
+
+        def capture(module, query, key, value, *args, **kwargs):
+            captured[module.layer_idx] = LayerInputs(query[0].detach().clone(),
+                                                     key[0].detach().clone(),
+                                                     value[0].detach().clone())
+            return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
+
+        AttentionInterface.register("sdpa", capture)
+        try:
+            yield captured
+        finally:
+            AttentionInterface.register("sdpa", sdpa_attention_forward)
+
+    @torch.no_grad()
+    def layer_inputs(self, prompt_ids: list[int]) -> dict[int, LayerInputs]:
+        """Each layer's post-RoPE queries, keys and values of a full prefill."""
+        with self._capture() as captured:
+            self.model(torch.tensor([prompt_ids]), use_cache=False)
+        return captured
+
+    @torch.no_grad()
+    def select(self, prompt_ids: list[int], spec: object) -> KeptIndices | None:
+        """The reference's own selection for a request: what the engine must keep.
+
+        The same contract as the engine: ``kept = spec.kept_tokens(L)`` per layer budget, every
+        layer filled to the largest layer budget (one block table per request), layers reusing
+        their ``selection_layer``'s choice; scores from this model's own q/k/v.
+
+        Returns:
+            layer -> ``[num_kv_heads][kept]``, or ``None`` when the request is not compressed.
+        """
+        from vllm_kvcompress.policies import LayerObservation, build_policy
+
+        seq_len = len(prompt_ids)
+        kept = spec.kept_tokens(seq_len)
+        if kept is None:
+            return None
+        policy = build_policy(spec)
+        protected = min(spec.sink_tokens + spec.window, seq_len)
+        kept = max(policy.layer_budget(kept, layer, self.num_layers, seq_len, protected)
+                   for layer in range(self.num_layers))
+        if kept >= seq_len:
+            return None
+        inputs = self.layer_inputs(prompt_ids)
+        chosen: dict[int, torch.Tensor] = {}
+        result: KeptIndices = {}
+        for layer in range(self.num_layers):
+            source = policy.selection_layer(layer)
+            if source not in chosen:
+                tensors = inputs[source]
+                obs = LayerObservation(
+                    seq_len=seq_len, budget=kept, sink_tokens=spec.sink_tokens,
+                    window=spec.window, layer_idx=source, num_layers=self.num_layers,
+                    num_kv_heads=tensors.keys.shape[0],
+                    queries=tensors.queries[:, -spec.window:], keys=tensors.keys,
+                    values=tensors.values)
+                chosen[source] = policy.keep_indices(obs)
+            result[layer] = chosen[source].tolist()
+        return result
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[int], max_tokens: int,
-               kept: dict[int, list[int]] | None = None) -> list[int]:
+               kept: KeptIndices | None = None) -> list[int]:
         """Greedy continuation of ``prompt_ids``.
 
         Args:
             prompt_ids: the prompt's token ids (length ``L``).
             max_tokens: tokens to generate.
-            kept: layer -> sorted kept prompt indices; ``None`` keeps everything.
+            kept: layer -> per KV head sorted kept prompt indices (``[H][kept]``, or one
+                ``[kept]`` list shared by every head); ``None`` keeps everything.
 
         Returns:
             ``max_tokens`` generated token ids.
@@ -47,8 +144,12 @@ class ReferenceModel:
         if kept is not None:
             for layer_idx, layer in enumerate(cache.layers):
                 index = torch.tensor(kept[layer_idx], dtype=torch.long)
-                layer.keys = layer.keys[:, :, index].contiguous()
-                layer.values = layer.values[:, :, index].contiguous()
+                heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+                if index.dim() == 1:
+                    index = index.expand(heads, -1)
+                gather = index[None, :, :, None].expand(1, heads, -1, dim)
+                layer.keys = layer.keys.gather(2, gather).contiguous()
+                layer.values = layer.values.gather(2, gather).contiguous()
         physical = cache.get_seq_length()
         logical = len(prompt_ids)
         for step in range(max_tokens - 1):

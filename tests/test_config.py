@@ -93,7 +93,27 @@ def test_kept_tokens(spec: CompressionSpec, prompt_len: int, expected: int | Non
 
 def test_spec_is_frozen_and_rejects_unknown_fields() -> None:
     spec = CompressionSpec(policy="snapkv")
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(AttributeError, match="immutable"):
         spec.policy = "none"  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="no compression setting"):
+        _ = spec.polcy
     with pytest.raises(CompressionConfigError, match="unknown key"):
         resolve(({"polcy": "snapkv"}, {}))
+
+
+def test_spec_is_hashable_comparable_and_round_trips() -> None:
+    """Equal settings give equal, equally hashed specs (the policy cache relies on it); what a
+    layer passes on (explicit settings) rebuilds the same spec in another process."""
+    import pickle
+
+    a = CompressionSpec(policy="chunkkv", ratio=0.3, chunk_size=10)
+    b = CompressionSpec(policy="chunkkv", ratio=0.3)  # chunk_size 10 is the default
+    assert a == b and hash(a) == hash(b)
+    assert a != a.replace(head_select="per_head")
+    assert CompressionSpec.from_dict(a.explicit()) == a
+    assert pickle.loads(pickle.dumps(a)) == a
+    assert a.as_dict()["chunk_grid"] == "after_sinks"
+    assert "budget" not in a.as_dict(exclude_none=True)
+    with pytest.raises(CompressionConfigError, match="kv_head_select: must be one of shared, "
+                                                     "per_head"):
+        resolve_request(a, {"kv_head_select": "all"})

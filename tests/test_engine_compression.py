@@ -48,8 +48,9 @@ def engine_internals(llm: Any) -> tuple[Any, Any, Any]:
     return scheduler, scheduler.kv_cache_manager.block_pool, runner
 
 
-def kept_log(runner: Any, request_id: str) -> dict[int, list[int]]:
-    """The engine's kept indices per layer for a request (internal ids carry a suffix)."""
+def kept_log(runner: Any, request_id: str) -> dict[int, list[list[int]]]:
+    """The engine's kept indices per layer and KV head for a request (internal ids carry a
+    suffix)."""
     log = runner._kvcompress.kept_log
     matches = [key for key in log if key.rsplit("-", 1)[0] == request_id]
     assert len(matches) == 1, (request_id, list(log))
@@ -77,31 +78,56 @@ EVICTING = [
     ({"kv_policy": "snapkv", "kv_budget": 60, "kv_window": 16, "kv_pool_kernel": 1}, 100),
     ({"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 48, "kv_chunk_size": 10}, 300),
     ({"kv_policy": "chunkkv", "kv_ratio": 0.2, "kv_window": 16, "kv_reuse_layers": 2}, 257),
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_chunk_grid": "from_zero"},
+     230),
     ({"kv_policy": "pyramidkv", "kv_ratio": 0.3, "kv_window": 16}, 300),
 ]
+#: Every policy in both selection modes.
+EVICTING_BOTH_MODES = [({**xargs, "kv_head_select": mode}, n) for xargs, n in EVICTING
+                       for mode in ("shared", "per_head")]
+
+
+def request_spec(xargs: dict[str, Any]) -> Any:
+    from vllm_kvcompress.config import CompressionSpec, resolve_request
+
+    return resolve_request(CompressionSpec(), xargs)
 
 
 def test_eviction_matches_reference_in_one_mixed_batch(llm: Any,
                                                         reference: ReferenceModel) -> None:
-    """Every policy, plus `none` neighbours, in one batch; 300-token prompts are chunked
-    (128 + 128 + 44), and the 48-token window spans two chunks."""
+    """Every policy in both selection modes, plus `none` neighbours, in one batch; 300-token
+    prompts are chunked (128 + 128 + 44) and the 48-token window spans two chunks. The reference
+    makes its OWN selection from its own prefill's q/k/v (per KV head): the engine must keep
+    exactly those tokens in every layer and head, and its greedy output must equal the
+    reference's decode over them."""
     from vllm import SamplingParams
 
-    cases = [*EVICTING, ({"kv_policy": "none"}, 300), (None, 150)]
-    prompts = [{"prompt_token_ids": prompt_ids(i, n)} for i, (_, n) in enumerate(cases)]
-    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=x)
-              for x, _ in cases]
+    cases = [*EVICTING_BOTH_MODES, ({"kv_policy": "none"}, 300), (None, 150)]
+    # Seeds of their own: no prefix-cache sharing with the other tests' prompts.
+    prompts = [{"prompt_token_ids": prompt_ids(500 + i, n)} for i, (_, n) in enumerate(cases)]
+    # ignore_eos: the reference decodes MAX_TOKENS regardless (token 3 is the tiny model's EOS).
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                             extra_args=x) for x, _ in cases]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     _, _, runner = engine_internals(llm)
+    per_head_differs = 0
     for (xargs, length), prompt, out in zip(cases, prompts, outputs, strict=True):
         got = list(out.outputs[0].token_ids)
-        evicting = xargs is not None and xargs["kv_policy"] != "none"
-        kept = kept_log(runner, out.request_id) if evicting else None
-        if kept is not None:
-            counts = {len(indices) for indices in kept.values()}
-            assert len(counts) == 1 and counts.pop() < length  # same count per layer, evicted
-        want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept)
+        ids = prompt["prompt_token_ids"]
+        want_kept = reference.select(ids, request_spec(xargs)) if xargs else None
+        if want_kept is not None:
+            engine_kept = kept_log(runner, out.request_id)
+            assert engine_kept == want_kept, f"{xargs}: engine kept other tokens"
+            heads = engine_kept[0]
+            assert len({len(row) for row in heads}) == 1 and len(heads[0]) < length
+            if xargs.get("kv_head_select") == "per_head" and xargs["kv_policy"] != \
+                    "streamingllm":
+                per_head_differs += any(row != heads[0] for row in heads)
+        else:
+            assert xargs is None or xargs["kv_policy"] == "none"
+        want = reference.greedy(ids, MAX_TOKENS, want_kept)
         assert got == want, f"{xargs}: engine {got} != reference {want}"
+    assert per_head_differs >= 5  # per-head mode really keeps different tokens per head
 
 
 def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: ReferenceModel,
@@ -113,7 +139,9 @@ def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: Refer
 
     monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", "triton")
     cases = [{"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16},
-             {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16}]
+             {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16},
+             {"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16,
+              "kv_head_select": "per_head"}]
     prompts = [{"prompt_token_ids": prompt_ids(40 + i, 200)} for i in range(len(cases))]
     outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                     extra_args=x) for x in cases],
@@ -128,6 +156,8 @@ def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: Refer
 class ExplodingPolicy:
     """A third-party policy whose selection raises, as a kernel bug would."""
 
+    inputs = frozenset()
+
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int:
         return budget
@@ -138,7 +168,7 @@ class ExplodingPolicy:
     def keep_indices(self, obs: Any) -> Any:
         if obs.layer_idx == 2:
             raise RuntimeError("simulated kernel failure")
-        return torch.arange(obs.budget)
+        return torch.arange(obs.budget).expand(obs.num_kv_heads, -1)
 
 
 def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: ReferenceModel
@@ -175,15 +205,18 @@ def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: Refer
         registry._REGISTRY.pop("exploding", None)
 
 
-def test_chunkkv_reuse_shares_selection_within_groups(llm: Any) -> None:
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
+def test_chunkkv_reuse_shares_selection_within_groups(llm: Any, mode: str) -> None:
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={
-        "kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_reuse_layers": 2})
+        "kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_reuse_layers": 2,
+        "kv_head_select": mode})
     out = llm.generate([{"prompt_token_ids": prompt_ids(99, 200)}], params, use_tqdm=False)[0]
     kept = kept_log(engine_internals(llm)[2], out.request_id)
-    assert kept[0] == kept[1] and kept[2] == kept[3]
+    assert kept[0] == kept[1] and kept[2] == kept[3]  # per head too: each head its own reuse
     assert kept[0] != kept[2]  # different groups score on their own
+    assert (kept[0][0] == kept[0][1]) == (mode == "shared")
 
 
 DISABLED_SCRIPT = """
@@ -380,7 +413,7 @@ def test_edge_cases_with_compression(llm: Any, reference: ReferenceModel) -> Non
                 "kv_policy": "snapkv", "kv_budget": budget, "kv_window": 16}),
             use_tqdm=False)[0]
         kept = kept_log(runner, out.request_id)
-        assert all(len(k) == 4 + 16 for k in kept.values())  # sinks + window
+        assert all(len(row) == 4 + 16 for k in kept.values() for row in k)  # sinks + window
         assert list(out.outputs[0].token_ids) == reference.greedy(
             prompt_ids(71, 200), MAX_TOKENS, kept)
 

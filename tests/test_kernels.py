@@ -3,7 +3,9 @@
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set by conftest.py
 before any kernel module is imported), so shapes stay small; on a GPU the same tests run compiled.
 Covered: odd shapes, GQA 1/4/8, partial last blocks, non-contiguous block ids, large block ids
-(int64 slot arithmetic), bf16/fp16/fp32. Kept-index kernels must match exactly.
+(int64 slot arithmetic), bf16/fp16/fp32. Kept-index kernels must match exactly, and compaction
+(shared and per-KV-head source slots, FLASH_ATTN and CPU_ATTN ``vec`` layouts, in place and into
+fresh blocks) must be bit-exact against gather-then-write references.
 """
 
 from __future__ import annotations
@@ -180,12 +182,208 @@ def test_compaction_large_block_ids_and_bad_input() -> None:
         compact_paged(cache, src + 10**9, dst, in_place=False)
 
 
+def per_head_kept(gen: torch.Generator, heads: int, seq_len: int, kept: int) -> torch.Tensor:
+    """``[heads, kept]`` int64 positions, sorted per row, a different random set per head."""
+    rows = [torch.sort(torch.randperm(seq_len, generator=gen)[:kept]).values
+            for _ in range(heads)]
+    if heads > 1:
+        # The widest in-place shift: the last head keeps the final `kept` positions.
+        rows[-1] = torch.arange(seq_len - kept, seq_len)
+    return torch.stack(rows)
+
+
+def destination_row(gen: torch.Generator, num_blocks: int, src_row: torch.Tensor,
+                    n_blocks: int, in_place: bool) -> torch.Tensor:
+    """The first blocks of ``src_row`` (in place), else shuffled blocks outside it."""
+    if in_place:
+        return src_row[:n_blocks]
+    free = torch.tensor([b for b in range(1, num_blocks) if b not in src_row.tolist()])
+    return free[torch.randperm(free.numel(), generator=gen)[:n_blocks]]
+
+
+def vec_plane_offsets(block_size: int, head_dim: int, offsets: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat offsets of K and V of tokens at in-block ``offsets`` inside a CPU_ATTN ``vec`` plane.
+
+    The plane holds K column-major ``[head_dim, block_size]`` then V row-major ``[block_size,
+    head_dim]`` (checked against vLLM's own writer in
+    ``test_cpu_vec_compaction_through_vllm_writer_and_reader``).
+
+    Returns:
+        ``(k_idx, v_idx)``, each ``offsets.shape + (head_dim,)``.
+    """
+    dims = torch.arange(head_dim)
+    t = offsets[..., None]
+    return dims * block_size + t, block_size * head_dim + t * head_dim + dims
+
+
+def vec_gather(cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[H, n, D]`` of head ``h`` at ``slots[h]`` (``slots`` ``[H, n]``), vec layout."""
+    num_blocks, heads, block_size, two_d = cache.shape
+    planes = cache.reshape(num_blocks, heads, block_size * two_d)
+    k_idx, v_idx = vec_plane_offsets(block_size, two_d // 2, slots % block_size)
+    blocks = (slots // block_size)[..., None]
+    head_ids = torch.arange(heads)[:, None, None]
+    return planes[blocks, head_ids, k_idx], planes[blocks, head_ids, v_idx]
+
+
+def vec_scatter(cache: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> None:
+    """Writes ``[H, n, D]`` keys/values of every head to shared ``slots`` ``[n]``, vec layout."""
+    num_blocks, heads, block_size, two_d = cache.shape
+    planes = cache.view(num_blocks, heads, block_size * two_d)  # a view: writes land in cache
+    k_idx, v_idx = vec_plane_offsets(block_size, two_d // 2, slots % block_size)
+    blocks = (slots // block_size)[None, :, None]
+    head_ids = torch.arange(heads)[:, None, None]
+    planes[blocks, head_ids, k_idx[None]] = keys
+    planes[blocks, head_ids, v_idx[None]] = values
+
+
+def reference_compaction(cache: torch.Tensor, layout: str, src_row: torch.Tensor,
+                         seq_len: int, kept_idx: torch.Tensor, dst_slots: torch.Tensor
+                         ) -> torch.Tensor:
+    """The expected cache: gather head ``h``'s tokens ``kept_idx[h]`` (copies), then write them.
+
+    ``flash`` goes through ``FlashLayoutCache``; ``cpu_vec`` indexes the plane layout directly.
+    """
+    heads = cache.shape[1]
+    want = cache.clone()
+    if layout == "flash":
+        access = FlashLayoutCache()
+        keys, values = access.read(cache, src_row, seq_len)
+        head_ids = torch.arange(heads)[:, None]
+        access.write(want, keys[head_ids, kept_idx], values[head_ids, kept_idx], dst_slots)
+    else:
+        src_slots = row_slots(src_row, seq_len, cache.shape[2])[kept_idx]
+        keys, values = vec_gather(cache, src_slots)
+        vec_scatter(want, dst_slots, keys, values)
+    return want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("layout", ["flash", "cpu_vec"])
+@pytest.mark.parametrize(("kv_heads", "head_dim", "block_size", "prompt_len", "kept"), [
+    (1, 48, 32, 97, 40),   # head_dim not a power of two, partial last blocks
+    (4, 32, 16, 75, 30),
+    (8, 64, 16, 33, 17),   # one kept token in the last destination block
+])
+def test_per_head_compaction_matches_reference(dtype: torch.dtype, layout: str, in_place: bool,
+                                               kv_heads: int, head_dim: int, block_size: int,
+                                               prompt_len: int, kept: int) -> None:
+    """Each KV head keeps its own tokens (``src_slots [H, n]``), bit-exact in both layouts."""
+    gen = fresh_generator()
+    num_blocks = 24
+    cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_dim, generator=gen).to(dtype)
+    src_row = random_row(gen, num_blocks, -(-prompt_len // block_size))
+    kept_idx = per_head_kept(gen, kv_heads, prompt_len, kept)
+    dst_row = destination_row(gen, num_blocks, src_row, -(-kept // block_size), in_place)
+    dst_slots = row_slots(dst_row, kept, block_size)
+    want = reference_compaction(cache, layout, src_row, prompt_len, kept_idx, dst_slots)
+    src_slots = row_slots(src_row, prompt_len, block_size)[kept_idx]
+    got = cache.to(DEVICE)
+    # Tiles of 16: two or three tiles per head, so the in-place walk crosses tile borders.
+    compact_paged(got, src_slots.to(DEVICE), dst_slots.to(DEVICE), in_place=in_place,
+                  layout=layout, block_t=16)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("layout", ["flash", "cpu_vec"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_shared_src_slots_broadcast_to_every_head(layout: str, in_place: bool) -> None:
+    """``src_slots [n]`` equals the same row repeated per head, also as a stride-0 view."""
+    gen = fresh_generator()
+    heads, head_dim, block_size, prompt_len, kept, num_blocks = 4, 32, 16, 70, 29, 16
+    cache = torch.randn(num_blocks, heads, block_size, 2 * head_dim,
+                        generator=gen).to(torch.bfloat16)
+    src_row = random_row(gen, num_blocks, -(-prompt_len // block_size))
+    shared_idx = torch.sort(torch.randperm(prompt_len, generator=gen)[:kept]).values
+    dst_row = destination_row(gen, num_blocks, src_row, -(-kept // block_size), in_place)
+    dst_slots = row_slots(dst_row, kept, block_size).to(DEVICE)
+    want = reference_compaction(cache, layout, src_row, prompt_len,
+                                shared_idx.expand(heads, kept), dst_slots.cpu())
+    src_slots = row_slots(src_row, prompt_len, block_size)[shared_idx].to(DEVICE)
+    for src in (src_slots, src_slots.expand(heads, kept)):
+        got = cache.to(DEVICE, copy=True)  # in place: each run starts from the same cache
+        compact_paged(got, src, dst_slots, in_place, layout, block_t=8)
+        assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_vec_compaction_through_vllm_writer_and_reader(dtype: torch.dtype) -> None:
+    """Ties the ``vec`` reference to vLLM: its probed layout is the plane formula above, and a
+    cache written by vLLM's CPU writer, compacted per head in place, reads back right."""
+    try:
+        from vllm_kvcompress.engine.cpu_paged_cache import CpuAttnCache, probe_layout
+
+        heads, head_dim, block_size, prompt_len, kept = 2, 32, 16, 45, 20
+        layout = probe_layout("vec", dtype, block_size, head_dim)
+    except (ImportError, RuntimeError, ValueError) as err:
+        pytest.skip(f"vLLM's CPU_ATTN vec writer is not usable here: {err}")
+    # probe: perm[t * D + d] = offset of (t, d) inside the half-plane.
+    k_idx, v_idx = vec_plane_offsets(block_size, head_dim, torch.arange(block_size))
+    assert torch.equal(layout.key_perm, k_idx.flatten())
+    assert torch.equal(layout.value_perm, v_idx.flatten() - block_size * head_dim)
+
+    gen = fresh_generator()
+    access = CpuAttnCache("vec")
+    cache = torch.zeros(8, heads, block_size, 2 * head_dim, dtype=dtype)
+    src_row = random_row(gen, 8, -(-prompt_len // block_size))
+    keys = torch.randn(heads, prompt_len, head_dim, generator=gen).to(dtype)
+    values = torch.randn(heads, prompt_len, head_dim, generator=gen).to(dtype)
+    access.write(cache, keys, values, row_slots(src_row, prompt_len, block_size))
+    kept_idx = per_head_kept(gen, heads, prompt_len, kept)
+    dst_row = src_row[:-(-kept // block_size)]
+    compact_paged(cache, row_slots(src_row, prompt_len, block_size)[kept_idx],
+                  row_slots(dst_row, kept, block_size), in_place=True, layout="vec")
+    got_k, got_v = access.read(cache, dst_row, kept)
+    head_ids = torch.arange(heads)[:, None]
+    assert torch.equal(got_k, keys[head_ids, kept_idx])
+    assert torch.equal(got_v, values[head_ids, kept_idx])
+
+
+def test_compaction_rejects_bad_per_head_input() -> None:
+    heads, n, block_size, num_blocks = 4, 5, 16, 6
+    cache = torch.randn(num_blocks, heads, block_size, 64)
+    before = cache.clone()
+    src = torch.arange(heads * n, dtype=torch.int64).view(heads, n)
+    dst = torch.arange(n, dtype=torch.int64) + 3 * block_size
+    cases = [
+        ("src_slots must be", (cache, torch.zeros(heads + 1, n, dtype=torch.int64), dst), {}),
+        ("src_slots must be", (cache, torch.zeros(heads, n + 1, dtype=torch.int64), dst), {}),
+        ("src_slots must be", (cache, src[:, :-1], dst), {}),
+        ("src_slots must be", (cache, src.view(heads, n, 1), dst), {}),
+        ("dst_slots must be", (cache, src, dst.view(1, n)), {}),
+        ("int64", (cache, src.int(), dst), {}),
+        ("int64", (cache, src, dst.int()), {}),
+        ("out of range", (cache, src + num_blocks * block_size - heads * n + 1, dst), {}),
+        ("out of range", (cache, src - 1, dst), {}),
+        ("out of range", (cache, src, dst + num_blocks * block_size), {}),
+        ("one device", (cache, src.to("meta"), dst), {}),
+        ("layout", (cache, src, dst), {"layout": "amx"}),
+        ("power of two", (cache, src, dst), {"block_t": 24}),
+        ("contiguous last dim", (cache[..., ::2], src, dst), {}),
+        (r"\(block, head\) plane",
+         (torch.zeros(num_blocks, block_size, heads, 64).transpose(1, 2), src, dst),
+         {"layout": "cpu_vec"}),
+        (r"2 \* head_dim", (torch.zeros(num_blocks, heads, block_size, 63), src, dst), {}),
+    ]
+    for match, args, kwargs in cases:
+        with pytest.raises(ValueError, match=match):
+            compact_paged(*args, in_place=False, **kwargs)
+    assert torch.equal(cache, before)  # nothing was written by a refused call
+    # n == 0 is a no-op, per head or shared.
+    compact_paged(cache, src[:, :0], dst[:0], in_place=True)
+    assert torch.equal(cache, before)
+
+
 INSTANTIATE = """
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include "paged_compaction.cuh"
 #define INST(T) template __global__ void kvcompress::copy_lanes_kernel<T>(const T*, T*, \\
-    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int);
+    const int64_t*, const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, \\
+    int64_t, int, int);
 INST(float)
 INST(__half)
 INST(__nv_bfloat16)
@@ -208,29 +406,35 @@ def test_csrc_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU and CUDA torch")
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
-def test_cuda_compaction_matches_reference(in_place: bool) -> None:
+def test_cuda_compaction_matches_reference(in_place: bool, per_head: bool) -> None:
+    """The CUDA binding, shared ``[n]`` or per-head ``[H, n]`` source slots, bit-exact."""
     from vllm_kvcompress.kernels.cuda_ext import load
 
     ext = load()
     assert ext is not None, "the CUDA extension failed to build"
     gen = fresh_generator()
-    block_size, heads, head_dim, prompt_len, kept = 16, 8, 128, 1000, 250
-    cache = torch.randn(200, heads, block_size, 2 * head_dim, generator=gen).to(torch.bfloat16)
-    src_row = random_row(gen, 200, -(-prompt_len // block_size))
-    kept_idx = torch.sort(torch.randperm(prompt_len, generator=gen)[:kept]).values
-    n_dst = -(-kept // block_size)
-    dst_row = src_row[:n_dst] if in_place else torch.tensor(
-        [b for b in range(1, 200) if b not in src_row.tolist()][:n_dst])
-    access = FlashLayoutCache()
-    keys, values = access.read(cache, src_row, prompt_len)
-    want = cache.clone()
-    access.write(want, keys[:, kept_idx].clone(), values[:, kept_idx].clone(),
-                 row_slots(dst_row, kept, block_size))
+    block_size, heads, head_dim, prompt_len, kept, num_blocks = 16, 8, 128, 1000, 250, 200
+    cache = torch.randn(num_blocks, heads, block_size, 2 * head_dim,
+                        generator=gen).to(torch.bfloat16)
+    src_row = random_row(gen, num_blocks, -(-prompt_len // block_size))
+    if per_head:
+        kept_idx = per_head_kept(gen, heads, prompt_len, kept)
+    else:
+        kept_idx = torch.sort(torch.randperm(prompt_len, generator=gen)[:kept]).values
+    dst_row = destination_row(gen, num_blocks, src_row, -(-kept // block_size), in_place)
+    dst_slots = row_slots(dst_row, kept, block_size)
+    want = reference_compaction(cache, "flash", src_row, prompt_len,
+                                kept_idx.expand(heads, kept), dst_slots)
     got = cache.cuda()
-    ext.compact_paged(got, row_slots(src_row, prompt_len, block_size)[kept_idx].cuda(),
-                      row_slots(dst_row, kept, block_size).cuda(), in_place)
+    src_slots = row_slots(src_row, prompt_len, block_size)[kept_idx].cuda()
+    ext.compact_paged(got, src_slots, dst_slots.cuda(), in_place)
     assert torch.equal(got.cpu(), want)
+    with pytest.raises(RuntimeError, match="src_slots must be"):
+        ext.compact_paged(got, src_slots[..., 1:].contiguous(), dst_slots.cuda(), in_place)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.compact_paged(got, src_slots + num_blocks * block_size, dst_slots.cuda(), in_place)
 
 
 def test_dispatch_choices(monkeypatch: pytest.MonkeyPatch) -> None:

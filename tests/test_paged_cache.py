@@ -92,21 +92,23 @@ def test_large_block_ids_do_not_overflow() -> None:
     assert slots.dtype == torch.int64 and int(slots[0]) == 70_000_000 * 32
 
 
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("policy", ["snapkv", "chunkkv", "streamingllm"])
 def test_compaction_writes_the_policys_tokens_to_destination_slots(
-        policy: str, in_place: bool, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        policy: str, in_place: bool, kernels: str, mode: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """One layer through the worker's compaction with the flash layout, via the dispatcher
     (torch reference, or the Triton kernels: scoring from the paged cache, chunk ranking,
-    compaction): the destination holds exactly the kept tokens, in order; a source block reused
-    in place is read before it is overwritten."""
+    compaction): each KV head's destination slots hold exactly that head's kept tokens, in
+    order; a source block reused in place is read before it is overwritten."""
     monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", kernels)
     gen = torch.Generator().manual_seed(7)
     block_size, kv_heads, q_heads, head_size, prompt_len = 16, 2, 8, 64, 150
     cache = torch.randn(30, kv_heads, block_size, 2 * head_size, generator=gen)
     src = random_row(gen, 30, 10)
-    spec = CompressionSpec(policy=policy, ratio=0.3, window=16)
+    spec = CompressionSpec(policy=policy, ratio=0.3, window=16, head_select=mode)
     kept = spec.kept_tokens(prompt_len)
     n_dst = -(-kept // block_size)
     dst = src[:n_dst] if in_place else torch.tensor([b for b in range(1, 30)
@@ -117,7 +119,7 @@ def test_compaction_writes_the_policys_tokens_to_destination_slots(
     query = torch.randn(prompt_len, q_heads, head_size, generator=gen)
     expected = build_policy(spec).keep_indices(LayerObservation(
         seq_len=prompt_len, budget=kept, sink_tokens=spec.sink_tokens, window=spec.window,
-        queries=query[-spec.window:].transpose(0, 1), keys=keys))
+        num_kv_heads=kv_heads, queries=query[-spec.window:].transpose(0, 1), keys=keys))
 
     worker = WorkerCompression(num_layers=1, block_size=block_size)
     worker.record = True
@@ -128,12 +130,18 @@ def test_compaction_writes_the_policys_tokens_to_destination_slots(
     worker.after_attention(0, query, cache, access)
 
     kept_idx = torch.tensor(worker.kept_log["r"][0])
+    assert tuple(kept_idx.shape) == (kv_heads, kept)
     if kernels == "torch" or policy == "streamingllm":
         assert torch.equal(kept_idx, expected)
     else:  # scores summed in another order: near-ties may differ, the set barely
-        assert len(set(kept_idx.tolist()) ^ set(expected.tolist())) <= 4
+        for got_row, want_row in zip(kept_idx, expected, strict=True):
+            assert len(set(got_row.tolist()) ^ set(want_row.tolist())) <= 4
+    if mode == "per_head" and policy != "streamingllm":
+        assert not torch.equal(kept_idx[0], kept_idx[1])  # heads really keep their own
     got_k, got_v = access.read(cache, dst, kept)
-    assert torch.equal(got_k, keys[:, kept_idx]) and torch.equal(got_v, values[:, kept_idx])
+    for head in range(kv_heads):
+        assert torch.equal(got_k[head], keys[head, kept_idx[head]])
+        assert torch.equal(got_v[head], values[head, kept_idx[head]])
 
 
 def test_physical_remap_on_vllms_block_table() -> None:

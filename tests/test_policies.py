@@ -21,10 +21,13 @@ from vllm_kvcompress.policies import (
     ChunkKV,
     KVPolicy,
     LayerObservation,
+    Param,
     PolicyInfo,
     PyramidKV,
     SnapKV,
     StreamingLLM,
+    TopK,
+    all_params,
     build_policy,
     chunk_select,
     get_policy_info,
@@ -98,7 +101,7 @@ def make_obs(shape: Shape, seed: int, budget: int | None = None, layer_idx: int 
     return LayerObservation(
         seq_len=shape.seq_len, budget=shape.budget if budget is None else budget,
         sink_tokens=shape.sinks, window=shape.window, layer_idx=layer_idx,
-        num_layers=num_layers, queries=queries, keys=keys,
+        num_layers=num_layers, num_kv_heads=shape.num_kv_heads, queries=queries, keys=keys,
     )
 
 
@@ -146,13 +149,18 @@ def ref_pool(values: Sequence[float], kernel: int) -> list[float]:
             for i in range(n)]
 
 
+def ref_snapkv_head_scores(queries: torch.Tensor, keys: torch.Tensor, window: int,
+                           kernel: int) -> list[list[float]]:
+    """SnapKV token scores per KV head: window scores of the last ``window`` queries, pooled."""
+    per_head = ref_window_scores(queries[:, -window:, :], keys)
+    return [ref_pool(row.tolist(), kernel) for row in per_head]
+
+
 def ref_snapkv_scores(queries: torch.Tensor, keys: torch.Tensor, window: int,
                       kernel: int) -> list[float]:
-    """SnapKV token scores: window scores of the last ``window`` queries, summed over KV heads,
-    then average-pooled."""
-    per_head = ref_window_scores(queries[:, -window:, :], keys)
-    summed = [float(per_head[:, j].sum()) for j in range(per_head.shape[1])]
-    return ref_pool(summed, kernel)
+    """SnapKV token scores in shared mode: the per-head scores summed over KV heads."""
+    heads = ref_snapkv_head_scores(queries, keys, window, kernel)
+    return [sum(head[j] for head in heads) for j in range(len(heads[0]))]
 
 
 def ref_protected(seq_len: int, sinks: int, window: int) -> set[int]:
@@ -170,19 +178,25 @@ def ref_select(scores: Sequence[float], budget: int, sinks: int, window: int) ->
     return sorted(protected | set(ranked[:free]))
 
 
-def ref_chunks(seq_len: int, sinks: int, window: int, chunk_size: int) -> list[list[int]]:
-    """Chunks of ``chunk_size`` tokens over ``[sinks, L - window)``, the last one possibly short."""
+def ref_chunks(seq_len: int, sinks: int, window: int, chunk_size: int,
+               from_zero: bool = False) -> list[list[int]]:
+    """Chunks of ``chunk_size`` tokens over ``[sinks, L - window)``, the last one possibly short;
+    ``from_zero``: on the grid ``[k c, (k + 1) c)`` cut to that range (first one possibly short)."""
     end = seq_len - window
-    return [list(range(a, min(a + chunk_size, end))) for a in range(sinks, end, chunk_size)]
+    if not from_zero:
+        return [list(range(a, min(a + chunk_size, end))) for a in range(sinks, end, chunk_size)]
+    grid = [list(range(a, a + chunk_size)) for a in range(0, end, chunk_size)]
+    chunks = [[i for i in chunk if sinks <= i < end] for chunk in grid]
+    return [chunk for chunk in chunks if chunk]
 
 
 def ref_chunk_select(scores: Sequence[float], budget: int, sinks: int, window: int,
-                     chunk_size: int) -> list[int]:
+                     chunk_size: int, from_zero: bool = False) -> list[int]:
     """ChunkKV selection: chunks ranked by ``(-mean, chunk index)``; whole chunks while the
     cumulative size fits ``budget - sinks - window``; the next-ranked chunk trimmed to its best
     tokens (ties to the earlier index) when tokens remain."""
     seq_len = len(scores)
-    chunks = ref_chunks(seq_len, sinks, window, chunk_size)
+    chunks = ref_chunks(seq_len, sinks, window, chunk_size, from_zero)
     means = [sum(scores[i] for i in ch) / len(ch) for ch in chunks]
     ranked = sorted(range(len(chunks)), key=lambda j: (-means[j], j))
     free = budget - sinks - window
@@ -232,9 +246,15 @@ def ref_pyramid_schedule(mean_free: int, num_layers: int, max_free: int,
 
 
 def assert_valid_kept(kept: torch.Tensor, seq_len: int, budget: int, sinks: int,
-                      window: int) -> None:
-    """Budget exact, int64 1-D, sorted ascending, unique, in range, sinks and window kept."""
+                      window: int, heads: int | None = None) -> None:
+    """Budget exact, int64, sorted ascending, unique, in range, sinks and window kept; a policy's
+    ``[heads, budget]`` result is checked row by row."""
     assert kept.dtype == torch.int64
+    if heads is not None:
+        assert tuple(kept.shape) == (heads, budget)
+        for row in kept:
+            assert_valid_kept(row, seq_len, budget, sinks, window)
+        return
     assert kept.dim() == 1
     assert kept.numel() == budget
     values = kept.tolist()
@@ -244,11 +264,15 @@ def assert_valid_kept(kept: torch.Tensor, seq_len: int, budget: int, sinks: int,
 
 
 def assert_whole_chunks(kept: torch.Tensor, seq_len: int, sinks: int, window: int,
-                        chunk_size: int) -> None:
-    """Every middle chunk is kept whole or dropped, except at most one trimmed chunk."""
+                        chunk_size: int, from_zero: bool = False) -> None:
+    """Every middle chunk is kept whole or dropped, except at most one trimmed chunk (per row)."""
+    if kept.dim() == 2:
+        for row in kept:
+            assert_whole_chunks(row, seq_len, sinks, window, chunk_size, from_zero)
+        return
     kept_set = set(kept.tolist())
     partial = 0
-    for chunk in ref_chunks(seq_len, sinks, window, chunk_size):
+    for chunk in ref_chunks(seq_len, sinks, window, chunk_size, from_zero):
         n_kept = sum(i in kept_set for i in chunk)
         if 0 < n_kept < len(chunk):
             partial += 1
@@ -399,8 +423,10 @@ def test_layer_observation_rejects_bad_layer_and_missing_qk() -> None:
         LayerObservation(seq_len=10, budget=5, sink_tokens=1, window=1, layer_idx=2,
                          num_layers=2)
     obs = LayerObservation(seq_len=10, budget=5, sink_tokens=1, window=1)
-    with pytest.raises(ValueError, match="queries and keys"):
+    with pytest.raises(ValueError, match="window_attention"):
         SnapKV().score(obs)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        LayerObservation(seq_len=10, budget=5, sink_tokens=1, window=1, num_kv_heads=0)
     # The boundary values are accepted.
     LayerObservation(seq_len=10, budget=10, sink_tokens=2, window=3)
     LayerObservation(seq_len=10, budget=5, sink_tokens=2, window=3)
@@ -416,13 +442,17 @@ def test_streamingllm_keeps_sinks_and_most_recent(shape: Shape) -> None:
     """StreamingLLM keeps [0, s) and the last budget - s tokens, with or without q/k."""
     expected = [*range(shape.sinks),
                 *range(shape.seq_len - (shape.budget - shape.sinks), shape.seq_len)]
-    policy = StreamingLLM()
     bare = LayerObservation(seq_len=shape.seq_len, budget=shape.budget,
-                            sink_tokens=shape.sinks, window=shape.window)
-    for obs in (bare, make_obs(shape, 0)):
-        kept = policy.keep_indices(obs)
-        assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window)
-        assert kept.tolist() == expected
+                            sink_tokens=shape.sinks, window=shape.window,
+                            num_kv_heads=shape.num_kv_heads)
+    for mode in ("shared", "per_head"):
+        policy = TopK(StreamingLLM(), head_select=mode)
+        assert policy.inputs == frozenset()
+        for obs in (bare, make_obs(shape, 0)):
+            kept = policy.keep_indices(obs)
+            assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window,
+                              heads=shape.num_kv_heads)
+            assert kept.tolist() == [expected] * shape.num_kv_heads
     assert policy.selection_layer(7) == 0
     assert policy.layer_budget(shape.budget, 3, 8, shape.seq_len, shape.sinks + shape.window) \
         == shape.budget
@@ -439,15 +469,24 @@ def test_streamingllm_keeps_sinks_and_most_recent(shape: Shape) -> None:
 def test_snapkv_matches_reference(shape: Shape, seed: int, kernel: int) -> None:
     """SnapKV scores = pooled window scores summed over heads; kept = reference top-k."""
     obs = make_obs(shape, seed)
-    policy = SnapKV(pool_kernel=kernel)
-    ref_scores = ref_snapkv_scores(obs.queries, obs.keys, shape.window, kernel)
-    got = policy.score(obs)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), torch.tensor(ref_scores, dtype=torch.float64),
+    ref_heads = ref_snapkv_head_scores(obs.queries, obs.keys, shape.window, kernel)
+    got = SnapKV(pool_kernel=kernel).score(obs)
+    assert got.dtype == torch.float32 and tuple(got.shape) == (shape.num_kv_heads, shape.seq_len)
+    torch.testing.assert_close(got.double(), torch.tensor(ref_heads, dtype=torch.float64),
                                rtol=RTOL, atol=ATOL)
-    kept = policy.keep_indices(obs)
-    assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window)
-    assert kept.tolist() == ref_select(ref_scores, shape.budget, shape.sinks, shape.window)
+    # shared: one token set from the scores summed over KV heads
+    ref_scores = ref_snapkv_scores(obs.queries, obs.keys, shape.window, kernel)
+    kept = TopK(SnapKV(pool_kernel=kernel)).keep_indices(obs)
+    assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window,
+                      heads=shape.num_kv_heads)
+    want = ref_select(ref_scores, shape.budget, shape.sinks, shape.window)
+    assert kept.tolist() == [want] * shape.num_kv_heads
+    # per_head: each KV head its own top tokens, same count
+    kept = TopK(SnapKV(pool_kernel=kernel), head_select="per_head").keep_indices(obs)
+    assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window,
+                      heads=shape.num_kv_heads)
+    assert kept.tolist() == [ref_select(head, shape.budget, shape.sinks, shape.window)
+                             for head in ref_heads]
 
 
 def test_snapkv_uses_only_last_window_queries() -> None:
@@ -455,8 +494,9 @@ def test_snapkv_uses_only_last_window_queries() -> None:
     shape = SHAPES[3]
     queries, keys = make_qk(shape, 0, extra_queries=7)
     obs = LayerObservation(seq_len=shape.seq_len, budget=shape.budget, sink_tokens=shape.sinks,
-                           window=shape.window, queries=queries, keys=keys)
-    ref = ref_snapkv_scores(queries, keys, shape.window, 5)
+                           window=shape.window, num_kv_heads=shape.num_kv_heads,
+                           queries=queries, keys=keys)
+    ref = ref_snapkv_head_scores(queries, keys, shape.window, 5)
     torch.testing.assert_close(SnapKV().score(obs).double(),
                                torch.tensor(ref, dtype=torch.float64), rtol=RTOL, atol=ATOL)
 
@@ -475,19 +515,29 @@ def test_snapkv_rejects_even_pool_kernel(kernel: int) -> None:
 CHUNK_SIZES = [1, 7, 10]
 
 
+@pytest.mark.parametrize("grid", ["after_sinks", "from_zero"])
+@pytest.mark.parametrize("mode", ["shared", "per_head"])
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_chunkkv_matches_reference(shape: Shape, seed: int, chunk_size: int) -> None:
-    """ChunkKV(SnapKV) keeps exactly the reference chunk selection on reference scores."""
+def test_chunkkv_matches_reference(shape: Shape, seed: int, chunk_size: int, mode: str,
+                                   grid: str) -> None:
+    """ChunkKV(SnapKV) keeps exactly the reference chunk selection on reference scores: on the
+    head-summed scores (shared) or on each head's own (per_head), on either chunk grid."""
     obs = make_obs(shape, seed)
-    policy = ChunkKV(scorer=SnapKV(pool_kernel=5), chunk_size=chunk_size)
-    ref_scores = ref_snapkv_scores(obs.queries, obs.keys, shape.window, 5)
+    policy = ChunkKV(scorer=SnapKV(pool_kernel=5), chunk_size=chunk_size, head_select=mode,
+                     chunk_grid=grid)
+    from_zero = grid == "from_zero"
+    if mode == "shared":
+        rows = [ref_snapkv_scores(obs.queries, obs.keys, shape.window, 5)] * shape.num_kv_heads
+    else:
+        rows = ref_snapkv_head_scores(obs.queries, obs.keys, shape.window, 5)
     kept = policy.keep_indices(obs)
-    assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window)
-    assert_whole_chunks(kept, shape.seq_len, shape.sinks, shape.window, chunk_size)
-    assert kept.tolist() == ref_chunk_select(ref_scores, shape.budget, shape.sinks,
-                                             shape.window, chunk_size)
+    assert_valid_kept(kept, shape.seq_len, shape.budget, shape.sinks, shape.window,
+                      heads=shape.num_kv_heads)
+    assert_whole_chunks(kept, shape.seq_len, shape.sinks, shape.window, chunk_size, from_zero)
+    assert kept.tolist() == [ref_chunk_select(row, shape.budget, shape.sinks, shape.window,
+                                              chunk_size, from_zero) for row in rows]
 
 
 CHUNK_SELECT_CASES = [
@@ -509,6 +559,11 @@ def test_chunk_select_matches_reference(case: tuple[int, int, int, int, int], se
     assert_whole_chunks(kept, seq_len, sinks, window, chunk_size)
     assert kept.tolist() == ref_chunk_select(scores.double().tolist(), budget, sinks, window,
                                              chunk_size)
+    kept = chunk_select(scores, budget, sinks, window, chunk_size, origin=0)
+    assert_valid_kept(kept, seq_len, budget, sinks, window)
+    assert_whole_chunks(kept, seq_len, sinks, window, chunk_size, from_zero=True)
+    assert kept.tolist() == ref_chunk_select(scores.double().tolist(), budget, sinks, window,
+                                             chunk_size, from_zero=True)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -534,6 +589,22 @@ def test_chunk_select_last_partial_chunk_is_a_chunk() -> None:
     assert kept == [0, 21, 22, 23, 24, 25]
 
 
+def test_chunk_grid_from_zero_splits_at_multiples_of_the_chunk_size() -> None:
+    """With 4 sinks and chunks of 10, the zero grid's first chunk is [4, 10) (6 tokens) and the
+    next [10, 20); the sinks grid's are [4, 14) and [14, 24). A 6-token best region [4, 10) is
+    kept whole on the zero grid and exactly fills a budget of 6 free tokens."""
+    scores = torch.zeros(40)
+    scores[4:10] = 1.0
+    zero = chunk_select(scores, 4 + 2 + 6, 4, 2, 10, origin=0).tolist()
+    assert zero == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 38, 39]
+    sinks = chunk_select(scores, 4 + 2 + 6, 4, 2, 10).tolist()
+    assert sinks == zero  # trimmed best chunk [4, 14) gives the same 6 best tokens here
+    scores[10:14] = 0.9  # now [4,14) is the best sinks-grid chunk but does not fit whole
+    assert chunk_select(scores, 4 + 2 + 10, 4, 2, 10).tolist() == [*range(14), 38, 39]
+    assert chunk_select(scores, 4 + 2 + 10, 4, 2, 10, origin=0).tolist() == [
+        *range(10), 10, 11, 12, 13, 38, 39]
+
+
 @pytest.mark.parametrize("reuse", [1, 2, 3, 4, 8])
 def test_chunkkv_selection_layer_reuse_groups(reuse: int) -> None:
     """Layers are grouped reuse_layers at a time; each maps to the first layer of its group."""
@@ -551,6 +622,16 @@ def test_chunkkv_rejects_bad_parameters(chunk_size: int, reuse: int) -> None:
     with pytest.raises(ValueError, match="chunk_size" if chunk_size < 1 else "reuse_layers"):
         ChunkKV(chunk_size=chunk_size, reuse_layers=reuse)
 
+
+def test_selectors_reject_bad_mode_and_grid() -> None:
+    with pytest.raises(ValueError, match="head_select"):
+        ChunkKV(head_select="per_token")
+    with pytest.raises(ValueError, match="head_select"):
+        TopK(SnapKV(), head_select="")
+    with pytest.raises(ValueError, match="head_select"):
+        PyramidKV(head_select="heads")
+    with pytest.raises(ValueError, match="chunk_grid"):
+        ChunkKV(chunk_grid="sentences")
 
 # --------------------------------------------------------------------------------------------
 # PyramidKV
@@ -612,6 +693,8 @@ def test_pyramidkv_matches_reference(shape: Shape, seed: int) -> None:
                                     shape.seq_len - protected, 4.0)
     queries, keys = make_qk(shape, seed)
     ref_scores = ref_snapkv_scores(queries, keys, shape.window, 5)
+    ref_heads = ref_snapkv_head_scores(queries, keys, shape.window, 5)
+    per_head = PyramidKV(scorer=SnapKV(pool_kernel=5), beta=4.0, head_select="per_head")
     budgets = []
     for layer in range(num_layers):
         budget = policy.layer_budget(shape.budget, layer, num_layers, shape.seq_len, protected)
@@ -620,10 +703,14 @@ def test_pyramidkv_matches_reference(shape: Shape, seed: int) -> None:
         budgets.append(budget)
         obs = LayerObservation(seq_len=shape.seq_len, budget=budget, sink_tokens=shape.sinks,
                                window=shape.window, layer_idx=layer, num_layers=num_layers,
-                               queries=queries, keys=keys)
+                               num_kv_heads=shape.num_kv_heads, queries=queries, keys=keys)
         kept = policy.keep_indices(obs)
-        assert_valid_kept(kept, shape.seq_len, budget, shape.sinks, shape.window)
-        assert kept.tolist() == ref_select(ref_scores, budget, shape.sinks, shape.window)
+        assert_valid_kept(kept, shape.seq_len, budget, shape.sinks, shape.window,
+                          heads=shape.num_kv_heads)
+        want = ref_select(ref_scores, budget, shape.sinks, shape.window)
+        assert kept.tolist() == [want] * shape.num_kv_heads
+        assert per_head.keep_indices(obs).tolist() == [
+            ref_select(head, budget, shape.sinks, shape.window) for head in ref_heads]
         assert policy.selection_layer(layer) == layer
     assert sum(budgets) == shape.budget * num_layers
     assert all(a >= b for a, b in itertools.pairwise(budgets))
@@ -634,12 +721,16 @@ def test_pyramidkv_matches_reference(shape: Shape, seed: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 POLICIES: list[tuple[str, KVPolicy]] = [
-    ("streamingllm", StreamingLLM()),
-    ("snapkv-k5", SnapKV()),
-    ("snapkv-k1", SnapKV(pool_kernel=1)),
+    ("streamingllm", TopK(StreamingLLM())),
+    ("snapkv-k5", TopK(SnapKV())),
+    ("snapkv-k1-per-head", TopK(SnapKV(pool_kernel=1), head_select="per_head")),
     ("chunkkv-c10", ChunkKV()),
     ("chunkkv-c3-k1", ChunkKV(scorer=SnapKV(pool_kernel=1), chunk_size=3, reuse_layers=2)),
+    ("chunkkv-c7-per-head-zero", ChunkKV(chunk_size=7, head_select="per_head",
+                                         chunk_grid="from_zero")),
+    ("chunkkv-streaming", ChunkKV(scorer=StreamingLLM(), chunk_size=4)),
     ("pyramidkv", PyramidKV()),
+    ("pyramidkv-per-head", PyramidKV(head_select="per_head")),
 ]
 
 
@@ -656,14 +747,18 @@ def test_policy_invariants(named: tuple[str, KVPolicy], shape: Shape, seed: int)
         budget = policy.layer_budget(shape.budget, layer, num_layers, shape.seq_len, protected)
         obs = make_obs(shape, seed, budget=budget, layer_idx=layer, num_layers=num_layers)
         kept = policy.keep_indices(obs)
-        assert_valid_kept(kept, shape.seq_len, budget, shape.sinks, shape.window)
+        assert_valid_kept(kept, shape.seq_len, budget, shape.sinks, shape.window,
+                          heads=shape.num_kv_heads)
         if budget == shape.seq_len:
-            assert kept.tolist() == list(range(shape.seq_len))
+            assert kept.tolist() == [list(range(shape.seq_len))] * shape.num_kv_heads
         if isinstance(policy, ChunkKV):
             assert_whole_chunks(kept, shape.seq_len, shape.sinks, shape.window,
-                                policy.chunk_size)
-        if isinstance(policy, StreamingLLM):
-            assert kept.tolist()[shape.sinks:] == list(
+                                policy.chunk_size, policy.chunk_grid == "from_zero")
+        if getattr(policy, "head_select", "shared") == "shared":
+            assert all(torch.equal(row, kept[0]) for row in kept)
+        if isinstance(getattr(policy, "scorer", None), StreamingLLM) and \
+                isinstance(policy, TopK):
+            assert kept[0].tolist()[shape.sinks:] == list(
                 range(shape.seq_len - (budget - shape.sinks), shape.seq_len))
         # Deterministic: the same observation gives the same answer.
         assert torch.equal(kept, policy.keep_indices(obs)), name
@@ -680,7 +775,7 @@ def test_budget_equal_to_prompt_keeps_everything(named: tuple[str, KVPolicy]) ->
         assert budget == shape.seq_len
         kept = policy.keep_indices(make_obs(shape, 0, budget=budget, layer_idx=layer,
                                             num_layers=4))
-        assert kept.tolist() == list(range(shape.seq_len))
+        assert kept.tolist() == [list(range(shape.seq_len))] * shape.num_kv_heads
 
 
 def test_window_attention_scores_rejects_bad_shapes() -> None:
@@ -713,11 +808,11 @@ def clean_registry() -> Iterator[None]:
 
 def _dummy_info(name: str, summary: str = "keeps everything") -> PolicyInfo:
     return PolicyInfo(name=name, build=_build_dummy, paper="https://example.invalid",
-                      summary=summary, parameters=("ratio",))
+                      summary=summary)
 
 
 def _build_dummy(spec: CompressionSpec) -> KVPolicy:
-    return StreamingLLM()
+    return TopK(StreamingLLM())
 
 
 def test_policy_names_lists_none_first_and_builtins() -> None:
@@ -740,9 +835,9 @@ def test_get_policy_info_unknown_name_lists_allowed() -> None:
 
 def test_get_policy_info_builtins_describe_parameters() -> None:
     """Built-in infos name the spec fields they read."""
-    assert "pool_kernel" in get_policy_info("snapkv").parameters
-    assert {"chunk_size", "reuse_layers", "pool_kernel"} <= set(
-        get_policy_info("chunkkv").parameters)
+    assert "pool_kernel" in {p.name for p in get_policy_info("snapkv").parameters}
+    assert {"chunk_size", "reuse_layers", "pool_kernel", "chunk_grid"} <= {
+        p.name for p in get_policy_info("chunkkv").parameters}
     assert get_policy_info("pyramidkv").name == "pyramidkv"
     assert get_policy_info("streamingllm").paper.startswith("https://")
 
@@ -774,7 +869,7 @@ def test_registered_policy_is_buildable_from_spec() -> None:
     register_policy(_dummy_info("test-custom"))
     assert "test-custom" in policy_names()
     policy = build_policy(CompressionSpec(policy="test-custom"))
-    assert isinstance(policy, StreamingLLM)
+    assert policy == TopK(StreamingLLM())
 
 
 def test_clean_registry_fixture_removed_test_entries() -> None:
@@ -788,10 +883,12 @@ def test_build_policy_uses_spec_parameters() -> None:
     """build_policy returns the right type with the spec's pool_kernel/chunk_size/reuse_layers."""
     assert build_policy(CompressionSpec()) is None
     assert build_policy(CompressionSpec(policy="none")) is None
-    assert isinstance(build_policy(CompressionSpec(policy="streamingllm")), StreamingLLM)
+    assert build_policy(CompressionSpec(policy="streamingllm")) == TopK(StreamingLLM())
 
     snap = build_policy(CompressionSpec(policy="snapkv", pool_kernel=7))
-    assert snap == SnapKV(pool_kernel=7)
+    assert snap == TopK(SnapKV(pool_kernel=7))
+    per_head = build_policy(CompressionSpec(policy="snapkv", head_select="per_head"))
+    assert per_head == TopK(SnapKV(), head_select="per_head")
 
     chunk = build_policy(CompressionSpec(policy="chunkkv", pool_kernel=3, chunk_size=13,
                                          reuse_layers=4))
@@ -800,11 +897,63 @@ def test_build_policy_uses_spec_parameters() -> None:
     assert chunk.scorer == SnapKV(pool_kernel=3)
     assert chunk.selection_layer(6) == 4
 
-    pyramid = build_policy(CompressionSpec(policy="pyramidkv", pool_kernel=9))
-    assert isinstance(pyramid, PyramidKV)
-    assert pyramid.scorer == SnapKV(pool_kernel=9)
+    pyramid = build_policy(CompressionSpec(policy="pyramidkv", pool_kernel=9, beta=3.0))
+    assert pyramid == PyramidKV(scorer=SnapKV(pool_kernel=9), beta=3.0)
 
     defaults = build_policy(CompressionSpec(policy="chunkkv"))
     assert isinstance(defaults, ChunkKV)
     assert (defaults.chunk_size, defaults.reuse_layers) == (10, 1)
     assert defaults.scorer == SnapKV(pool_kernel=5)
+
+
+# --------------------------------------------------------------------------------------------
+# Declared parameters (policy-owned settings)
+# --------------------------------------------------------------------------------------------
+
+TEMPERATURE = Param("temperature", float, 1.0, "Test scorer: softmax temperature.", minimum=0,
+                    exclusive_minimum=True)
+
+
+def test_builtin_parameters_are_declared_once_and_generate_names() -> None:
+    params = all_params()
+    assert list(params)[:7] == ["policy", "ratio", "budget", "window", "sink_tokens",
+                                "min_prompt_len", "head_select"]
+    assert {"pool_kernel", "chunk_size", "reuse_layers", "chunk_grid", "beta"} <= set(params)
+    assert params["chunk_size"].flag == "--kv-chunk-size"
+    assert params["chunk_size"].request_key == "kv_chunk_size"
+    assert params["pool_kernel"].allowed() == "an odd integer >= 1"
+    assert params["ratio"].allowed() == "a number with 0 < ratio <= 1"
+    assert params["head_select"].allowed() == "one of shared, per_head"
+
+
+@pytest.mark.usefixtures("clean_registry")
+def test_third_party_policy_owns_its_parameters() -> None:
+    """A registered policy's own Param becomes a spec field with its default, a kv_* key with
+    validation naming the key, and reaches the policy's build."""
+    from vllm_kvcompress.config import CompressionConfigError, cli_names, resolve_request
+
+    seen = []
+
+    def build(spec: CompressionSpec) -> KVPolicy:
+        seen.append(spec.temperature)
+        return TopK(StreamingLLM())
+
+    register_policy(PolicyInfo(name="test-params", build=build, paper="-", summary="-",
+                               parameters=(TEMPERATURE,)))
+    assert cli_names()["temperature"] == "--kv-temperature"
+    spec = resolve_request(CompressionSpec(policy="test-params"), {"kv_temperature": 0.5})
+    assert spec.temperature == 0.5
+    assert CompressionSpec(policy="test-params").temperature == 1.0
+    build_policy(spec)
+    assert seen == [0.5]
+    with pytest.raises(CompressionConfigError) as info:
+        resolve_request(spec, {"kv_temperature": 0})
+    assert str(info.value) == "kv_temperature: must be a number > 0 (got 0)"
+    # A clashing declaration of an existing name is refused at registration.
+    clash = Param("chunk_size", int, 5, "another meaning", minimum=2)
+    with pytest.raises(ValueError, match="declared differently"):
+        register_policy(PolicyInfo(name="test-clash", build=build, paper="-", summary="-",
+                                   parameters=(clash,)))
+    # Sharing an identical declaration is fine (pool_kernel is shared by three policies).
+    register_policy(PolicyInfo(name="test-share", build=build, paper="-", summary="-",
+                               parameters=(all_params()["pool_kernel"],)))

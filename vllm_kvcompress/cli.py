@@ -36,19 +36,32 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
-    from .policies.registry import NO_POLICY, get_policy_info, policy_names
+    from .policies.base import needs_queries
+    from .policies.params import COMMON_PARAMS
+    from .policies.registry import NO_POLICY, build_policy, get_policy_info, policy_names
 
-    defaults = CompressionSpec().model_dump()
-    print(f"{'policy':<14} {'paper':<34} what it keeps")
-    print(f"{NO_POLICY:<14} {'-':<34} everything (compression off)")
+    def describe(param: Any) -> str:
+        return (f"  {param.flag:<22} {param.request_key:<18} default {param.default!s:<12} "
+                f"{param.allowed()}: {param.help}")
+
+    print("Every policy reads these settings (flag, vllm_xargs key, default, allowed):")
+    for param in COMMON_PARAMS:
+        print(describe(param))
+    print(f"\n{NO_POLICY}: everything is kept (compression off)")
     for name in policy_names():
         if name == NO_POLICY:
             continue
         info = get_policy_info(name)
-        print(f"{name:<14} {info.paper:<34} {info.summary}")
-        params = ", ".join(f"{p}={defaults[p]}" for p in info.parameters)
-        print(f"{'':<14} parameters: {params}")
-    print("\nratio=None and budget=None mean the default ratio 0.25 once a policy is set.")
+        policy = build_policy(CompressionSpec(policy=name))
+        inputs = ", ".join(sorted(policy.inputs)) or "nothing (no scoring)"
+        print(f"\n{name}: {info.summary}\n  paper: {info.paper}\n  reads: {inputs}; "
+              f"default head_select: {info.default_head_select}; prefix-cache hits "
+              f"{'recompute the window' if needs_queries(policy) else 'need no recompute'}")
+        for param in info.parameters:
+            print(describe(param))
+        if info.model_data is not None:
+            print(f"  model data: loaded from --kv-{info.model_data.param.replace('_', '-')}")
+    print("\nratio and budget unset mean the default ratio 0.25 once a policy is set.")
     return 0
 
 

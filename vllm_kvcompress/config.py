@@ -1,22 +1,24 @@
-"""Compression settings: one pydantic model, resolved in layers.
+"""Compression settings: one immutable spec, generated from the declared parameters, resolved in
+layers.
 
 Precedence (later wins): defaults < YAML (``--kv-compress-config`` or the ``kvcompress:`` block of
 ``vllm serve --config`` / ``additional_config``) < CLI flags (``--kv-*``) < per-request
 ``vllm_xargs`` (``kv_*`` keys). A layer that sets ``ratio`` or ``budget`` replaces both from the
-layers below it; setting both in one layer is an error.
+layers below it; setting both in one layer is an error. The keys and what each allows come
+from the ``Param`` declarations (``policies/params.py`` and each policy's module).
 
 Importable without vLLM.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from .policies.registry import NO_POLICY, policy_names
+from .policies.params import Param
+from .policies.registry import NO_POLICY, all_params
 
 #: Kept ratio used when a policy is chosen but neither ratio nor budget is given.
 DEFAULT_RATIO = 0.25
@@ -26,18 +28,6 @@ REQUEST_PREFIX = "kv_"
 
 #: Key of the plugin's block inside vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "kvcompress"
-
-ALLOWED = {
-    "policy": "one of {policies}",
-    "ratio": "a number with 0 < ratio <= 1 (fraction of prompt tokens kept)",
-    "budget": "an integer >= 0 (prompt tokens kept)",
-    "window": "an integer >= 1 (observation window, in tokens)",
-    "pool_kernel": "an odd integer >= 1",
-    "chunk_size": "an integer >= 1",
-    "reuse_layers": "an integer >= 1",
-    "sink_tokens": "an integer >= 0",
-    "min_prompt_len": "an integer >= 0",
-}
 
 
 class CompressionConfigError(ValueError):
@@ -52,52 +42,130 @@ class CompressionConfigError(ValueError):
         self.field = field
 
 
-class CompressionSpec(BaseModel):
-    """Validated, frozen compression settings for a server default or one request.
+def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str]) -> dict[str, Any]:
+    """Validates one layer of settings against the declared parameters.
 
-    Attributes:
+    Args:
+        values: field -> value, only what the layer sets.
+        name_of: field -> the name the user wrote (for messages); missing fields use the field.
+
+    Raises:
+        CompressionConfigError: unknown key, bad value, or ratio and budget together; the
+            message names the key as the user wrote it and what is allowed.
+    """
+    params = all_params()
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        param = params.get(key)
+        if param is None:
+            allowed = ", ".join(name_of.get(f, f) for f in params)
+            # Spell the unknown key the way this layer spells known ones ("file:" + key).
+            prefix = name_of.get("policy", "policy").removesuffix("policy")
+            raise CompressionConfigError(prefix + key, f"unknown key; allowed keys: {allowed}")
+        try:
+            checked[key] = param.check(value)
+        except ValueError as err:
+            raise CompressionConfigError(name_of.get(key, key),
+                                         f"must be {err} (got {value!r})") from None
+    if checked.get("ratio") is not None and checked.get("budget") is not None:
+        fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
+        raise CompressionConfigError(fields, "give one of them, not both")
+    return checked
+
+
+class CompressionSpec(Mapping[str, Any]):
+    """Validated, immutable compression settings for a server default or one request.
+
+    Every declared parameter (``COMMON_PARAMS`` and each registered policy's own) is an
+    attribute: ``spec.ratio``, ``spec.chunk_size``; unset ones read as their declared default.
+    Hashable and comparable, so policies built from it can be cached.
+
+    Common attributes:
         policy: registered policy name, or ``none``.
         ratio: fraction of prompt tokens kept, ``0 < ratio <= 1``; exclusive with ``budget``.
         budget: prompt tokens kept; exclusive with ``ratio``.
         window: observation window: the last ``window`` prompt tokens score the rest and are kept.
-        pool_kernel: SnapKV average-pooling width (odd).
-        chunk_size: ChunkKV chunk length in tokens.
-        reuse_layers: ChunkKV layer-wise index reuse group size (1 = no reuse).
         sink_tokens: leading tokens always kept.
         min_prompt_len: prompts shorter than this are not compressed.
+        head_select: ``shared``, ``per_head``, or ``None`` for the policy's default.
+
+    Raises:
+        CompressionConfigError: on construction with a bad value (names the field).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    __slots__ = ("_values",)
 
-    policy: str = NO_POLICY
-    ratio: float | None = Field(default=None, gt=0, le=1)
-    budget: int | None = Field(default=None, ge=0)
-    window: int = Field(default=32, ge=1)
-    pool_kernel: int = Field(default=5, ge=1)
-    chunk_size: int = Field(default=10, ge=1)
-    reuse_layers: int = Field(default=1, ge=1)
-    sink_tokens: int = Field(default=4, ge=0)
-    min_prompt_len: int = Field(default=0, ge=0)
+    def __init__(self, **values: Any) -> None:
+        object.__setattr__(self, "_values", _check_values(values, {}))
 
-    @field_validator("policy")
     @classmethod
-    def _known_policy(cls, value: str) -> str:
-        if value not in policy_names():
-            raise ValueError(f"unknown policy {value!r}")
-        return value
+    def from_dict(cls, values: Mapping[str, Any]) -> CompressionSpec:
+        return cls(**dict(values))
 
-    @field_validator("pool_kernel")
-    @classmethod
-    def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd, got {value}")
-        return value
+    # --- attribute access -------------------------------------------------------------------
 
-    @model_validator(mode="after")
-    def _ratio_xor_budget(self) -> CompressionSpec:
-        if self.ratio is not None and self.budget is not None:
-            raise ValueError("ratio and budget are exclusive: give one of them")
-        return self
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]
+        param: Param | None = all_params().get(name)
+        if param is None:
+            raise AttributeError(f"no compression setting named {name!r}")
+        return param.default
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("CompressionSpec is immutable; use replace()")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in all_params():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(all_params())
+
+    def __len__(self) -> int:
+        return len(all_params())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompressionSpec):
+            return NotImplemented
+        return self.as_dict() == other.as_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v!r}" for k, v in self.as_dict(exclude_none=True).items())
+        return f"CompressionSpec({items})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CompressionSpec.from_dict, (dict(self._values),))
+
+    # --- views ------------------------------------------------------------------------------
+
+    def as_dict(self, exclude_none: bool = False) -> dict[str, Any]:
+        """Every setting (defaults included), in declaration order."""
+        values = {name: getattr(self, name) for name in all_params()}
+        if exclude_none:
+            values = {k: v for k, v in values.items() if v is not None}
+        return values
+
+    def explicit(self) -> dict[str, Any]:
+        """Only the settings given explicitly (what a layer passes on)."""
+        return dict(self._values)
+
+    def key(self) -> str:
+        """A stable text key (cache keys, logs)."""
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    def replace(self, **changes: Any) -> CompressionSpec:
+        """A copy with some settings changed (validated like any layer)."""
+        return CompressionSpec(**{**self._values, **changes})
+
+    # --- derived ----------------------------------------------------------------------------
 
     @property
     def enabled(self) -> bool:
@@ -122,32 +190,9 @@ class CompressionSpec(BaseModel):
         return kept if kept < prompt_len else None
 
 
-def _format_error(err: ValidationError, name_of: dict[str, str]) -> CompressionConfigError:
-    """One line naming the first bad field as the user wrote it and what is allowed."""
-    first = err.errors()[0]
-    loc = first["loc"][0] if first["loc"] else ""
-    key = str(loc)
-    if first["type"] == "extra_forbidden":
-        allowed = ", ".join(name_of.get(f, f) for f in CompressionSpec.model_fields)
-        # Spell the unknown key the way this layer spells known ones ("kvcompress:" + key).
-        prefix = name_of.get("policy", "policy").removesuffix("policy")
-        return CompressionConfigError(prefix + key, f"unknown key; allowed keys: {allowed}")
-    if not key:  # model-level check (ratio and budget together)
-        fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
-        return CompressionConfigError(fields, "give one of them, not both")
-    allowed = ALLOWED.get(key, "").format(policies=", ".join(policy_names()))
-    got = first.get("input")
-    return CompressionConfigError(
-        name_of.get(key, key), f"must be {allowed} (got {got!r})" if allowed else first["msg"])
-
-
 def _validate_layer(values: Mapping[str, Any], name_of: dict[str, str]) -> dict[str, Any]:
     """Validates one layer alone (so errors name that layer's keys); returns the set fields."""
-    try:
-        CompressionSpec.model_validate(dict(values))
-    except ValidationError as err:
-        raise _format_error(err, name_of) from None
-    return dict(values)
+    return _check_values(values, name_of)
 
 
 def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpec:
@@ -168,22 +213,22 @@ def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpe
             merged.pop("ratio", None)
             merged.pop("budget", None)
         merged.update(checked)
-    return CompressionSpec.model_validate(merged)
+    return CompressionSpec(**merged)
 
 
 def request_names() -> dict[str, str]:
     """Field -> per-request key (``ratio`` -> ``kv_ratio``)."""
-    return {f: REQUEST_PREFIX + f for f in CompressionSpec.model_fields}
+    return {name: p.request_key for name, p in all_params().items()}
 
 
 def cli_names() -> dict[str, str]:
     """Field -> CLI flag (``ratio`` -> ``--kv-ratio``)."""
-    return {f: "--kv-" + f.replace("_", "-") for f in CompressionSpec.model_fields}
+    return {name: p.flag for name, p in all_params().items()}
 
 
 def yaml_names(source: str) -> dict[str, str]:
     """Field -> ``source:field`` for errors in a YAML file or config block."""
-    return {f: f"{source}:{f}" for f in CompressionSpec.model_fields}
+    return {f: f"{source}:{f}" for f in all_params()}
 
 
 def request_values(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -193,11 +238,12 @@ def request_values(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
         CompressionConfigError: an unknown ``kv_*`` key.
     """
     values: dict[str, Any] = {}
+    params = all_params()
     for key, value in (extra_args or {}).items():
         if not key.startswith(REQUEST_PREFIX):
             continue
         field = key[len(REQUEST_PREFIX):]
-        if field not in CompressionSpec.model_fields:
+        if field not in params:
             allowed = ", ".join(request_names().values())
             raise CompressionConfigError(key, f"unknown key; allowed keys: {allowed}")
         values[field] = value
@@ -224,5 +270,4 @@ def resolve_request(server: CompressionSpec, extra_args: Mapping[str, Any] | Non
     values = request_values(extra_args)
     if not values:
         return server
-    base = server.model_dump(exclude_none=True)
-    return resolve((base, {}), (values, request_names()))
+    return resolve((server.explicit(), {}), (values, request_names()))

@@ -21,7 +21,6 @@ import yaml
 
 from .config import (
     ADDITIONAL_CONFIG_KEY,
-    ALLOWED,
     CompressionConfigError,
     CompressionSpec,
     cli_names,
@@ -29,7 +28,7 @@ from .config import (
     validate_request,
     yaml_names,
 )
-from .policies.registry import policy_names
+from .policies.registry import all_params
 
 # Under "vllm." so vLLM's log handler and VLLM_LOGGING_LEVEL apply to our lines too.
 logger = logging.getLogger("vllm.kvcompress")
@@ -118,35 +117,24 @@ def check_vllm_version() -> str:
 
 # --- server configuration: CLI flags, YAML, additional_config ------------------------------------
 
-_FLAG_HELP = {
-    "policy": "KV-cache compression policy applied after prefill (vllm-kvcompress).",
-    "ratio": "Fraction of prompt tokens whose KV is kept, 0 < r <= 1 (default 0.25 when a "
-             "policy is set). Exclusive with --kv-budget.",
-    "budget": "Number of prompt tokens whose KV is kept. Exclusive with --kv-ratio.",
-    "window": "Observation window: the last N prompt tokens score the others and are kept.",
-    "pool_kernel": "SnapKV average-pooling width over tokens (odd).",
-    "chunk_size": "ChunkKV chunk length in tokens.",
-    "reuse_layers": "ChunkKV layer-wise index reuse: layers per group sharing one selection.",
-    "sink_tokens": "Leading tokens always kept (attention sinks).",
-    "min_prompt_len": "Prompts shorter than this are not compressed.",
-}
-_FLAG_TYPES: dict[str, type] = {"policy": str, "ratio": float}
-
-
 def _add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the ``--kv-*`` flags (all default to None so 'not given' is visible)."""
+    """Adds a ``--kv-*`` flag per declared parameter (all default to None so 'not given' is
+    visible), plus the file/JSON/kernel options."""
     if any(a.dest == "kv_policy" for a in parser._actions):
         return
     group = parser.add_argument_group(
         "vllm-kvcompress",
         "KV-cache compression after prefill. Precedence: defaults < --kv-compress-config / "
         "the kvcompress: block of --config < --kv-* flags < per-request vllm_xargs kv_* keys.")
-    for field, flag in cli_names().items():
-        kwargs: dict[str, Any] = {"default": None, "help": _FLAG_HELP[field],
-                                  "type": _FLAG_TYPES.get(field, int), "dest": "kv_" + field}
-        if field == "policy":
-            kwargs["choices"] = policy_names()
-        group.add_argument(flag, **kwargs)
+    for param in all_params().values():
+        default = "" if param.default is None else f" (default: {param.default})"
+        kwargs: dict[str, Any] = {"default": None, "help": param.help + default,
+                                  "type": param.type if param.type in (int, float) else str,
+                                  "dest": "kv_" + param.name}
+        choices = param.allowed_choices()
+        if choices is not None:
+            kwargs["choices"] = choices
+        group.add_argument(param.flag, **kwargs)
     group.add_argument("--kv-compress-config", default=None, metavar="FILE",
                        help="YAML file with compression settings (policy, ratio, budget, ...).")
     group.add_argument("--kv-kernels", default=None, choices=["auto", "torch", "triton", "cuda"],
@@ -195,7 +183,7 @@ def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] |
         if not isinstance(block, dict):
             raise CompressionConfigError("--kvcompress", "must be a JSON object")
         layers.append((block, yaml_names("kvcompress")))
-    flags = {f: getattr(args, "kv_" + f) for f in CompressionSpec.model_fields
+    flags = {f: getattr(args, "kv_" + f) for f in all_params()
              if getattr(args, "kv_" + f, None) is not None}
     layers.append((flags, cli_names()))
     return resolve(*layers)
@@ -241,7 +229,7 @@ def _patch_engine_args() -> None:
             raise SystemExit(f"vllm-kvcompress: invalid configuration: {err}") from None
         engine_args.additional_config = {
             **(engine_args.additional_config or {}),
-            ADDITIONAL_CONFIG_KEY: spec.model_dump(exclude_none=True),
+            ADDITIONAL_CONFIG_KEY: spec.as_dict(exclude_none=True),
             RUNTIME_KEY: {"stats_path": _register_stats_collector()},
         }
         if getattr(args, "kv_kernels", None):
@@ -306,7 +294,7 @@ def _patch_input_processor() -> None:
         _, detail = engine_compression_supported()
         self._kvcompress_unsupported = deployment_unsupported_reason(vllm_config)
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
-                    spec.model_dump(exclude_none=True),
+                    spec.explicit(),
                     f"active ({detail})" if self._kvcompress_unsupported is None else
                     f"NOT ACTIVE: {self._kvcompress_unsupported}")
 
@@ -595,5 +583,5 @@ def apply_all() -> list[str]:
 
 
 def describe_allowed() -> dict[str, str]:
-    """Field -> what is allowed, with the live policy list (for docs and `kvcompress policies`)."""
-    return {k: v.format(policies=", ".join(policy_names())) for k, v in ALLOWED.items()}
+    """Setting -> what is allowed, with the live policy list (docs, `kvcompress policies`)."""
+    return {name: param.allowed() for name, param in all_params().items()}

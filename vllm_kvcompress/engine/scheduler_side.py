@@ -129,7 +129,7 @@ class SchedulerCompression:
         except CompressionConfigError:  # validated at admission; never fail a step over it
             logger.warning("vllm-kvcompress: request %s has invalid kv_* args; not compressed",
                            request.request_id)
-            return self.server_spec.model_copy(update={"policy": "none"})
+            return self.server_spec.replace(policy="none")
 
     def max_cache_hit_blocks(self, request: Any) -> int | None:
         """Most prefix-cache hit blocks a request may take, or ``None`` for no limit.
@@ -142,9 +142,10 @@ class SchedulerCompression:
         spec = self.request_spec(request)
         if not spec.enabled or self.physical_kept(spec, request.num_prompt_tokens) is None:
             return None
-        from ..policies.registry import get_policy_info
+        from ..policies.base import needs_queries
+        from ..policies.registry import build_policy
 
-        if not get_policy_info(spec.policy).needs_queries:
+        if not needs_queries(build_policy(spec)):
             return None
         return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
 
@@ -186,7 +187,7 @@ class SchedulerCompression:
             plan = self._move_to_compact_blocks(req_id, prompt_len, kept)
             if plan is None:
                 continue
-            plan["spec"] = spec.model_dump()
+            plan["spec"] = spec.explicit()
             compact[req_id] = plan
         return {"compact": compact, "stash": stash} if compact or stash else {}
 

@@ -26,16 +26,25 @@ import torch
 
 from ..config import CompressionSpec
 from ..kernels.dispatch import compaction_backend, kernel_backend
-from ..policies.base import KVPolicy, LayerObservation, SelectionKernels
+from ..policies.base import (
+    KEYS,
+    MODEL_DATA,
+    QUERIES,
+    VALUES,
+    WINDOW_ATTENTION,
+    KVPolicy,
+    LayerObservation,
+    SelectionKernels,
+)
+from ..policies.model_data import load_model_data
 from ..policies.registry import build_policy, get_policy_info
+from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
 
 logger = logging.getLogger("vllm.kvcompress")
 
 #: Set to 1 to keep every compressed request's kept indices per layer (tests, debugging).
 RECORD_ENV = "VLLM_KVCOMPRESS_RECORD_KEPT"
-#: Policy objects kept for reuse across requests (they are tiny; this only bounds growth).
-MAX_CACHED_POLICIES = 256
 
 
 class PagedCacheAccess(Protocol):
@@ -69,7 +78,7 @@ class CompactionTask:
         in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
         query_start: first row of this request's tokens in the step's flattened batch.
         query_end: one past its last row.
-        selections: selection layer -> kept indices, for layer-wise index reuse.
+        selections: selection layer -> kept indices ``[H, kept]``, for layer-wise index reuse.
     """
 
     req_id: str
@@ -121,7 +130,6 @@ class WorkerCompression:
         #: Requests whose compaction raised this step; reported to the scheduler, which fails
         #: them alone (their destination blocks are half written).
         self.failed: set[str] = set()
-        self._policies: dict[str, KVPolicy] = {}
 
     # --- step boundaries ----------------------------------------------------------------------
 
@@ -164,9 +172,11 @@ class WorkerCompression:
         starts = runner.query_start_loc.np
         for req_id, plan in message.get("compact", {}).items():
             row = batch.req_id_to_index[req_id]
-            spec = CompressionSpec.model_validate(plan["spec"])
+            spec = CompressionSpec.from_dict(plan["spec"])
+            policy = build_policy(spec)
+            assert policy is not None
             self.compactions.append(CompactionTask(
-                req_id=req_id, spec=spec, policy=self._policy(spec), kept=plan["kept"],
+                req_id=req_id, spec=spec, policy=policy, kept=plan["kept"],
                 prompt_len=plan["prompt_len"],
                 src_blocks=torch.tensor(plan["src_blocks"], dtype=torch.int64),
                 dst_blocks=torch.tensor(plan["dst_blocks"], dtype=torch.int64),
@@ -188,17 +198,6 @@ class WorkerCompression:
             runner.positions.device)
         runner.input_batch.block_table.compute_slot_mapping(
             num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
-
-    def _policy(self, spec: CompressionSpec) -> KVPolicy:
-        key = spec.model_dump_json()
-        if key not in self._policies:
-            if len(self._policies) >= MAX_CACHED_POLICIES:
-                # Per-request budgets make specs unbounded on a long-running server.
-                self._policies.clear()
-            policy = build_policy(spec)
-            assert policy is not None
-            self._policies[key] = policy
-        return self._policies[key]
 
     # --- per layer ----------------------------------------------------------------------------
 
@@ -262,55 +261,89 @@ class WorkerCompression:
 
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
                        kv_cache: torch.Tensor, access: PagedCacheAccess) -> None:
-        block_size = kv_cache.shape[2]
+        num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
         layout = (access.kernel_layout
                   if kernel_backend(kv_cache.device, self.kernels) == "triton" else None)
-        needs_queries = get_policy_info(task.spec.policy).needs_queries
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
         keys = values = None
         if kept_idx is None:
-            queries = self._window_queries(task, layer_idx, query) if needs_queries else None
-            window_scores, kernels = None, None
-            if layout is not None:
-                from ..kernels.chunk_select import chunk_means_triton, stable_descending_order
-                from ..kernels.window_scores import paged_window_scores
-
-                kernels = SelectionKernels(chunk_means_triton, stable_descending_order)
-                if queries is not None:
-                    window_scores = paged_window_scores(
-                        queries.contiguous(), kv_cache, task.src_blocks.to(kv_cache.device),
-                        task.prompt_len, layout=layout)
-            else:
-                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
-            obs = LayerObservation(
-                seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
-                window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
-                queries=queries, keys=keys, window_scores=window_scores, kernels=kernels)
-            kept_idx = task.policy.keep_indices(obs)
+            obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access, layout)
+            kept_idx = task.policy.keep_indices(obs).to(torch.int64)
+            if tuple(kept_idx.shape) != (num_kv_heads, task.kept):
+                raise ValueError(f"policy {task.spec.policy!r} returned kept indices of shape "
+                                 f"{tuple(kept_idx.shape)}, expected {(num_kv_heads, task.kept)}")
             task.selections[source] = kept_idx
         dst_slots = row_slots(task.dst_blocks, task.kept, block_size).to(kv_cache.device)
         kept_on = kept_idx.to(kv_cache.device)
-        if layout == "flash":
+        if layout is not None:
+            # Per-head source slots [H, kept]: slot j of head h receives head h's j-th token.
             src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
                 kv_cache.device)[kept_on]
-            if compaction_backend(kv_cache.device, self.kernels) == "cuda":
+            if layout == "flash" and compaction_backend(kv_cache.device, self.kernels) == "cuda":
                 from ..kernels.cuda_ext import load
 
                 load().compact_paged(kv_cache, src_slots, dst_slots, task.in_place)
             else:
                 from ..kernels.compaction import compact_paged
 
-                compact_paged(kv_cache, src_slots, dst_slots, in_place=task.in_place)
+                compact_paged(kv_cache, src_slots, dst_slots, in_place=task.in_place,
+                              layout=layout)
         else:
             if keys is None:
                 keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
             # Gather (copies) before writing: destination may overlap the source (in place).
-            access.write(kv_cache, keys[:, kept_on], values[:, kept_on], dst_slots)
+            index = kept_on.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            access.write(kv_cache, keys.gather(1, index), values.gather(1, index), dst_slots)
         if self.record:
             self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
         if layer_idx == self.num_layers - 1:
             self.stash.pop(task.req_id, None)
+
+    def _observe(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
+                 kv_cache: torch.Tensor, access: PagedCacheAccess, layout: str | None
+                 ) -> tuple[LayerObservation, torch.Tensor | None, torch.Tensor | None]:
+        """The observation with exactly the inputs the policy declared, on this kernel path.
+
+        Returns:
+            ``(obs, keys, values)``; keys/values are the full prompt's ``[H, L, D]`` when they
+            were read (always on the torch path, which compacts from them), else ``None``.
+        """
+        inputs = task.policy.inputs
+        want_attention = WINDOW_ATTENTION in inputs
+        queries = (self._window_queries(task, layer_idx, query)
+                   if want_attention or QUERIES in inputs else None)
+        keys = values = window_attention = kernels = None
+        if layout is not None:
+            from ..kernels.chunk_select import chunk_means_triton, stable_descending_order
+
+            kernels = SelectionKernels(chunk_means_triton, stable_descending_order)
+            if want_attention:
+                from ..kernels.window_scores import paged_window_scores
+
+                window_attention = paged_window_scores(
+                    queries.contiguous(), kv_cache, task.src_blocks.to(kv_cache.device),
+                    task.prompt_len, layout=layout)
+            if KEYS in inputs or VALUES in inputs:
+                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+        else:
+            keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+            if want_attention:
+                window_attention = window_attention_scores(queries, keys)
+        model_data = None
+        if MODEL_DATA in inputs:
+            hook = get_policy_info(task.spec.policy).model_data
+            if hook is None:
+                raise ValueError(f"policy {task.spec.policy!r} reads model data but declares no "
+                                 "model_data hook")
+            model_data = load_model_data(hook, getattr(task.spec, hook.param))
+        obs = LayerObservation(
+            seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
+            window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
+            num_kv_heads=kv_cache.shape[1], queries=queries,
+            keys=keys if KEYS in inputs else None, values=values if VALUES in inputs else None,
+            window_attention=window_attention, model_data=model_data, kernels=kernels)
+        return obs, keys, values
 
 
 #: The worker state with layer work in the current step, or None (read by the attention hook).

@@ -1,25 +1,42 @@
-"""What every policy shares: the observation it sees, the protocols, and ``select``.
+"""What every policy shares: the observation it sees, the protocols, and selection.
 
-A policy answers one question per layer: *which prompt tokens keep their KV?* It never moves
-memory (that is the engine's and the kernels' job), so everything here is pure torch and runs
-on any device, with no vLLM import.
+A policy answers one question per layer: *which prompt tokens keep their KV, in each KV head?* It
+never moves memory (that is the engine's and the kernels' job), so everything here is pure torch
+and runs on any device, with no vLLM import.
 
-Conventions used throughout (``L`` = prompt length, ``w`` = observation window, ``s`` = sinks):
+A policy is a *scorer* (how much each token is worth, per KV head) inside a *selector* (which
+tokens to keep given the scores: ``TopK``, ``ChunkKV``, ``PyramidKV``). Scorers declare the inputs
+they need; the engine provides exactly those, on every kernel path.
+
+Conventions used throughout (``L`` = prompt length, ``w`` = observation window, ``s`` = sinks,
+``H`` = KV heads of the layer):
 
 * ``queries``: ``[num_q_heads, w, head_dim]``, the last ``w`` prompt tokens' queries after RoPE.
-* ``keys``: ``[num_kv_heads, L, head_dim]``, every prompt token's key after RoPE.
-* scores: ``[L]`` float32, higher = more worth keeping.
-* kept indices: ``[budget]`` int64, sorted ascending, unique, always containing the ``s`` sinks
-  ``[0, s)`` and the window ``[L - w, L)``.
+* ``keys`` / ``values``: ``[H, L, head_dim]``, every prompt token's key (after RoPE) / value.
+* ``window_attention``: ``[H, L]`` float32, the attention mass each key receives from the window
+  queries (summed over window rows and the query heads of the KV head's group).
+* scores: ``[H, L]`` float32, higher = more worth keeping.
+* kept indices: ``[H, budget]`` int64; each row sorted ascending, unique, always containing the
+  ``s`` sinks ``[0, s)`` and the window ``[L - w, L)``. In ``shared`` mode all rows are equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from .params import HEAD_SELECT_MODES
+
+#: Inputs a scorer may declare (``Scorer.inputs``).
+QUERIES = "queries"
+KEYS = "keys"
+VALUES = "values"
+WINDOW_ATTENTION = "window_attention"
+MODEL_DATA = "model_data"
+INPUTS = frozenset({QUERIES, KEYS, VALUES, WINDOW_ATTENTION, MODEL_DATA})
 
 
 @dataclass(frozen=True)
@@ -39,17 +56,21 @@ class SelectionKernels:
 class LayerObservation:
     """Everything a policy may look at for one layer of one request.
 
+    Only the inputs the policy declared are filled in; the others are ``None``.
+
     Attributes:
         seq_len: prompt length ``L``.
-        budget: number of tokens this layer must keep (already clamped to ``[s + w, L]``).
+        budget: number of tokens this layer must keep per KV head (clamped to ``[s + w, L]``).
         sink_tokens: ``s``, leading tokens always kept.
         window: ``w``, trailing tokens always kept (they are also the observation window).
         layer_idx: index of the layer, ``0 <= layer_idx < num_layers``.
         num_layers: number of attention layers of the model.
-        queries: ``[num_q_heads, w, head_dim]`` or ``None`` for policies that need no scores.
-        keys: ``[num_kv_heads, L, head_dim]`` or ``None`` for policies that need no scores.
-        window_scores: ``[num_kv_heads, L]`` float32 window-attention mass already computed from
-            the paged cache by a kernel; scorers use it instead of queries and keys.
+        num_kv_heads: ``H``, KV heads of this layer (on this rank).
+        queries: ``[num_q_heads, w, head_dim]`` window queries after RoPE.
+        keys: ``[H, L, head_dim]`` after RoPE.
+        values: ``[H, L, head_dim]``.
+        window_attention: ``[H, L]`` float32, computed by the engine (kernel or reference).
+        model_data: the policy's per-model data (see ``model_data.ModelDataHook``).
         kernels: device kernels for selection steps, or ``None`` for the torch references.
     """
 
@@ -59,9 +80,12 @@ class LayerObservation:
     window: int
     layer_idx: int = 0
     num_layers: int = 1
+    num_kv_heads: int = 1
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
-    window_scores: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    window_attention: torch.Tensor | None = None
+    model_data: Any = None
     kernels: SelectionKernels | None = None
 
     def __post_init__(self) -> None:
@@ -76,36 +100,83 @@ class LayerObservation:
             )
         if not 0 <= self.layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {self.layer_idx} outside [0, {self.num_layers})")
+        if self.num_kv_heads < 1:
+            raise ValueError(f"num_kv_heads must be >= 1, got {self.num_kv_heads}")
 
-    def require_qk(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(queries, keys)`` or raises if the caller did not provide them."""
-        if self.queries is None or self.keys is None:
-            raise ValueError("this policy scores tokens and needs queries and keys")
-        return self.queries, self.keys
+    def require(self, name: str) -> Any:
+        """The input ``name`` or a clear error if the caller did not provide it."""
+        value = getattr(self, name)
+        if value is None and name == WINDOW_ATTENTION and self.queries is not None and \
+                self.keys is not None:
+            # Pure use (tests, notebooks): derive it with the torch reference, as the engine's
+            # torch path does.
+            from .window_scoring import window_attention_scores
+
+            if self.window < 1 or self.queries.shape[1] < self.window:
+                raise ValueError(f"scoring needs window >= 1 queries, got window={self.window} "
+                                 f"and {self.queries.shape[1]} queries")
+            return window_attention_scores(self.queries[:, -self.window:, :], self.keys)
+        if value is None:
+            raise ValueError(f"this scorer needs {name!r}, which was not provided (declare it "
+                             "in the scorer's `inputs`)")
+        return value
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in (self.window_attention, self.keys, self.queries, self.values):
+            if tensor is not None:
+                return tensor.device
+        return torch.device("cpu")
 
 
 @runtime_checkable
 class Scorer(Protocol):
-    """Turns one layer's observation into a per-token importance score ``[L]`` (float32)."""
+    """Per-token importance of one layer, per KV head.
 
-    def score(self, obs: LayerObservation) -> torch.Tensor: ...
+    Attributes:
+        inputs: what ``score`` reads, a subset of ``INPUTS``; the engine provides exactly these.
+    """
+
+    inputs: frozenset[str]
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        """Returns ``[num_kv_heads, L]`` float32 scores, higher = keep."""
+        ...
 
 
 @runtime_checkable
 class KVPolicy(Protocol):
-    """Chooses the kept tokens of one layer.
+    """Chooses the kept tokens of one layer, per KV head.
 
-    ``layer_budget`` lets a policy spread a request's budget unevenly over layers (PyramidKV);
-    ``protected`` is the count of always-kept tokens (sinks + window) inside ``budget``;
-    ``selection_layer`` lets a layer reuse another layer's selection (ChunkKV index reuse).
+    ``inputs`` is what the policy's scorer reads; ``layer_budget`` lets a policy spread a
+    request's budget unevenly over layers (PyramidKV); ``protected`` is the count of always-kept
+    tokens (sinks + window) inside ``budget``; ``selection_layer`` lets a layer reuse another
+    layer's selection (ChunkKV index reuse).
     """
+
+    inputs: frozenset[str]
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int: ...
 
     def selection_layer(self, layer_idx: int) -> int: ...
 
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor: ...
+    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
+        """Returns ``[num_kv_heads, budget]`` int64, each row sorted and unique."""
+        ...
+
+
+def needs_queries(policy: KVPolicy) -> bool:
+    """Whether the policy reads the window's queries (a prefix-cache hit cannot supply them)."""
+    return bool(policy.inputs & {QUERIES, WINDOW_ATTENTION})
+
+
+def check_inputs(inputs: frozenset[str]) -> frozenset[str]:
+    """Validates a scorer's declared inputs."""
+    unknown = set(inputs) - INPUTS
+    if unknown:
+        raise ValueError(f"unknown scorer inputs {sorted(unknown)}; allowed: {sorted(INPUTS)}")
+    return frozenset(inputs)
 
 
 def protected_mask(seq_len: int, sink_tokens: int, window: int, device: torch.device | str = "cpu"
@@ -153,3 +224,33 @@ def middle_range(seq_len: int, sink_tokens: int, window: int) -> tuple[int, int]
     start = min(sink_tokens, seq_len)
     end = max(seq_len - window, start)
     return start, end
+
+
+def select_per_mode(scores: torch.Tensor, head_select: str,
+                    pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Applies a 1-D selection rule in ``shared`` or ``per_head`` mode.
+
+    Args:
+        scores: ``[H, L]`` float32 per-head scores.
+        head_select: ``shared`` (scores summed over heads, one selection for every head) or
+            ``per_head`` (each head ranks its own scores; every row keeps the same count).
+        pick: ``scores [L] -> kept [budget]`` (``select``, ``chunk_select``, ...).
+
+    Returns:
+        ``[H, budget]`` int64 kept indices, rows sorted.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [num_kv_heads, L], got shape {tuple(scores.shape)}")
+    if head_select == "shared":
+        kept = pick(scores.float().sum(dim=0))
+        return kept.unsqueeze(0).expand(scores.shape[0], -1).contiguous()
+    if head_select == "per_head":
+        return torch.stack([pick(row) for row in scores.float()])
+    raise ValueError(f"head_select must be one of {', '.join(HEAD_SELECT_MODES)}, got "
+                     f"{head_select!r}")
+
+
+def check_head_select(head_select: str) -> None:
+    if head_select not in HEAD_SELECT_MODES:
+        raise ValueError(f"head_select must be one of {', '.join(HEAD_SELECT_MODES)}, got "
+                         f"{head_select!r}")

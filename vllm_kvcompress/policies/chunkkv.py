@@ -4,17 +4,23 @@ Paper: Liu et al., "ChunkKV: Semantic-Preserving KV Cache Compression for Effici
 LLM Inference" (NeurIPS 2025), https://arxiv.org/abs/2502.00299
 
 Wraps any token scorer (SnapKV's window attention by default). The droppable middle of the prompt
-(between the sinks and the window) is cut into chunks of ``chunk_size`` tokens starting at the
-first non-sink token; the last, partial chunk is a chunk too. A chunk's score is the mean of its
-tokens' scores; chunks are kept whole, best first, while they fit the budget. The engine needs an
-exact kept count, so when the next chunk does not fit whole it is trimmed to its best-scoring
-tokens: every chunk is kept whole or dropped, except at most one trimmed boundary chunk.
+(between the sinks and the window) is cut into chunks of ``chunk_size`` tokens on a grid that
+starts after the sinks (``chunk_grid=after_sinks``) or at token 0 (``from_zero``, the paper's and
+kvpress's grid; the first chunk after the sinks is then partial); the last, partial chunk is a
+chunk too. A chunk's score is the mean of its tokens' scores; chunks are kept whole, best first,
+while they fit the budget. The engine needs an exact kept count, so when the next chunk does not
+fit whole it is trimmed to its best-scoring tokens: every chunk is kept whole or dropped, except at
+most one trimmed boundary chunk.
+
+Selection mode: ``shared`` ranks chunks by scores summed over KV heads (the paper), ``per_head``
+ranks each KV head's chunks on its own scores (same count per head, same memory).
 
 Layer-wise index reuse: layers are grouped ``reuse_layers`` at a time; the selection computed at
 the first layer of a group serves the whole group (fewer scoring passes; the paper reports
-< 0.6% LongBench loss at small groups).
+< 0.6% LongBench loss at small groups). It works in both modes (per head: each head reuses its
+own selection).
 
-Shapes: scores ``[L]`` float32; kept indices ``[budget]`` int64 sorted.
+Shapes: scores ``[H, L]`` float32; kept indices ``[H, budget]`` int64, rows sorted.
 """
 
 from __future__ import annotations
@@ -24,8 +30,26 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import LayerObservation, Scorer, middle_range, protected_mask
+from .base import (
+    LayerObservation,
+    Scorer,
+    check_head_select,
+    check_inputs,
+    middle_range,
+    protected_mask,
+    select_per_mode,
+)
+from .params import Param
 from .snapkv import SnapKV
+
+CHUNK_GRIDS = ("after_sinks", "from_zero")
+
+CHUNK_SIZE = Param("chunk_size", int, 10, "ChunkKV chunk length in tokens.", minimum=1)
+REUSE_LAYERS = Param("reuse_layers", int, 1, "ChunkKV layer-wise index reuse: layers per group "
+                     "sharing one selection.", minimum=1)
+CHUNK_GRID = Param("chunk_grid", str, "after_sinks", "ChunkKV chunk grid: after_sinks (chunks "
+                   "start after the sink tokens) or from_zero (chunks start at token 0, as the "
+                   "paper and kvpress).", choices=CHUNK_GRIDS)
 
 
 @dataclass(frozen=True)
@@ -36,32 +60,50 @@ class ChunkKV:
         scorer: any ``Scorer``; its per-token scores are averaged per chunk.
         chunk_size: tokens per chunk (paper's robust default 10; kvpress ships 20).
         reuse_layers: layers per index-reuse group (1 = no reuse).
+        head_select: ``shared`` or ``per_head``.
+        chunk_grid: ``after_sinks`` or ``from_zero``.
     """
 
     scorer: Scorer = field(default_factory=SnapKV)
     chunk_size: int = 10
     reuse_layers: int = 1
+    head_select: str = "shared"
+    chunk_grid: str = "after_sinks"
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.reuse_layers < 1:
             raise ValueError(f"reuse_layers must be >= 1, got {self.reuse_layers}")
+        if self.chunk_grid not in CHUNK_GRIDS:
+            raise ValueError(f"chunk_grid must be one of {', '.join(CHUNK_GRIDS)}, got "
+                             f"{self.chunk_grid!r}")
+        check_head_select(self.head_select)
+        check_inputs(self.scorer.inputs)
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        return self.scorer.inputs
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int:
         return budget
 
     def selection_layer(self, layer_idx: int) -> int:
+        if not self.scorer.inputs:
+            return 0
         return layer_idx - layer_idx % self.reuse_layers
 
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        scores = self.scorer.score(obs).float()
-        if obs.kernels is None:
-            return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size)
-        return chunk_select(scores, obs.budget, obs.sink_tokens, obs.window, self.chunk_size,
-                            aggregate=obs.kernels.chunk_means,
-                            order=obs.kernels.descending_order)
+        scores = self.scorer.score(obs)
+        kwargs = {}
+        if obs.kernels is not None:
+            kwargs = {"aggregate": obs.kernels.chunk_means,
+                      "order": obs.kernels.descending_order}
+        origin = 0 if self.chunk_grid == "from_zero" else None
+        return select_per_mode(scores, self.head_select, lambda row: chunk_select(
+            row, obs.budget, obs.sink_tokens, obs.window, self.chunk_size, origin=origin,
+            **kwargs))
 
 
 def chunk_means(scores: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +142,8 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
                  chunk_size: int,
                  aggregate: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
                  = chunk_means,
-                 order: Callable[[torch.Tensor], torch.Tensor] = stable_descending
-                 ) -> torch.Tensor:
+                 order: Callable[[torch.Tensor], torch.Tensor] = stable_descending,
+                 origin: int | None = None) -> torch.Tensor:
     """Keeps sinks, window and the best whole chunks of the middle, exactly ``budget`` tokens.
 
     Args:
@@ -112,6 +154,8 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
         chunk_size: tokens per chunk.
         aggregate: ``chunk_means`` or a kernel with the same contract.
         order: ``stable_descending`` or a kernel with the same contract.
+        origin: token where the chunk grid starts (``0``: chunk ``k`` is ``[k c, (k+1) c)``,
+            clipped to the middle); ``None``: the grid starts at the first droppable token.
 
     Returns:
         ``[budget]`` int64 sorted unique indices.
@@ -125,9 +169,19 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
         raise ValueError(f"budget {budget} outside [{int(protected.sum())}, {seq_len}]")
     middle = scores[start:end].float()
     n_mid = end - start
-    means, sizes = aggregate(middle, chunk_size)
+    # Tokens of the first grid chunk that lie before the middle (sinks): padded with zeros, which
+    # leaves the left-to-right sums unchanged; that chunk's mean is then rescaled to its size.
+    lead = 0 if origin is None or n_mid == 0 else (start - origin) % chunk_size
+    padded = torch.cat([middle.new_zeros(lead), middle]) if lead else middle
+    means, sizes = aggregate(padded, chunk_size)
+    if lead and means.shape[0]:
+        means = means.clone()
+        sizes = sizes.clone()
+        first = min(chunk_size - lead, n_mid)
+        means[0] = means[0] * sizes[0] / first
+        sizes[0] = first
     n_chunks = means.shape[0]
-    chunk_id = torch.arange(n_mid, device=device) // chunk_size
+    chunk_id = (torch.arange(n_mid, device=device) + lead) // chunk_size
     ranked = order(means)
     # Whole chunks while they fit: the cumulative size of the ranked chunks decides.
     cum = torch.cumsum(sizes[ranked], dim=0)
@@ -139,8 +193,8 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
     if remainder > 0:
         # Trim the next-best chunk to its best tokens so the budget is exact.
         boundary = int(ranked[n_whole])
-        lo = boundary * chunk_size
-        hi = min(lo + chunk_size, n_mid)
+        lo = max(boundary * chunk_size - lead, 0)
+        hi = min((boundary + 1) * chunk_size - lead, n_mid)
         best = torch.argsort(middle[lo:hi], descending=True, stable=True)[:remainder]
         kept_mid[lo + best] = True
     keep = protected.clone()

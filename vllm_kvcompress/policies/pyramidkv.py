@@ -7,12 +7,13 @@ Wraps a token scorer (SnapKV by default). The droppable part of a uniform budget
 minus sinks and window) is spread over layers as an arithmetic sequence from ``max`` at layer 0
 down to ``min = m / beta`` at the top layer, with ``max + min = 2 m`` so the total over layers
 equals the uniform total exactly (integer remainders go to the lowest layers; no layer exceeds
-the prompt). Within a layer, selection is SnapKV-style top-k (``select``).
+the prompt). Within a layer, selection is top-k (``select``), shared over KV heads or per head.
 
 Serving note: a request has one block table, so its physical KV length is set by the LARGEST
-layer budget; layers with smaller budgets hold fewer meaningful tokens. See docs/ARCHITECTURE.md.
+layer budget, and the engine fills every layer to it (the lower-budget layers keep their
+next-best tokens): in memory PyramidKV holds layer 0's budget. See docs/ARCHITECTURE.md.
 
-Shapes: scores ``[L]`` float32; kept indices ``[layer_budget]`` int64 sorted.
+Shapes: scores ``[H, L]`` float32; kept indices ``[H, layer_budget]`` int64, rows sorted.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import LayerObservation, Scorer, select
+from .base import LayerObservation, Scorer, check_head_select, check_inputs, select, select_per_mode
+from .params import Param
 from .snapkv import SnapKV
+
+BETA = Param("beta", float, 20.0, "PyramidKV: ratio between the mean and the top layer's "
+             "droppable budget.", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -32,14 +37,22 @@ class PyramidKV:
     Attributes:
         scorer: any ``Scorer`` used for the per-layer top-k.
         beta: ratio between the mean and the top layer's droppable budget (paper: 20).
+        head_select: ``shared`` or ``per_head``.
     """
 
     scorer: Scorer = field(default_factory=SnapKV)
     beta: float = 20.0
+    head_select: str = "shared"
 
     def __post_init__(self) -> None:
         if self.beta < 1:
             raise ValueError(f"beta must be >= 1, got {self.beta}")
+        check_head_select(self.head_select)
+        check_inputs(self.scorer.inputs)
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        return self.scorer.inputs
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int:
@@ -50,7 +63,8 @@ class PyramidKV:
         return layer_idx
 
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        return select(self.scorer.score(obs), obs.budget, obs.sink_tokens, obs.window)
+        return select_per_mode(self.scorer.score(obs), self.head_select, lambda row: select(
+            row, obs.budget, obs.sink_tokens, obs.window))
 
 
 def pyramid_schedule(mean_free: int, num_layers: int, max_free: int, beta: float) -> list[int]:

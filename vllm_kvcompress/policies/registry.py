@@ -11,6 +11,7 @@ Entry points are loaded lazily, once, the first time a name is looked up or list
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +19,13 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from .base import KVPolicy
-from .chunkkv import ChunkKV
-from .pyramidkv import PyramidKV
-from .snapkv import SnapKV
+from .chunkkv import CHUNK_GRID, CHUNK_SIZE, REUSE_LAYERS, ChunkKV
+from .model_data import ModelDataHook
+from .params import COMMON_PARAMS, HEAD_SELECT_MODES, Param
+from .pyramidkv import BETA, PyramidKV
+from .snapkv import POOL_KERNEL, SnapKV
 from .streamingllm import StreamingLLM
+from .topk import TopK
 
 if TYPE_CHECKING:
     from ..config import CompressionSpec
@@ -38,20 +42,24 @@ class PolicyInfo:
 
     Attributes:
         name: the name users pass as ``policy`` / ``--kv-policy`` / ``kv_policy``.
-        build: makes the policy object from a validated spec.
+        build: makes the policy object from a validated spec (``spec.head_select`` is already
+            resolved to this policy's default when the user did not set it).
         paper: link to the paper.
         summary: one line on what it keeps.
-        parameters: the spec fields the policy reads.
-        needs_queries: whether selection reads the observation-window queries (the engine then
-            recomputes the window's tokens even when they hit the prefix cache).
+        parameters: the policy's own settings, declared once (flags, YAML keys, ``kv_*`` keys,
+            validation and the listing are generated from them). The common settings
+            (``COMMON_PARAMS``: ratio, budget, window, ...) apply to every policy.
+        default_head_select: ``shared`` or ``per_head`` when the request does not say.
+        model_data: per-model data the policy loads from one of its path parameters.
     """
 
     name: str
     build: Callable[[CompressionSpec], KVPolicy]
     paper: str
     summary: str
-    parameters: tuple[str, ...]
-    needs_queries: bool = True
+    parameters: tuple[Param, ...] = ()
+    default_head_select: str = "shared"
+    model_data: ModelDataHook | None = None
 
 
 _REGISTRY: dict[str, PolicyInfo] = {}
@@ -62,15 +70,31 @@ def register_policy(info: PolicyInfo, *, replace: bool = False) -> None:
     """Adds a policy; registering the same object twice is a no-op.
 
     Raises:
-        ValueError: the name is taken by a different policy and ``replace`` is False, or the
-            name is reserved.
+        ValueError: the name is taken by a different policy and ``replace`` is False, the
+            name is reserved, or a parameter clashes with a differently declared one.
     """
     if info.name == NO_POLICY:
         raise ValueError(f"policy name {NO_POLICY!r} is reserved for 'no compression'")
+    if info.default_head_select not in HEAD_SELECT_MODES:
+        raise ValueError(f"policy {info.name!r}: default_head_select must be one of "
+                         f"{', '.join(HEAD_SELECT_MODES)}")
     existing = _REGISTRY.get(info.name)
     if existing is not None and existing != info and not replace:
         raise ValueError(f"policy {info.name!r} is already registered")
+    known = {p.name: p for p in COMMON_PARAMS}
+    for other in _REGISTRY.values():
+        if other.name != info.name:
+            known.update({p.name: p for p in other.parameters})
+    for param in info.parameters:
+        if param.name in known and known[param.name] != param:
+            raise ValueError(f"policy {info.name!r}: parameter {param.name!r} is already "
+                             "declared differently (by the common settings or another policy)")
+    if info.model_data is not None and info.model_data.param not in {
+            p.name for p in info.parameters}:
+        raise ValueError(f"policy {info.name!r}: model_data.param {info.model_data.param!r} is "
+                         "not one of its parameters")
     _REGISTRY[info.name] = info
+    build_policy.cache_clear()
 
 
 def _load_entry_points() -> None:
@@ -103,45 +127,67 @@ def get_policy_info(name: str) -> PolicyInfo:
     return _REGISTRY[name]
 
 
+def all_params() -> dict[str, Param]:
+    """Every setting, common first, then each policy's own in name order (one per name)."""
+    _load_entry_points()
+    params = {p.name: p for p in COMMON_PARAMS}
+    for name in sorted(_REGISTRY):
+        for param in _REGISTRY[name].parameters:
+            params.setdefault(param.name, param)
+    return params
+
+
+def resolved_head_select(spec: CompressionSpec) -> str:
+    """The request's selection mode: its own setting, else the policy's default."""
+    if spec.head_select is not None or spec.policy == NO_POLICY:
+        return spec.head_select or "shared"
+    return get_policy_info(spec.policy).default_head_select
+
+
+@functools.lru_cache(maxsize=256)
 def build_policy(spec: CompressionSpec) -> KVPolicy | None:
-    """The policy object for a resolved spec, or ``None`` for ``policy: none``."""
+    """The policy object for a resolved spec, or ``None`` for ``policy: none``.
+
+    Cached per spec (specs are immutable and hashable; policies are stateless): the scheduler
+    and the workers ask for it on every compressing step.
+    """
     if spec.policy == NO_POLICY:
         return None
-    return get_policy_info(spec.policy).build(spec)
+    info = get_policy_info(spec.policy)
+    return info.build(spec.replace(head_select=resolved_head_select(spec)))
 
-
-_WINDOW_PARAMS = ("ratio", "budget", "window", "sink_tokens", "min_prompt_len")
 
 for _info in (
     PolicyInfo(
         name="streamingllm",
-        build=lambda spec: StreamingLLM(),
+        build=lambda spec: TopK(StreamingLLM(), head_select=spec.head_select),
         paper="https://arxiv.org/abs/2309.17453",
         summary="attention sinks + most recent tokens; no scoring",
-        parameters=("ratio", "budget", "sink_tokens", "min_prompt_len"),
-        needs_queries=False,
     ),
     PolicyInfo(
         name="snapkv",
-        build=lambda spec: SnapKV(pool_kernel=spec.pool_kernel),
+        build=lambda spec: TopK(SnapKV(pool_kernel=spec.pool_kernel),
+                                head_select=spec.head_select),
         paper="https://arxiv.org/abs/2404.14469",
         summary="top tokens by observation-window attention, average-pooled",
-        parameters=(*_WINDOW_PARAMS, "pool_kernel"),
+        parameters=(POOL_KERNEL,),
     ),
     PolicyInfo(
         name="chunkkv",
         build=lambda spec: ChunkKV(scorer=SnapKV(pool_kernel=spec.pool_kernel),
-                                   chunk_size=spec.chunk_size, reuse_layers=spec.reuse_layers),
+                                   chunk_size=spec.chunk_size, reuse_layers=spec.reuse_layers,
+                                   head_select=spec.head_select, chunk_grid=spec.chunk_grid),
         paper="https://arxiv.org/abs/2502.00299",
         summary="top whole chunks by mean window attention; layer-wise index reuse",
-        parameters=(*_WINDOW_PARAMS, "pool_kernel", "chunk_size", "reuse_layers"),
+        parameters=(POOL_KERNEL, CHUNK_SIZE, REUSE_LAYERS, CHUNK_GRID),
     ),
     PolicyInfo(
         name="pyramidkv",
-        build=lambda spec: PyramidKV(scorer=SnapKV(pool_kernel=spec.pool_kernel)),
+        build=lambda spec: PyramidKV(scorer=SnapKV(pool_kernel=spec.pool_kernel),
+                                     beta=spec.beta, head_select=spec.head_select),
         paper="https://arxiv.org/abs/2406.02069",
         summary="SnapKV selection with budgets decreasing from lower to upper layers",
-        parameters=(*_WINDOW_PARAMS, "pool_kernel"),
+        parameters=(POOL_KERNEL, BETA),
     ),
 ):
     register_policy(_info)

@@ -1,15 +1,19 @@
-"""StreamingLLM: attention sinks plus the most recent tokens.
+"""StreamingLLM's scorer: attention sinks plus the most recent tokens.
 
 Paper: Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024),
 https://arxiv.org/abs/2309.17453
 
-No scoring: keep the first ``sink_tokens`` tokens and the last ``budget - sink_tokens`` tokens.
-Needs no queries or keys. Kept indices ``[budget]`` int64, sorted.
+The score of token ``t`` is ``t`` itself (later = better), so top-k selection keeps the sinks
+(always protected) and the most recent ``budget - sink_tokens`` tokens. Reads nothing from the
+model: every layer and head keeps the same tokens, and prefix-cache hits need no recompute.
+
+Inputs: none. Output: scores ``[H, L]`` float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -18,20 +22,10 @@ from .base import LayerObservation
 
 @dataclass(frozen=True)
 class StreamingLLM:
-    """Sinks + recent tokens; parameter-free beyond the shared ``sink_tokens`` and budget."""
+    """Recency scorer; parameter-free beyond the shared ``sink_tokens`` and budget."""
 
-    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
-                     protected: int) -> int:
-        return budget
+    inputs: ClassVar[frozenset[str]] = frozenset()
 
-    def selection_layer(self, layer_idx: int) -> int:
-        # Every layer keeps the same tokens: compute once, reuse everywhere.
-        return 0
-
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        device = obs.keys.device if obs.keys is not None else "cpu"
-        recent = obs.budget - obs.sink_tokens
-        return torch.cat([
-            torch.arange(obs.sink_tokens, device=device),
-            torch.arange(obs.seq_len - recent, obs.seq_len, device=device),
-        ])
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        positions = torch.arange(obs.seq_len, dtype=torch.float32, device=obs.device)
+        return positions.expand(obs.num_kv_heads, -1)
