@@ -94,7 +94,12 @@ class ReferenceModel:
         Returns:
             layer -> ``[num_kv_heads][kept]``, or ``None`` when the request is not compressed.
         """
-        from vllm_kvcompress.policies import LayerObservation, build_policy
+        from vllm_kvcompress.policies import (
+            LayerObservation,
+            build_policy,
+            get_policy_info,
+            load_model_data,
+        )
 
         seq_len = len(prompt_ids)
         kept = spec.kept_tokens(seq_len)
@@ -107,6 +112,8 @@ class ReferenceModel:
         if kept >= seq_len:
             return None
         inputs = self.layer_inputs(prompt_ids)
+        hook = get_policy_info(spec.policy).model_data
+        model_data = load_model_data(hook, getattr(spec, hook.param)) if hook else None
         chosen: dict[int, torch.Tensor] = {}
         result: KeptIndices = {}
         for layer in range(self.num_layers):
@@ -118,7 +125,7 @@ class ReferenceModel:
                     window=spec.window, layer_idx=source, num_layers=self.num_layers,
                     num_kv_heads=tensors.keys.shape[0],
                     queries=tensors.queries[:, -spec.window:], keys=tensors.keys,
-                    values=tensors.values)
+                    values=tensors.values, model_data=model_data)
                 chosen[source] = policy.keep_indices(obs)
             result[layer] = chosen[source].tolist()
         return result

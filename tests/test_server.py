@@ -51,6 +51,9 @@ BAD_XARGS = [
     ({"kv_budget": -4}, "kv_budget"),
     ({"kv_budget": 2.5}, "kv_budget"),
     ({"kv_chunk_size": 0}, "kv_chunk_size"),
+    ({"kv_head_select": "all_heads"}, "kv_head_select"),
+    ({"kv_chunk_grid": "sentences"}, "kv_chunk_grid"),
+    ({"kv_beta": 0.5}, "kv_beta"),
     ({"kv_unknown": 1}, "kv_unknown"),
 ]
 
@@ -72,7 +75,9 @@ def test_server_keeps_serving_after_bad_input(server: LocalServer, tiny_model: P
                                               endpoint: str) -> None:
     assert post(server, endpoint, tiny_model, {"kv_ratio": 7}).status_code == 400
     for xargs in (None, {"kv_policy": "snapkv", "kv_ratio": 0.5}, {"kv_policy": "none"},
-                  {"kv_budget": 40, "kv_chunk_size": 5}, {"other_plugin_key": "ignored"}):
+                  {"kv_budget": 40, "kv_chunk_size": 5}, {"other_plugin_key": "ignored"},
+                  {"kv_policy": "chunkkv", "kv_head_select": "per_head",
+                   "kv_chunk_grid": "from_zero"}):
         resp = post(server, endpoint, tiny_model, xargs)
         assert resp.status_code == 200, resp.text
         assert resp.json()["usage"]["completion_tokens"] == 4
@@ -138,8 +143,8 @@ def test_metrics_show_blocks_freed_and_kv_usage_drop(server: LocalServer,
 
 
 KV_KEYS = ["kv_policy", "kv_ratio", "kv_budget", "kv_window", "kv_pool_kernel", "kv_chunk_size",
-           "kv_reuse_layers", "kv_sink_tokens", "kv_min_prompt_len", "kv_bogus", "kv_",
-           "not_ours"]
+           "kv_reuse_layers", "kv_sink_tokens", "kv_min_prompt_len", "kv_head_select",
+           "kv_chunk_grid", "kv_beta", "kv_bogus", "kv_", "not_ours"]
 
 
 def xargs_strategy() -> Any:
@@ -147,7 +152,7 @@ def xargs_strategy() -> Any:
 
     scalar = st.one_of(
         st.sampled_from(["none", "snapkv", "chunkkv", "streamingllm", "pyramidkv", "h2o", "",
-                         "0.5", "SNAPKV"]),
+                         "0.5", "SNAPKV", "shared", "per_head", "from_zero"]),
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
         st.floats(allow_nan=False, allow_infinity=False),  # JSON has no NaN/Inf
         st.booleans())

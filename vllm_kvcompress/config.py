@@ -271,3 +271,34 @@ def resolve_request(server: CompressionSpec, extra_args: Mapping[str, Any] | Non
     if not values:
         return server
     return resolve((server.explicit(), {}), (values, request_names()))
+
+
+def check_model_data(spec: CompressionSpec, shape: Any, name_of: Mapping[str, str]) -> None:
+    """Loads and checks the per-model data a spec's policy asks for (once per file version).
+
+    Args:
+        spec: a resolved spec.
+        shape: ``policies.model_data.ModelShape`` of the served model.
+        name_of: field -> the name the user wrote (``kv_<name>``, ``--kv-<name>``, ...).
+
+    Raises:
+        CompressionConfigError: the file is missing, unreadable or does not fit the model; the
+            message names the path setting.
+    """
+    from .policies.model_data import load_model_data
+    from .policies.registry import get_policy_info
+
+    if not spec.enabled:
+        return
+    hook = get_policy_info(spec.policy).model_data
+    if hook is None:
+        return
+    field = name_of.get(hook.param, hook.param)
+    path = getattr(spec, hook.param)
+    if path is None:
+        raise CompressionConfigError(field, f"policy {spec.policy!r} needs this file (its "
+                                            "per-model data)")
+    try:
+        load_model_data(hook, path, shape)
+    except ValueError as err:
+        raise CompressionConfigError(field, f"{path}: {err}") from None

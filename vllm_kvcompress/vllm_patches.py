@@ -23,12 +23,16 @@ from .config import (
     ADDITIONAL_CONFIG_KEY,
     CompressionConfigError,
     CompressionSpec,
+    check_model_data,
     cli_names,
+    request_names,
     resolve,
+    resolve_request,
     validate_request,
     yaml_names,
 )
-from .policies.registry import all_params
+from .policies.model_data import ModelShape
+from .policies.registry import all_params, get_policy_info
 
 # Under "vllm." so vLLM's log handler and VLLM_LOGGING_LEVEL apply to our lines too.
 logger = logging.getLogger("vllm.kvcompress")
@@ -225,6 +229,9 @@ def _patch_engine_args() -> None:
         engine_args = original_from(cls, args)
         try:
             spec = server_spec_from_args(args, engine_args.additional_config)
+            if spec.enabled and get_policy_info(spec.policy).model_data is not None:
+                check_model_data(spec, model_shape(engine_args.create_model_config()),
+                                 cli_names())
         except CompressionConfigError as err:
             raise SystemExit(f"vllm-kvcompress: invalid configuration: {err}") from None
         engine_args.additional_config = {
@@ -256,11 +263,29 @@ def server_spec(vllm_config: Any) -> CompressionSpec:
     return resolve((block, yaml_names("additional_config.kvcompress")))
 
 
+def model_shape(model_config: Any) -> ModelShape:
+    """What per-model data must match, from vLLM's model config (all TP ranks together)."""
+    return ModelShape(model=str(model_config.model),
+                      num_layers=model_config.get_total_num_hidden_layers(),
+                      num_kv_heads=model_config.get_total_num_kv_heads(),
+                      num_q_heads=model_config.hf_text_config.num_attention_heads,
+                      head_dim=model_config.get_head_size())
+
+
+#: This front end's server default and model shape, set once when its InputProcessor is built
+#: (requests are validated in the same process), so per-request model data can be checked
+#: before a response starts.
+_FRONTEND: tuple[CompressionSpec, ModelShape] | None = None
+
+
 def _raise_for_request(extra_args: dict[str, Any] | None) -> None:
     from vllm.exceptions import VLLMValidationError
 
     try:
         validate_request(extra_args)
+        if _FRONTEND is not None and extra_args:
+            server, shape = _FRONTEND
+            check_model_data(resolve_request(server, extra_args), shape, request_names())
     except CompressionConfigError as err:
         raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
 
@@ -291,6 +316,10 @@ def _patch_input_processor() -> None:
         original_init(self, vllm_config, *args, **kwargs)
         # Fails an offline LLM(additional_config=...) with a bad block at construction.
         spec = server_spec(vllm_config)
+        shape = model_shape(vllm_config.model_config)
+        check_model_data(spec, shape, yaml_names("additional_config.kvcompress"))
+        global _FRONTEND
+        _FRONTEND = (spec, shape)
         _, detail = engine_compression_supported()
         self._kvcompress_unsupported = deployment_unsupported_reason(vllm_config)
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
