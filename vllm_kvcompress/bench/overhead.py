@@ -29,7 +29,16 @@ from tqdm import tqdm
 
 from .artifacts import machine, pyplot
 
-POLICIES = ("none", "streamingllm", "snapkv", "chunkkv")
+#: label -> per-request settings of each TTFT configuration (both selection modes).
+CONFIGS: dict[str, dict[str, Any]] = {
+    "none": {"kv_policy": "none"},
+    "streamingllm": {"kv_policy": "streamingllm"},
+    "snapkv": {"kv_policy": "snapkv", "kv_head_select": "shared"},
+    "snapkv[per_head]": {"kv_policy": "snapkv", "kv_head_select": "per_head"},
+    "chunkkv": {"kv_policy": "chunkkv", "kv_head_select": "shared"},
+    "chunkkv[per_head]": {"kv_policy": "chunkkv", "kv_head_select": "per_head"},
+}
+POLICIES = tuple(CONFIGS)
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2"}
 
@@ -72,9 +81,9 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     llm.generate([{"prompt_token_ids": prompts[-1]}], one, use_tqdm=False)  # warm-up
     rows = []
     for rep in range(config["reps"]):
-        for policy in POLICIES:
+        for policy, xargs in CONFIGS.items():
             params = SamplingParams(max_tokens=1, temperature=0.0,
-                                    extra_args={"kv_policy": policy, "kv_ratio": 0.25})
+                                    extra_args={**xargs, "kv_ratio": 0.25})
             state = getattr(runner, "_kvcompress", None)
             before = state.compaction_seconds if state is not None else 0.0
             start = time.perf_counter()
@@ -194,9 +203,9 @@ def print_report(report: dict[str, Any]) -> None:
           f"policy none {tp['median_none']:.1f} -> ratio {tp['ratio_none_vs_disabled']:.3f} "
           "(target >= 0.98)")
     print(f"\nTTFT of a {report['ttft']['prompt_len']}-token prompt, kept ratio 0.25:")
-    print(f"{'policy':<14}{'TTFT s':>9}{'vs none':>9}{'compaction s':>14}{'share':>8}")
+    print(f"{'policy':<18}{'TTFT s':>9}{'vs none':>9}{'compaction s':>14}{'share':>8}")
     for policy, row in report["ttft"]["per_policy"].items():
-        print(f"{policy:<14}{row['median_ttft_s']:>9.3f}{row['ttft_vs_none']:>9.3f}"
+        print(f"{policy:<18}{row['median_ttft_s']:>9.3f}{row['ttft_vs_none']:>9.3f}"
               f"{row['median_compaction_s']:>14.3f}{row['compaction_share_of_ttft']:>8.1%}")
 
 
