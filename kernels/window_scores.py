@@ -30,7 +30,15 @@ KEY_LAYOUTS = {
 
 
 @triton.jit
-def _window_stats_kernel(Q, K, BT, M, Lsum, seq_len, window, scale,
+def _cap(s, softcap):
+    """Logit soft-cap ``c * tanh(s / c)`` (tanh via the sigmoid); ``c = 0`` leaves ``s``."""
+    if softcap > 0:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+    return s
+
+
+@triton.jit
+def _window_stats_kernel(Q, K, BT, M, Lsum, seq_len, window, scale, softcap,
                          sqh, sqw, sqd, skb, skh, skt, skd,
                          GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -51,7 +59,7 @@ def _window_stats_kernel(Q, K, BT, M, Lsum, seq_len, window, scale,
         base = block * skb + kv_head * skh + (keys % BLOCK_SIZE).to(tl.int64) * skt
         k = tl.load(K + base[:, None] + dims[None, :] * skd,
                     mask=key_ok[:, None] & (dims[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        s = _cap(tl.dot(q, tl.trans(k), input_precision="ieee") * scale, softcap)
         ok = key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -62,7 +70,7 @@ def _window_stats_kernel(Q, K, BT, M, Lsum, seq_len, window, scale,
 
 
 @triton.jit
-def _window_mass_kernel(Q, K, BT, M, Lsum, Out, seq_len, window, scale,
+def _window_mass_kernel(Q, K, BT, M, Lsum, Out, seq_len, window, scale, softcap,
                         sqh, sqw, sqd, skb, skh, skt, skd,
                         GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -85,7 +93,7 @@ def _window_mass_kernel(Q, K, BT, M, Lsum, Out, seq_len, window, scale,
                         other=0.0).to(tl.float32)
             m = tl.load(M + head * window + rows, mask=row_ok, other=0.0)
             lsum = tl.load(Lsum + head * window + rows, mask=row_ok, other=1.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            s = _cap(tl.dot(q, tl.trans(k), input_precision="ieee") * scale, softcap)
             q_pos = seq_len - window + rows
             ok = row_ok[:, None] & key_ok[None, :] & (keys[None, :] <= q_pos[:, None])
             p = tl.where(ok, tl.exp(s - m[:, None]) / lsum[:, None], 0.0)
@@ -95,7 +103,8 @@ def _window_mass_kernel(Q, K, BT, M, Lsum, Out, seq_len, window, scale,
 
 def paged_window_scores(queries: torch.Tensor, cache: torch.Tensor, block_ids: torch.Tensor,
                         seq_len: int, layout: str = "flash", scale: float | None = None,
-                        block_w: int = 16, block_n: int = 64) -> torch.Tensor:
+                        softcap: float = 0.0, block_w: int = 16, block_n: int = 64
+                        ) -> torch.Tensor:
     """Attention mass each cached key receives from the observation window, per KV head.
 
     Args:
@@ -105,6 +114,7 @@ def paged_window_scores(queries: torch.Tensor, cache: torch.Tensor, block_ids: t
         seq_len: prompt length ``L`` (``w <= L``).
         layout: a key of ``KEY_LAYOUTS``.
         scale: softmax scale, ``1 / sqrt(head_dim)`` when ``None``.
+        softcap: logit soft-cap of the attention layer, 0 for none.
         block_w: window rows per tile (>= 16, power of two).
         block_n: keys per tile (>= 16, power of two).
 
@@ -147,9 +157,9 @@ def paged_window_scores(queries: torch.Tensor, cache: torch.Tensor, block_ids: t
                   BLOCK_W=block_w, BLOCK_N=block_n,
                   BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
     _window_stats_kernel[(num_q_heads, triton.cdiv(window, block_w))](
-        queries, cache, block_ids, stats_m, stats_l, seq_len, window, scale,
+        queries, cache, block_ids, stats_m, stats_l, seq_len, window, scale, float(softcap),
         *queries.stride(), *strides_k, **common)
     _window_mass_kernel[(num_kv_heads, triton.cdiv(seq_len, block_n))](
         queries, cache, block_ids, stats_m, stats_l, out, seq_len, window, scale,
-        *queries.stride(), *strides_k, **common)
+        float(softcap), *queries.stride(), *strides_k, **common)
     return out

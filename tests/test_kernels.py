@@ -66,6 +66,11 @@ def test_window_scores_match_reference(dtype: torch.dtype, q_heads: int, kv_head
     torch.testing.assert_close(got.cpu(), want, **SCORE_TOL)
     # Every window query's weights sum to 1: the total mass is q_heads * window.
     assert abs(float(got.sum()) - q_heads * window) < 1e-3 * q_heads * window
+    # The layer's own scale and logit soft-cap (not 1/sqrt(head_dim)).
+    want = window_attention_scores(queries.float(), keys.float(), scale=0.7, softcap=3.0)
+    got = paged_window_scores(queries.to(DEVICE), cache.to(DEVICE), row.to(DEVICE), seq_len,
+                              scale=0.7, softcap=3.0)
+    torch.testing.assert_close(got.cpu(), want, **SCORE_TOL)
 
 
 def test_window_scores_on_the_cpu_attn_vec_layout() -> None:

@@ -144,6 +144,45 @@ def test_compaction_writes_the_policys_tokens_to_destination_slots(
         assert torch.equal(got_v[head], values[head, kept_idx[head]])
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_scoring_uses_the_layers_own_scale_and_softcap(
+        kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker scores with the attention layer's scale and logit soft-cap (what the model's
+    own attention used), not 1/sqrt(head_dim): its selection equals the policy's on window
+    attention computed with them, and differs from the default-scale one here."""
+    monkeypatch.setenv("VLLM_KVCOMPRESS_KERNELS", kernels)
+    gen = torch.Generator().manual_seed(11)
+    block_size, kv_heads, q_heads, head_size, prompt_len = 16, 2, 4, 64, 120
+    cache = torch.randn(20, kv_heads, block_size, 2 * head_size, generator=gen)
+    src = random_row(gen, 20, 8)
+    spec = CompressionSpec(policy="snapkv", ratio=0.2, window=16, pool_kernel=1)
+    kept = spec.kept_tokens(prompt_len)
+    dst = torch.tensor([b for b in range(1, 20) if b not in src.tolist()][:-(-kept // 16)])
+    keys, _ = FlashLayoutCache().read(cache, src, prompt_len)
+    keys = keys.clone()
+    query = 4 * torch.randn(prompt_len, q_heads, head_size, generator=gen)
+
+    def policy_choice(scale: float | None, softcap: float) -> torch.Tensor:
+        return build_policy(spec).keep_indices(LayerObservation(
+            seq_len=prompt_len, budget=kept, sink_tokens=spec.sink_tokens, window=spec.window,
+            num_kv_heads=kv_heads, queries=query[-spec.window:].transpose(0, 1), keys=keys,
+            attn_scale=scale, attn_softcap=softcap))
+
+    worker = WorkerCompression(num_layers=1, block_size=block_size)
+    worker.record = True
+    worker.compactions = [CompactionTask(
+        req_id="r", spec=spec, policy=build_policy(spec), kept=kept, prompt_len=prompt_len,
+        src_blocks=src, dst_blocks=dst, in_place=False, query_start=0, query_end=prompt_len)]
+    worker.after_attention(0, query, cache, FlashLayoutCache(), scale=0.5, softcap=2.0)
+    got = torch.tensor(worker.kept_log["r"][0])
+    want = policy_choice(0.5, 2.0)
+    if kernels == "torch":
+        assert torch.equal(got, want)
+    else:  # kernel sums in another order
+        assert len(set(got[0].tolist()) ^ set(want[0].tolist())) <= 2
+    assert not torch.equal(want, policy_choice(None, 0.0))
+
+
 def test_physical_remap_on_vllms_block_table() -> None:
     """`_to_physical` on a fake runner built from a fake step (two requests, one compacted) and
     vLLM's real BlockTable: seq_lens and the slot mapping become physical, positions stay

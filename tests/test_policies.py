@@ -311,6 +311,28 @@ def test_window_attention_scores_explicit_scale(scale: float) -> None:
                                rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("softcap", [2.0, 30.0])
+def test_window_attention_scores_logit_softcap(softcap: float) -> None:
+    """A layer's logit soft-cap c * tanh(s / c) is applied before the softmax (written out here
+    with an explicit loop, in float64)."""
+    shape = SHAPES[4]
+    queries, keys = make_qk(shape, 5)
+    scale = 0.3
+    got = window_attention_scores(queries, keys, scale=scale, softcap=softcap)
+    q, k = queries.double(), keys.double()
+    group = shape.num_q_heads // shape.num_kv_heads
+    want = torch.zeros(shape.num_kv_heads, shape.seq_len, dtype=torch.float64)
+    for head in range(shape.num_q_heads):
+        kv = head // group
+        for i in range(shape.window):
+            pos = shape.seq_len - shape.window + i
+            logits = (k[kv, : pos + 1] @ q[head, i]) * scale
+            logits = softcap * torch.tanh(logits / softcap)
+            want[kv, : pos + 1] += torch.softmax(logits, dim=0)
+    torch.testing.assert_close(got.double(), want, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(got, window_attention_scores(queries, keys, scale=scale))
+
+
 def test_window_attention_scores_causal_mask() -> None:
     """Window query i (position L - w + i) puts no weight on later keys."""
     shape = SHAPES[4]

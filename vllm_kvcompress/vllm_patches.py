@@ -524,8 +524,10 @@ def _compact_after_forward(impl_cls: type, access_for: Callable[[Any, Any], Any]
                                   *args, **kwargs)
         state = worker_side.ACTIVE_STEP
         if state is not None and attn_metadata is not None:
+            # Scores use the layer's own logits: its scale and soft-cap, not 1/sqrt(head_dim).
             state.after_attention(extract_layer_index(layer.layer_name), query, kv_cache,
-                                  access_for(self, layer))
+                                  access_for(self, layer), getattr(self, "scale", None),
+                                  float(getattr(self, "logits_soft_cap", 0) or 0))
         return output
 
     impl_cls.forward = forward

@@ -206,7 +206,8 @@ class WorkerCompression:
         return bool(self.compactions or self.stashes)
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor,
-                        access: PagedCacheAccess) -> None:
+                        access: PagedCacheAccess, scale: float | None = None,
+                        softcap: float = 0.0) -> None:
         """Stashes window queries and compacts this layer for this step's tasks.
 
         Args:
@@ -214,6 +215,8 @@ class WorkerCompression:
             query: ``[num_tokens, num_q_heads, head_dim]`` post-RoPE queries of the step.
             kv_cache: the layer's paged cache (this step's keys/values already written).
             access: reads and writes tokens of this backend's cache layout.
+            scale: the attention layer's softmax scale (scores use the layer's own logits).
+            softcap: the layer's logit soft-cap, 0 for none.
         """
         start = time.perf_counter()
         for stash in self.stashes:
@@ -221,7 +224,7 @@ class WorkerCompression:
                                 stash.window)
         for task in list(self.compactions):
             try:
-                self._compact_layer(task, layer_idx, query, kv_cache, access)
+                self._compact_layer(task, layer_idx, query, kv_cache, access, scale, softcap)
             except Exception:
                 # One request's failure must not take the engine (and every other request)
                 # down: drop its task, keep its old block-table row, and report it.
@@ -260,7 +263,8 @@ class WorkerCompression:
         return own[-window:].transpose(0, 1)  # [num_q_heads, w, head_dim]
 
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
-                       kv_cache: torch.Tensor, access: PagedCacheAccess) -> None:
+                       kv_cache: torch.Tensor, access: PagedCacheAccess,
+                       scale: float | None = None, softcap: float = 0.0) -> None:
         num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
         layout = (access.kernel_layout
                   if kernel_backend(kv_cache.device, self.kernels) == "triton" else None)
@@ -268,7 +272,8 @@ class WorkerCompression:
         kept_idx = task.selections.get(source)
         keys = values = None
         if kept_idx is None:
-            obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access, layout)
+            obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access, layout,
+                                              scale, softcap)
             kept_idx = task.policy.keep_indices(obs).to(torch.int64)
             if tuple(kept_idx.shape) != (num_kv_heads, task.kept):
                 raise ValueError(f"policy {task.spec.policy!r} returned kept indices of shape "
@@ -301,7 +306,8 @@ class WorkerCompression:
             self.stash.pop(task.req_id, None)
 
     def _observe(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
-                 kv_cache: torch.Tensor, access: PagedCacheAccess, layout: str | None
+                 kv_cache: torch.Tensor, access: PagedCacheAccess, layout: str | None,
+                 scale: float | None, softcap: float
                  ) -> tuple[LayerObservation, torch.Tensor | None, torch.Tensor | None]:
         """The observation with exactly the inputs the policy declared, on this kernel path.
 
@@ -323,13 +329,13 @@ class WorkerCompression:
 
                 window_attention = paged_window_scores(
                     queries.contiguous(), kv_cache, task.src_blocks.to(kv_cache.device),
-                    task.prompt_len, layout=layout)
+                    task.prompt_len, layout=layout, scale=scale, softcap=softcap)
             if KEYS in inputs or VALUES in inputs:
                 keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
         else:
             keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
             if want_attention:
-                window_attention = window_attention_scores(queries, keys)
+                window_attention = window_attention_scores(queries, keys, scale, softcap)
         model_data = None
         if MODEL_DATA in inputs:
             hook = get_policy_info(task.spec.policy).model_data
@@ -342,7 +348,8 @@ class WorkerCompression:
             window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
             num_kv_heads=kv_cache.shape[1], queries=queries,
             keys=keys if KEYS in inputs else None, values=values if VALUES in inputs else None,
-            window_attention=window_attention, model_data=model_data, kernels=kernels)
+            window_attention=window_attention, model_data=model_data, kernels=kernels,
+            attn_scale=scale, attn_softcap=softcap)
         return obs, keys, values
 
 

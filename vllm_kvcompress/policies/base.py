@@ -72,6 +72,8 @@ class LayerObservation:
         window_attention: ``[H, L]`` float32, computed by the engine (kernel or reference).
         model_data: the policy's per-model data (see ``model_data.ModelDataHook``).
         kernels: device kernels for selection steps, or ``None`` for the torch references.
+        attn_scale: the attention layer's softmax scale (``None``: ``1 / sqrt(head_dim)``).
+        attn_softcap: the layer's logit soft-cap, 0 for none.
     """
 
     seq_len: int
@@ -87,6 +89,8 @@ class LayerObservation:
     window_attention: torch.Tensor | None = None
     model_data: Any = None
     kernels: SelectionKernels | None = None
+    attn_scale: float | None = None
+    attn_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.window < 0:
@@ -115,7 +119,8 @@ class LayerObservation:
             if self.window < 1 or self.queries.shape[1] < self.window:
                 raise ValueError(f"scoring needs window >= 1 queries, got window={self.window} "
                                  f"and {self.queries.shape[1]} queries")
-            return window_attention_scores(self.queries[:, -self.window:, :], self.keys)
+            return window_attention_scores(self.queries[:, -self.window:, :], self.keys,
+                                           self.attn_scale, self.attn_softcap)
         if value is None:
             raise ValueError(f"this scorer needs {name!r}, which was not provided (declare it "
                              "in the scorer's `inputs`)")

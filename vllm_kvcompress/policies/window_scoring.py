@@ -14,13 +14,14 @@ from torch.nn.functional import avg_pool1d
 
 
 def window_attention_scores(queries: torch.Tensor, keys: torch.Tensor,
-                            scale: float | None = None) -> torch.Tensor:
+                            scale: float | None = None, softcap: float = 0.0) -> torch.Tensor:
     """Attention mass each key receives from the observation window, per KV head.
 
     Args:
         queries: ``[num_q_heads, w, head_dim]``, the queries of the last ``w`` prompt tokens.
         keys: ``[num_kv_heads, L, head_dim]``, all prompt keys, ``L >= w``.
-        scale: softmax scale, ``1 / sqrt(head_dim)`` when ``None``.
+        scale: softmax scale (the attention layer's own), ``1 / sqrt(head_dim)`` when ``None``.
+        softcap: the layer's logit soft-cap (Gemma-2 style ``c * tanh(s / c)``); 0 disables it.
 
     Returns:
         ``[num_kv_heads, L]`` float32: for each KV head and key, the sum over the window queries
@@ -42,6 +43,8 @@ def window_attention_scores(queries: torch.Tensor, keys: torch.Tensor,
     group = num_q_heads // num_kv_heads
     q = queries.float().reshape(num_kv_heads, group * window, head_dim)
     logits = torch.bmm(q, keys.float().transpose(1, 2)) * scale  # [kv, group*w, L]
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
     # Window query i sits at position L - w + i and may not see later keys.
     q_pos = torch.arange(seq_len - window, seq_len, device=keys.device).repeat(group)
     k_pos = torch.arange(seq_len, device=keys.device)
