@@ -154,9 +154,10 @@ def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: Refer
 
 
 class ExplodingPolicy:
-    """A third-party policy whose selection raises, as a kernel bug would."""
+    """A third-party policy whose scoring raises at one layer, as a kernel bug would."""
 
     inputs = frozenset()
+    head_select = "shared"
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int:
@@ -165,10 +166,16 @@ class ExplodingPolicy:
     def selection_layer(self, layer_idx: int) -> int:
         return layer_idx
 
-    def keep_indices(self, obs: Any) -> Any:
+    def score(self, obs: Any) -> Any:
         if obs.layer_idx == 2:
             raise RuntimeError("simulated kernel failure")
+        return torch.arange(obs.seq_len, dtype=torch.float32).expand(obs.num_kv_heads, -1)
+
+    def select(self, obs: Any, scores: Any) -> Any:
         return torch.arange(obs.budget).expand(obs.num_kv_heads, -1)
+
+    def keep_indices(self, obs: Any) -> Any:
+        return self.select(obs, self.score(obs))
 
 
 def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: ReferenceModel

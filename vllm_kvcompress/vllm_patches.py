@@ -468,7 +468,8 @@ def _worker_state(runner: Any) -> Any:
     if state is None:
         kernels = (runner.vllm_config.additional_config or {}).get(KERNELS_KEY)
         state = WorkerCompression(num_layers=len(runner.kv_caches),
-                                  block_size=runner.cache_config.block_size, kernels=kernels)
+                                  block_size=runner.cache_config.block_size, kernels=kernels,
+                                  total_kv_heads=runner.model_config.get_total_num_kv_heads())
         runner._kvcompress = state
     return state
 
@@ -497,6 +498,8 @@ def _patch_model_runner() -> None:
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
         output = original_sample(self, *args, **kwargs)
         state = getattr(self, "_kvcompress", None)
+        if state is not None:
+            state.end_step()  # every rank runs this: failures agreed across TP ranks
         if state is not None and state.failed and hasattr(output, "__dict__"):
             # A plain attribute on the (dataclass) output survives pickling to the engine core.
             output.kvcompress_failed = state.take_failed()

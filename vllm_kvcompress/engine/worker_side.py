@@ -15,6 +15,7 @@ Nothing here runs on a step without compression work beyond one dictionary check
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -79,6 +80,7 @@ class CompactionTask:
         query_start: first row of this request's tokens in the step's flattened batch.
         query_end: one past its last row.
         selections: selection layer -> kept indices ``[H, kept]``, for layer-wise index reuse.
+        failed: compaction raised on this rank, or (tensor parallelism) on another one.
     """
 
     req_id: str
@@ -92,6 +94,7 @@ class CompactionTask:
     query_start: int
     query_end: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
+    failed: bool = False
 
 
 @dataclass
@@ -112,9 +115,11 @@ class WorkerCompression:
         block_size: tokens per KV block.
         kernels: ``auto``/``torch``/``triton``/``cuda`` from the config, or ``None`` to follow
             ``VLLM_KVCOMPRESS_KERNELS`` (see ``kernels.dispatch``).
+        total_kv_heads: KV heads of the model over all tensor-parallel ranks.
     """
 
-    def __init__(self, num_layers: int, block_size: int, kernels: str | None = None) -> None:
+    def __init__(self, num_layers: int, block_size: int, kernels: str | None = None,
+                 total_kv_heads: int | None = None) -> None:
         self.num_layers = num_layers
         self.block_size = block_size
         self.kernels = kernels
@@ -130,6 +135,9 @@ class WorkerCompression:
         #: Requests whose compaction raised this step; reported to the scheduler, which fails
         #: them alone (their destination blocks are half written).
         self.failed: set[str] = set()
+        self._tp: Any = _UNRESOLVED
+        #: KV heads of the whole model (all ranks), for per-head model data under TP.
+        self.total_kv_heads = total_kv_heads
 
     # --- step boundaries ----------------------------------------------------------------------
 
@@ -222,25 +230,59 @@ class WorkerCompression:
         for stash in self.stashes:
             self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
                                 stash.window)
-        for task in list(self.compactions):
+        for task in self.compactions:
             try:
                 self._compact_layer(task, layer_idx, query, kv_cache, access, scale, softcap)
             except Exception:
                 # One request's failure must not take the engine (and every other request)
-                # down: drop its task, keep its old block-table row, and report it.
+                # down: keep its old block-table row and report it. Under tensor parallelism
+                # the task stays in the list so this rank keeps joining the step's collectives
+                # (with a failure flag) and the other ranks fail it too.
                 logger.exception("vllm-kvcompress: compaction of request %s failed at layer %d;"
                                  " the request is finished with an error", task.req_id,
                                  layer_idx)
-                self.compactions.remove(task)
-                self.pending.pop(task.req_id, None)
-                self.stash.pop(task.req_id, None)
-                self.failed.add(task.req_id)
+                self._fail(task)
         self.compaction_seconds += time.perf_counter() - start
+
+    def _fail(self, task: CompactionTask) -> None:
+        task.failed = True
+        self.pending.pop(task.req_id, None)
+        self.stash.pop(task.req_id, None)
+        self.failed.add(task.req_id)
+
+    def end_step(self) -> None:
+        """After the forward, on every rank: a failure on any tensor-parallel rank fails the
+        request on all of them (the failure may have happened after the last collective)."""
+        tp = self._tensor_parallel()
+        if tp is None or not self.compactions:
+            return
+        # Every rank holds the same tasks in the same order (one scheduler message).
+        flags = torch.tensor([float(t.failed) for t in self.compactions])
+        flags = tp.all_reduce(flags.to(tp.device)).cpu()
+        for task, flag in zip(self.compactions, flags.tolist(), strict=True):
+            if flag > 0 and not task.failed:
+                logger.warning("vllm-kvcompress: compaction of request %s failed on another "
+                               "tensor-parallel rank", task.req_id)
+                self._fail(task)
 
     def take_failed(self) -> list[str]:
         """Request ids whose compaction failed since the last call."""
         failed, self.failed = sorted(self.failed), set()
         return failed
+
+    def _tensor_parallel(self) -> Any:
+        """vLLM's tensor-parallel group when it has more than one rank, else ``None``."""
+        if self._tp is _UNRESOLVED:
+            self._tp = None
+            try:
+                from vllm.distributed import get_tp_group
+
+                group = get_tp_group()
+            except Exception:  # no distributed state (unit tests, tools)
+                group = None
+            if group is not None and group.world_size > 1:
+                self._tp = group
+        return self._tp
 
     def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
                        window: int) -> None:
@@ -272,13 +314,44 @@ class WorkerCompression:
         kept_idx = task.selections.get(source)
         keys = values = None
         if kept_idx is None:
-            obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access, layout,
-                                              scale, softcap)
-            kept_idx = task.policy.keep_indices(obs).to(torch.int64)
+            obs = scores = error = None
+            if not task.failed:
+                try:
+                    obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access,
+                                                      layout, scale, softcap)
+                    scores = task.policy.score(obs).float()
+                except Exception as err:
+                    error = err
+            tp = self._tensor_parallel()
+            if tp is not None:
+                # Every rank joins, failed or not, so the collectives stay aligned; the flag
+                # makes a failure on any rank fail the request on all of them.
+                total = (scores.sum(dim=0) if scores is not None else
+                         torch.zeros(task.prompt_len, device=kv_cache.device))
+                flag = torch.tensor([float(task.failed or error is not None)],
+                                    device=total.device)
+                reduced = tp.all_reduce(torch.cat([total, flag]).to(tp.device))
+                if float(reduced[-1]) > 0:
+                    if error is not None:
+                        raise error
+                    if not task.failed:
+                        logger.warning("vllm-kvcompress: compaction of request %s failed on "
+                                       "another tensor-parallel rank", task.req_id)
+                        self._fail(task)
+                    return
+                # shared selection ranks the scores of every rank's heads: one token set.
+                obs = dataclasses.replace(obs, shared_total=reduced[:-1].to(total.device))
+            if error is not None:
+                raise error
+            if task.failed:
+                return
+            kept_idx = task.policy.select(obs, scores).to(torch.int64)
             if tuple(kept_idx.shape) != (num_kv_heads, task.kept):
                 raise ValueError(f"policy {task.spec.policy!r} returned kept indices of shape "
                                  f"{tuple(kept_idx.shape)}, expected {(num_kv_heads, task.kept)}")
             task.selections[source] = kept_idx
+        if task.failed:
+            return
         dst_slots = row_slots(task.dst_blocks, task.kept, block_size).to(kv_cache.device)
         kept_on = kept_idx.to(kv_cache.device)
         if layout is not None:
@@ -304,6 +377,17 @@ class WorkerCompression:
             self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
         if layer_idx == self.num_layers - 1:
             self.stash.pop(task.req_id, None)
+
+    def _kv_head_offset(self, local_heads: int) -> int:
+        """Global index of this rank's first KV head (vLLM splits heads evenly, or replicates
+        them when there are fewer heads than ranks)."""
+        tp = self._tensor_parallel()
+        if tp is None:
+            return 0
+        total = self.total_kv_heads or local_heads * tp.world_size
+        if total >= tp.world_size:
+            return tp.rank_in_group * local_heads
+        return tp.rank_in_group * total // tp.world_size
 
     def _observe(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
                  kv_cache: torch.Tensor, access: PagedCacheAccess, layout: str | None,
@@ -349,9 +433,12 @@ class WorkerCompression:
             num_kv_heads=kv_cache.shape[1], queries=queries,
             keys=keys if KEYS in inputs else None, values=values if VALUES in inputs else None,
             window_attention=window_attention, model_data=model_data, kernels=kernels,
-            attn_scale=scale, attn_softcap=softcap)
+            attn_scale=scale, attn_softcap=softcap,
+            kv_head_offset=self._kv_head_offset(kv_cache.shape[1]))
         return obs, keys, values
 
+
+_UNRESOLVED = object()
 
 #: The worker state with layer work in the current step, or None (read by the attention hook).
 ACTIVE_STEP: WorkerCompression | None = None

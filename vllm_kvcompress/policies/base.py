@@ -74,6 +74,11 @@ class LayerObservation:
         kernels: device kernels for selection steps, or ``None`` for the torch references.
         attn_scale: the attention layer's softmax scale (``None``: ``1 / sqrt(head_dim)``).
         attn_softcap: the layer's logit soft-cap, 0 for none.
+        kv_head_offset: global index of this rank's first KV head (tensor parallelism; per-head
+            model data is indexed by global head).
+        shared_total: ``[L]`` float32, the scores summed over ALL KV heads of the layer (every
+            tensor-parallel rank), set by the engine under tensor parallelism; ``shared``
+            selection then uses it instead of the local sum, so every rank keeps the same tokens.
     """
 
     seq_len: int
@@ -91,6 +96,8 @@ class LayerObservation:
     kernels: SelectionKernels | None = None
     attn_scale: float | None = None
     attn_softcap: float = 0.0
+    kv_head_offset: int = 0
+    shared_total: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.window < 0:
@@ -151,23 +158,34 @@ class Scorer(Protocol):
 
 @runtime_checkable
 class KVPolicy(Protocol):
-    """Chooses the kept tokens of one layer, per KV head.
+    """Chooses the kept tokens of one layer, per KV head, in two steps.
 
     ``inputs`` is what the policy's scorer reads; ``layer_budget`` lets a policy spread a
     request's budget unevenly over layers (PyramidKV); ``protected`` is the count of always-kept
     tokens (sinks + window) inside ``budget``; ``selection_layer`` lets a layer reuse another
-    layer's selection (ChunkKV index reuse).
+    layer's selection (ChunkKV index reuse). ``score`` then ``select``: the engine sits between
+    the two under tensor parallelism (it all-reduces the head-summed scores so every rank selects
+    the same tokens in ``shared`` mode).
     """
 
     inputs: frozenset[str]
+    head_select: str
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int: ...
 
     def selection_layer(self, layer_idx: int) -> int: ...
 
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        """Returns ``[num_kv_heads, L]`` float32 scores."""
+        ...
+
+    def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
+        """Returns ``[num_kv_heads, budget]`` int64 kept indices, each row sorted and unique."""
+        ...
+
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        """Returns ``[num_kv_heads, budget]`` int64, each row sorted and unique."""
+        """``select(obs, score(obs))``."""
         ...
 
 
@@ -232,7 +250,8 @@ def middle_range(seq_len: int, sink_tokens: int, window: int) -> tuple[int, int]
 
 
 def select_per_mode(scores: torch.Tensor, head_select: str,
-                    pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                    pick: Callable[[torch.Tensor], torch.Tensor],
+                    shared_total: torch.Tensor | None = None) -> torch.Tensor:
     """Applies a 1-D selection rule in ``shared`` or ``per_head`` mode.
 
     Args:
@@ -240,6 +259,8 @@ def select_per_mode(scores: torch.Tensor, head_select: str,
         head_select: ``shared`` (scores summed over heads, one selection for every head) or
             ``per_head`` (each head ranks its own scores; every row keeps the same count).
         pick: ``scores [L] -> kept [budget]`` (``select``, ``chunk_select``, ...).
+        shared_total: ``[L]`` head-summed scores of every rank (tensor parallelism); ``shared``
+            mode ranks these instead of the local sum.
 
     Returns:
         ``[H, budget]`` int64 kept indices, rows sorted.
@@ -247,7 +268,8 @@ def select_per_mode(scores: torch.Tensor, head_select: str,
     if scores.dim() != 2:
         raise ValueError(f"scores must be [num_kv_heads, L], got shape {tuple(scores.shape)}")
     if head_select == "shared":
-        kept = pick(scores.float().sum(dim=0))
+        total = scores.float().sum(dim=0) if shared_total is None else shared_total.float()
+        kept = pick(total)
         return kept.unsqueeze(0).expand(scores.shape[0], -1).contiguous()
     if head_select == "per_head":
         return torch.stack([pick(row) for row in scores.float()])

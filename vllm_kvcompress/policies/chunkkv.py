@@ -94,8 +94,13 @@ class ChunkKV:
             return 0
         return layer_idx - layer_idx % self.reuse_layers
 
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        return self.scorer.score(obs)
+
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        scores = self.scorer.score(obs)
+        return self.select(obs, self.score(obs))
+
+    def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
         kwargs = {}
         if obs.kernels is not None:
             kwargs = {"aggregate": obs.kernels.chunk_means,
@@ -103,7 +108,7 @@ class ChunkKV:
         origin = 0 if self.chunk_grid == "from_zero" else None
         return select_per_mode(scores, self.head_select, lambda row: chunk_select(
             row, obs.budget, obs.sink_tokens, obs.window, self.chunk_size, origin=origin,
-            **kwargs))
+            **kwargs), obs.shared_total)
 
 
 def chunk_means(scores: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,9 +62,15 @@ class PyramidKV:
     def selection_layer(self, layer_idx: int) -> int:
         return layer_idx
 
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        return self.scorer.score(obs)
+
+    def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
+        return select_per_mode(scores, self.head_select, lambda row: select(
+            row, obs.budget, obs.sink_tokens, obs.window), obs.shared_total)
+
     def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        return select_per_mode(self.scorer.score(obs), self.head_select, lambda row: select(
-            row, obs.budget, obs.sink_tokens, obs.window))
+        return self.select(obs, self.score(obs))
 
 
 def pyramid_schedule(mean_free: int, num_layers: int, max_free: int, beta: float) -> list[int]:

@@ -45,7 +45,12 @@ class TopK:
         # A scorer that reads nothing of the layer scores every layer alike: compute once.
         return 0 if not self.scorer.inputs else layer_idx
 
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        scores = self.scorer.score(obs)
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        return self.scorer.score(obs)
+
+    def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
         return select_per_mode(scores, self.head_select, lambda row: select(
-            row, obs.budget, obs.sink_tokens, obs.window))
+            row, obs.budget, obs.sink_tokens, obs.window), obs.shared_total)
+
+    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
+        return self.select(obs, self.score(obs))
