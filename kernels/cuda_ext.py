@@ -2,8 +2,10 @@
 
 ``load()`` compiles ``csrc/paged_compaction.cu`` with ``torch.utils.cpp_extension`` the first
 time it is called on a machine with a CUDA device and a CUDA build of torch, and caches the module;
-everywhere else it returns ``None`` and the dispatcher falls back to Triton or torch. It needs the
-source tree (an editable or source install), since ``csrc/`` is not shipped in the wheel.
+everywhere else it returns ``None`` and the dispatcher falls back to Triton or torch. The sources
+sit next to this package in both layouts: ``<repo>/csrc`` beside ``<repo>/kernels`` in a source or
+editable checkout, and ``vllm_kvcompress/csrc`` beside ``vllm_kvcompress/kernels`` in an installed
+wheel (pyproject.toml ships them there as package data), so ``CSRC`` is ``<this file>/../../csrc``.
 
 The module has one function, ``compact_paged(cache, src_slots, dst_slots, in_place) -> None``
 (FLASH_ATTN / TRITON_ATTN layout only), with the contract of the Triton
@@ -32,6 +34,8 @@ import torch
 
 logger = logging.getLogger("vllm.kvcompress")
 
+# Checkout: <repo>/kernels/cuda_ext.py -> <repo>/csrc. Wheel: vllm_kvcompress/kernels/cuda_ext.py
+# -> vllm_kvcompress/csrc (package data, see pyproject.toml). tests/test_wheel.py checks both.
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
@@ -42,7 +46,7 @@ def load() -> ModuleType | None:
         return None
     source = CSRC / "paged_compaction.cu"
     if not source.is_file():
-        logger.info("vllm-kvcompress: %s not found (not a source install); no CUDA kernels",
+        logger.info("vllm-kvcompress: %s not found (incomplete install); no CUDA kernels",
                     source)
         return None
     try:
