@@ -185,13 +185,53 @@ def test_unsupported_deployments_are_named(overrides: dict, fragment: str | None
 
 
 def test_policy_request_on_unsupported_deployment_is_a_400() -> None:
-    from types import SimpleNamespace
-
+    """Checked when the request's SamplingParams is built (a 400 before a stream starts)."""
     from vllm.exceptions import VLLMValidationError
 
-    processor = SimpleNamespace(_kvcompress_unsupported="speculative decoding is not supported")
-    with pytest.raises(VLLMValidationError, match=r"^kv_policy: compression is not available"):
-        vllm_patches._refuse_if_unsupported(processor, {"kv_policy": "snapkv"})
-    vllm_patches._refuse_if_unsupported(processor, {"kv_policy": "none"})  # fine
-    vllm_patches._refuse_if_unsupported(SimpleNamespace(_kvcompress_unsupported=None),
-                                        {"kv_policy": "snapkv"})
+    from vllm_kvcompress.config import CompressionSpec
+    from vllm_kvcompress.policies import ModelShape
+
+    shape = ModelShape("m", 4, 2, 4, 64)
+    refusing = vllm_patches.Frontend(CompressionSpec(), shape, "pipeline parallelism (...)")
+    with pytest.raises(VLLMValidationError, match=r"^kv_policy: compression is not available "
+                                                  r"on this deployment: pipeline") as info:
+        vllm_patches._raise_for_request({"kv_policy": "snapkv"}, refusing)
+    assert info.value.parameter == "vllm_xargs.kv_policy"
+    vllm_patches._raise_for_request({"kv_policy": "none"}, refusing)  # fine
+    vllm_patches._raise_for_request({"kv_policy": "snapkv"},
+                                    vllm_patches.Frontend(CompressionSpec(), shape, None))
+
+
+@pytest.mark.parametrize(("sizes", "fragment"), [
+    ({}, None),
+    ({"pipeline": 2}, "pipeline parallelism"),
+    ({"data": 2}, "data parallelism"),
+    ({"decode_context": 2}, "context parallelism"),
+    ({"prefill_context": 2}, "context parallelism"),
+])
+def test_parallel_layouts_that_cannot_be_verified_are_refused(sizes: dict,
+                                                              fragment: str | None) -> None:
+    reason = vllm_patches.parallel_unsupported_reason(**sizes)
+    assert reason is None if fragment is None else fragment in reason
+    from types import SimpleNamespace
+
+    config = fake_config()
+    config.parallel_config = SimpleNamespace(
+        pipeline_parallel_size=sizes.get("pipeline", 1), data_parallel_size=sizes.get("data", 1),
+        decode_context_parallel_size=sizes.get("decode_context", 1),
+        prefill_context_parallel_size=sizes.get("prefill_context", 1))
+    full = vllm_patches.deployment_unsupported_reason(config)
+    assert full is None if fragment is None else fragment in full
+
+
+@pytest.mark.parametrize("flag", [["--pipeline-parallel-size", "2"],
+                                  ["--data-parallel-size", "2"],
+                                  ["--decode-context-parallel-size", "2"]])
+def test_server_default_policy_on_unverifiable_layout_stops_in_one_line(
+        serve_parser: argparse.ArgumentParser, model_dir: str, flag: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        engine_spec(serve_parser, [model_dir, "--kv-policy", "snapkv", *flag])
+    message = str(info.value)
+    assert message.startswith("vllm-kvcompress: compression disabled: ") and "\n" not in message
+    assert "parallel" in message and "'snapkv'" in message
+    assert engine_spec(serve_parser, [model_dir, *flag])["policy"] == "none"  # no policy: fine

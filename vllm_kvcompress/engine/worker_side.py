@@ -15,10 +15,12 @@ Nothing here runs on a step without compression work beyond one dictionary check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -440,5 +442,19 @@ class WorkerCompression:
 
 _UNRESOLVED = object()
 
-#: The worker state with layer work in the current step, or None (read by the attention hook).
+#: The worker state with layer work in the current forward, or None (read by the attention
+#: hook). Set only inside ``active_step`` (around the model forward) and cleared in its
+#: ``finally``, as vLLM scopes its forward context: a forward outside a scheduled step (a
+#: data-parallel dummy batch, a CUDA-graph capture) never sees a stale step.
 ACTIVE_STEP: WorkerCompression | None = None
+
+
+@contextlib.contextmanager
+def active_step(state: WorkerCompression | None) -> Iterator[None]:
+    """Makes ``state`` visible to the attention hook for one forward (if it has layer work)."""
+    global ACTIVE_STEP
+    ACTIVE_STEP = state if state is not None and state.has_layer_work else None
+    try:
+        yield
+    finally:
+        ACTIVE_STEP = None
