@@ -31,6 +31,7 @@ from .config import (
     validate_request,
     yaml_names,
 )
+from .engine.messages import report_of, with_plan, with_report
 from .policies.model_data import ModelShape
 from .policies.registry import all_params, get_policy_info
 
@@ -507,18 +508,17 @@ def _patch_scheduler() -> None:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         output = original_schedule(self, *args, **kwargs)
-        compression = self._kvcompress
-        output.kvcompress = (compression.after_schedule(self.requests,
-                                                        output.num_scheduled_tokens)
-                             if compression is not None else {})
+        if self._kvcompress is not None:
+            with_plan(output, self._kvcompress.after_schedule(self.requests,
+                                                              output.num_scheduled_tokens))
         return output
 
     original_update = Scheduler.update_from_output
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        failed = getattr(model_runner_output, "kvcompress_failed", None)
-        if failed and self._kvcompress is not None:
-            live = [req_id for req_id in failed if req_id in self.requests]
+        report = report_of(model_runner_output)
+        if report is not None and self._kvcompress is not None:
+            live = [req_id for req_id in report.failed if req_id in self.requests]
             # vLLM finishes the requests in this set with FINISHED_ERROR (finish_reason
             # "error") inside update_from_output and frees their blocks; others go on.
             self.encoder_cache_mismatch_reqs.update(live)
@@ -585,9 +585,9 @@ def _patch_model_runner() -> None:
         state = getattr(self, "_kvcompress", None)
         if state is not None:
             state.end_step()  # every rank runs this: failures agreed across TP ranks
-        if state is not None and state.failed and hasattr(output, "__dict__"):
-            # A plain attribute on the (dataclass) output survives pickling to the engine core.
-            output.kvcompress_failed = state.take_failed()
+            report = state.take_report()
+            if report is not None and output is not None:
+                output = with_report(output, report)
         return output
 
     GPUModelRunner._update_states = _update_states

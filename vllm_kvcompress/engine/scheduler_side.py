@@ -9,8 +9,8 @@ round trip). The scheduler then:
 3. returns the original blocks to the pool *with their prefix-cache hashes intact*: full prompt
    blocks become evictable cache entries, so a follow-up turn on the same context can still hit
    the uncompressed prefix,
-4. tells the workers (``SchedulerOutput.kvcompress``) to write each layer's kept tokens into the
-   fresh blocks during this step's forward.
+4. tells the workers (a typed ``StepPlan`` in ``SchedulerOutput.kvcompress``) to write each
+   layer's kept tokens into the fresh blocks during this step's forward.
 
 Freeing at the end of ``schedule()`` is safe although this step's forward still reads the old
 blocks: a freed block can only be handed out by a later ``schedule()``, whose forward runs after
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import CompressionConfigError, CompressionSpec, resolve_request
+from .messages import CompactionPlan, StepPlan
 from .stats import CompressionStats
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -150,16 +151,13 @@ class SchedulerCompression:
         return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
 
     def after_schedule(self, requests: dict[str, Any],
-                       num_scheduled_tokens: dict[str, int]) -> dict[str, Any]:
-        """Plans this step's compactions. Returns the message for the workers.
-
-        Returns:
-            ``{"compact": {req_id: plan}, "stash": {req_id: window}}`` (empty when there is
-            nothing to do); ``stash`` names requests in a non-final prefill chunk that will be
-            compressed: the workers keep their last ``window`` queries across chunks.
-        """
-        compact: dict[str, dict[str, Any]] = {}
+                       num_scheduled_tokens: dict[str, int]) -> StepPlan:
+        """Plans this step's compactions and frees the replaced blocks (after planning every
+        request, so no block freed here can become another request's destination in the same
+        step). Returns the message for the workers (falsy when there is nothing to do)."""
+        compact: dict[str, CompactionPlan] = {}
         stash: dict[str, int] = {}
+        to_free: list[list[Any]] = []
         for req_id, n_new in num_scheduled_tokens.items():
             request = requests.get(req_id)
             if request is None:
@@ -184,15 +182,16 @@ class SchedulerCompression:
             if after < prompt_len:
                 stash[req_id] = spec.window
                 continue
-            plan = self._move_to_compact_blocks(req_id, prompt_len, kept)
-            if plan is None:
-                continue
-            plan["spec"] = spec.explicit()
-            compact[req_id] = plan
-        return {"compact": compact, "stash": stash} if compact or stash else {}
+            plan = self._move_to_compact_blocks(req_id, prompt_len, kept, spec, to_free)
+            if plan is not None:
+                compact[req_id] = plan
+        for blocks in to_free:
+            self.block_pool.free_blocks(reversed(blocks))
+        return StepPlan(compact, stash)
 
-    def _move_to_compact_blocks(self, req_id: str, prompt_len: int, kept: int
-                                ) -> dict[str, Any] | None:
+    def _move_to_compact_blocks(self, req_id: str, prompt_len: int, kept: int,
+                                spec: CompressionSpec, to_free: list[list[Any]]
+                                ) -> CompactionPlan | None:
         manager = self.manager
         old = manager.req_to_blocks.get(req_id)
         if not old:
@@ -200,13 +199,13 @@ class SchedulerCompression:
         num_kept_blocks = cdiv(kept, self.block_size)
         if self.block_pool.get_num_free_blocks() >= num_kept_blocks:
             fresh = self.block_pool.get_new_blocks(num_kept_blocks)
-            to_free = old
+            to_free_now = old
             in_place = False
         elif all(block.ref_cnt == 1 for block in old[:num_kept_blocks]):
             fresh = old[:num_kept_blocks]
             # Their content is about to change: they must stop answering for their tokens.
             self.block_pool.evict_blocks({block.block_id for block in fresh})
-            to_free = old[num_kept_blocks:]
+            to_free_now = old[num_kept_blocks:]
             in_place = True
         else:
             self.stats.skipped_no_memory += 1
@@ -214,15 +213,12 @@ class SchedulerCompression:
         manager.req_to_blocks[req_id] = list(fresh)
         manager.kvc.evicted[req_id] = prompt_len - kept
         manager.kvc.no_cache.add(req_id)
-        self.block_pool.free_blocks(reversed(to_free))
+        to_free.append(list(to_free_now))
         self.stats.record(prompt_len, kept, blocks_freed=len(old) - num_kept_blocks)
         logger.debug("vllm-kvcompress: %s keeps %d of %d prompt tokens, %d -> %d blocks%s",
                      req_id, kept, prompt_len, len(old), num_kept_blocks,
                      " (in place)" if in_place else "")
-        return {
-            "kept": kept,
-            "prompt_len": prompt_len,
-            "src_blocks": [block.block_id for block in old],
-            "dst_blocks": [block.block_id for block in fresh],
-            "in_place": in_place,
-        }
+        return CompactionPlan(kept=kept, prompt_len=prompt_len,
+                              src_blocks=tuple(block.block_id for block in old),
+                              dst_blocks=tuple(block.block_id for block in fresh),
+                              in_place=in_place, spec=spec.explicit())

@@ -43,6 +43,7 @@ from ..policies.model_data import load_model_data
 from ..policies.registry import build_policy, get_policy_info
 from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
+from .messages import WorkerReport, plan_of
 
 logger = logging.getLogger("vllm.kvcompress")
 
@@ -138,6 +139,7 @@ class WorkerCompression:
         #: them alone (their destination blocks are half written).
         self.failed: set[str] = set()
         self._tp: Any = _UNRESOLVED
+        self._backend_by_device: dict[str, tuple[str, str]] = {}
         #: KV heads of the whole model (all ranks), for per-head model data under TP.
         self.total_kv_heads = total_kv_heads
 
@@ -176,24 +178,24 @@ class WorkerCompression:
                                   dtype=np.int32, count=num_reqs)
             if evicted.any():
                 self._to_physical(runner, evicted, scheduler_output.total_num_scheduled_tokens)
-        message = getattr(scheduler_output, "kvcompress", None)
-        if not message:
+        plan = plan_of(scheduler_output)
+        if not plan:
             return
         starts = runner.query_start_loc.np
-        for req_id, plan in message.get("compact", {}).items():
+        for req_id, job in plan.compact.items():
             row = batch.req_id_to_index[req_id]
-            spec = CompressionSpec.from_dict(plan["spec"])
+            spec = CompressionSpec.from_dict(job.spec)
             policy = build_policy(spec)
             assert policy is not None
             self.compactions.append(CompactionTask(
-                req_id=req_id, spec=spec, policy=policy, kept=plan["kept"],
-                prompt_len=plan["prompt_len"],
-                src_blocks=torch.tensor(plan["src_blocks"], dtype=torch.int64),
-                dst_blocks=torch.tensor(plan["dst_blocks"], dtype=torch.int64),
-                in_place=plan["in_place"], query_start=int(starts[row]),
+                req_id=req_id, spec=spec, policy=policy, kept=job.kept,
+                prompt_len=job.prompt_len,
+                src_blocks=torch.tensor(job.src_blocks, dtype=torch.int64),
+                dst_blocks=torch.tensor(job.dst_blocks, dtype=torch.int64),
+                in_place=job.in_place, query_start=int(starts[row]),
                 query_end=int(starts[row + 1])))
-            self.pending[req_id] = (list(plan["dst_blocks"]), plan["prompt_len"] - plan["kept"])
-        for req_id, window in message.get("stash", {}).items():
+            self.pending[req_id] = (list(job.dst_blocks), job.prompt_len - job.kept)
+        for req_id, window in plan.stash.items():
             row = batch.req_id_to_index[req_id]
             self.stashes.append(StashTask(req_id, window, int(starts[row]), int(starts[row + 1])))
 
@@ -267,10 +269,19 @@ class WorkerCompression:
                                "tensor-parallel rank", task.req_id)
                 self._fail(task)
 
-    def take_failed(self) -> list[str]:
-        """Request ids whose compaction failed since the last call."""
-        failed, self.failed = sorted(self.failed), set()
-        return failed
+    def take_report(self) -> WorkerReport | None:
+        """What to tell the scheduler after this step (``None``: nothing)."""
+        if not self.failed:
+            return None
+        failed, self.failed = tuple(sorted(self.failed)), set()
+        return WorkerReport(failed=failed)
+
+    def _backends(self, device: torch.device) -> tuple[str, str]:
+        """(scoring/selection, compaction) implementations on ``device``, resolved once."""
+        if device.type not in self._backend_by_device:
+            self._backend_by_device[device.type] = (kernel_backend(device, self.kernels),
+                                                    compaction_backend(device, self.kernels))
+        return self._backend_by_device[device.type]
 
     def _tensor_parallel(self) -> Any:
         """vLLM's tensor-parallel group when it has more than one rank, else ``None``."""
@@ -310,8 +321,8 @@ class WorkerCompression:
                        kv_cache: torch.Tensor, access: PagedCacheAccess,
                        scale: float | None = None, softcap: float = 0.0) -> None:
         num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
-        layout = (access.kernel_layout
-                  if kernel_backend(kv_cache.device, self.kernels) == "triton" else None)
+        scoring, compaction = self._backends(kv_cache.device)
+        layout = access.kernel_layout if scoring == "triton" else None
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
         keys = values = None
@@ -360,7 +371,7 @@ class WorkerCompression:
             # Per-head source slots [H, kept]: slot j of head h receives head h's j-th token.
             src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
                 kv_cache.device)[kept_on]
-            if layout == "flash" and compaction_backend(kv_cache.device, self.kernels) == "cuda":
+            if layout == "flash" and compaction == "cuda":
                 from ..kernels.cuda_ext import load
 
                 load().compact_paged(kv_cache, src_slots, dst_slots, task.in_place)

@@ -1,0 +1,119 @@
+"""The typed messages between the scheduler (engine core) and the workers, one step at a time.
+
+vLLM's own pattern for plugins that talk across that boundary is the KV connector's metadata
+(scheduler -> worker) and output (worker -> scheduler), carried in declared dataclass fields.
+The plugin follows it without occupying the KV-connector slot (users' real connectors keep it):
+the scheduler's ``SchedulerOutput`` and the worker's ``ModelRunnerOutput`` are given subclasses
+with one declared field each (``with_plan``, ``with_report``), picklable (plain types only), so
+they cross the process boundary of the multiprocess executor unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CompactionPlan:
+    """One request's compaction in this step.
+
+    Attributes:
+        kept: tokens each layer keeps per KV head.
+        prompt_len: tokens in the source row (the prompt).
+        src_blocks: the request's original block ids (full prompt), in order.
+        dst_blocks: ``cdiv(kept, block_size)`` block ids receiving the kept tokens.
+        in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
+        spec: the request's explicit settings (``CompressionSpec.explicit()``).
+    """
+
+    kept: int
+    prompt_len: int
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
+    in_place: bool
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the workers do for compression in one step.
+
+    Attributes:
+        compact: request id -> its compaction.
+        stash: request id -> window size, for requests in a non-final prefill chunk whose last
+            window queries the workers must keep across chunks.
+    """
+
+    compact: dict[str, CompactionPlan] = field(default_factory=dict)
+    stash: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.compact or self.stash)
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What the workers tell the scheduler after a step.
+
+    Attributes:
+        failed: request ids whose compaction raised on any rank (finished with an error).
+    """
+
+    failed: tuple[str, ...] = ()
+
+
+#: Subclass name -> (module, vLLM base class, declared field). Built on first use (here or when
+#: a worker process unpickles one: module ``__getattr__`` below), since vLLM imports lazily.
+_CARRIERS = {
+    "KVCompressSchedulerOutput": ("vllm.v1.core.sched.output", "SchedulerOutput", "kvcompress"),
+    "KVCompressModelRunnerOutput": ("vllm.v1.outputs", "ModelRunnerOutput", "kvcompress_report"),
+}
+
+
+@functools.cache
+def _carrier(name: str) -> type:
+    module, base_name, field_name = _CARRIERS[name]
+    base = getattr(importlib.import_module(module), base_name)
+    return dataclasses.make_dataclass(name, [(field_name, Any, field(default=None))],
+                                      bases=(base,), namespace={"__module__": __name__})
+
+
+def __getattr__(name: str) -> type:  # PEP 562: lets pickle find the carriers by name
+    if name in _CARRIERS:
+        return _carrier(name)
+    raise AttributeError(name)
+
+
+def with_plan(output: Any, plan: StepPlan) -> Any:
+    """``output`` (a ``SchedulerOutput``) as the subclass that declares ``kvcompress``."""
+    output.__class__ = _carrier("KVCompressSchedulerOutput")
+    output.kvcompress = plan
+    return output
+
+
+def plan_of(output: Any) -> StepPlan | None:
+    """The step's plan, or ``None`` (a step scheduled without the plugin's scheduler)."""
+    return getattr(output, "kvcompress", None)
+
+
+def with_report(output: Any, report: WorkerReport) -> Any:
+    """``output`` (a ``ModelRunnerOutput``) as the subclass that declares ``kvcompress_report``.
+
+    Raises:
+        TypeError: ``output`` is not a ``ModelRunnerOutput`` (an async output: the plugin turns
+            async scheduling off where it compresses, so this is a bug, not a mode).
+    """
+    cls = _carrier("KVCompressModelRunnerOutput")
+    if not isinstance(output, cls.__mro__[1]):
+        raise TypeError(f"cannot report compaction failures on a {type(output).__name__}")
+    output.__class__ = cls
+    output.kvcompress_report = report
+    return output
+
+
+def report_of(output: Any) -> WorkerReport | None:
+    return getattr(output, "kvcompress_report", None)
