@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcompress import plugin, vllm_patches
+from vllm_kvcompress import deployment, plugin, server_config, vllm_patches
 from vllm_kvcompress.config import ADDITIONAL_CONFIG_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_kernels_flag_reaches_additional_config(serve_parser: argparse.ArgumentP
     args = serve_parser.parse_args([model_dir, "--kv-kernels", "torch"])
     args.model = args.model_tag
     engine_args = AsyncEngineArgs.from_cli_args(args)
-    assert engine_args.additional_config[vllm_patches.KERNELS_KEY] == "torch"
+    assert engine_args.additional_config[server_config.KERNELS_KEY] == "torch"
 
 
 def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser,
@@ -180,7 +180,7 @@ def fake_config(**overrides: object) -> object:
 ])
 def test_unsupported_deployments_are_named(overrides: dict, fragment: str | None) -> None:
     plugin.register()
-    reason = vllm_patches.deployment_unsupported_reason(fake_config(**overrides))
+    reason = deployment.deployment_unsupported_reason(fake_config(**overrides))
     assert reason is None if fragment is None else fragment in reason
 
 
@@ -192,14 +192,14 @@ def test_policy_request_on_unsupported_deployment_is_a_400() -> None:
     from vllm_kvcompress.policies import ModelShape
 
     shape = ModelShape("m", 4, 2, 4, 64)
-    refusing = vllm_patches.Frontend(CompressionSpec(), shape, "pipeline parallelism (...)")
+    refusing = server_config.Frontend(CompressionSpec(), shape, "pipeline parallelism (...)")
     with pytest.raises(VLLMValidationError, match=r"^kv_policy: compression is not available "
                                                   r"on this deployment: pipeline") as info:
-        vllm_patches._raise_for_request({"kv_policy": "snapkv"}, refusing)
+        server_config.raise_for_request({"kv_policy": "snapkv"}, refusing)
     assert info.value.parameter == "vllm_xargs.kv_policy"
-    vllm_patches._raise_for_request({"kv_policy": "none"}, refusing)  # fine
-    vllm_patches._raise_for_request({"kv_policy": "snapkv"},
-                                    vllm_patches.Frontend(CompressionSpec(), shape, None))
+    server_config.raise_for_request({"kv_policy": "none"}, refusing)  # fine
+    server_config.raise_for_request({"kv_policy": "snapkv"},
+                                    server_config.Frontend(CompressionSpec(), shape, None))
 
 
 @pytest.mark.parametrize(("sizes", "fragment"), [
@@ -211,7 +211,7 @@ def test_policy_request_on_unsupported_deployment_is_a_400() -> None:
 ])
 def test_parallel_layouts_that_cannot_be_verified_are_refused(sizes: dict,
                                                               fragment: str | None) -> None:
-    reason = vllm_patches.parallel_unsupported_reason(**sizes)
+    reason = deployment.parallel_unsupported_reason(**sizes)
     assert reason is None if fragment is None else fragment in reason
     from types import SimpleNamespace
 
@@ -220,7 +220,7 @@ def test_parallel_layouts_that_cannot_be_verified_are_refused(sizes: dict,
         pipeline_parallel_size=sizes.get("pipeline", 1), data_parallel_size=sizes.get("data", 1),
         decode_context_parallel_size=sizes.get("decode_context", 1),
         prefill_context_parallel_size=sizes.get("prefill_context", 1))
-    full = vllm_patches.deployment_unsupported_reason(config)
+    full = deployment.deployment_unsupported_reason(config)
     assert full is None if fragment is None else fragment in full
 
 

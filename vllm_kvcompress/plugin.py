@@ -27,7 +27,8 @@ def register() -> None:
     if os.environ.get("VLLM_KVCOMPRESS_DISABLE", "0") not in ("", "0"):
         logger.info("vllm-kvcompress disabled by VLLM_KVCOMPRESS_DISABLE")
         return
-    from .vllm_patches import GPU_OPT_IN_ENV, apply_all
+    from .deployment import GPU_OPT_IN_ENV
+    from .vllm_patches import apply_all
 
     if os.environ.get(GPU_OPT_IN_ENV, "0") not in ("", "0"):
         # The worker hooks live in the V1 model runner; V2 (the GPU default) has none yet.

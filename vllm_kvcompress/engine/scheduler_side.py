@@ -222,3 +222,42 @@ class SchedulerCompression:
                               src_blocks=tuple(block.block_id for block in old),
                               dst_blocks=tuple(block.block_id for block in fresh),
                               in_place=in_place, spec=spec.explicit())
+
+
+def install_scheduler_compression(scheduler: Any) -> None:
+    """Converts a new vLLM ``Scheduler``'s full-attention manager and attaches the planner
+    (``scheduler._kvcompress``), or leaves compression off with one log line; a server default
+    policy where compression cannot run stops the engine with one line.
+
+    Raises:
+        SystemExit: a server default policy on a deployment that cannot compress.
+    """
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    from ..deployment import deployment_unsupported_reason
+    from ..server_config import RUNTIME_KEY, server_spec
+
+    scheduler._kvcompress = None
+    vllm_config = scheduler.vllm_config
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    reason = deployment_unsupported_reason(vllm_config)
+    if reason is None and (len(managers) != 1 or type(managers[0]) is not FullAttentionManager):
+        reason = "the model's KV cache is not one full-attention group"
+    spec = server_spec(vllm_config)
+    if reason is not None:
+        message = f"vllm-kvcompress: compression disabled: {reason}"
+        if spec.enabled:
+            raise SystemExit(message + f" (server default policy {spec.policy!r})")
+        logger.warning(message + "; requests asking for a policy get HTTP 400")
+        return
+    manager = managers[0]
+    manager.__class__ = make_compressed_manager_class(FullAttentionManager)
+    manager.kvc = ManagerState()
+    runtime = (vllm_config.additional_config or {}).get(RUNTIME_KEY, {})
+    stats = CompressionStats(path=runtime.get("stats_path"))
+    stats.flush()
+    num_layers = len(scheduler.kv_cache_config.kv_cache_groups[0].layer_names)
+    scheduler._kvcompress = SchedulerCompression(
+        spec, manager, scheduler.kv_cache_manager.block_pool, scheduler.block_size, num_layers,
+        stats)
+    scheduler.kv_cache_manager._kvcompress_hit_cap = scheduler._kvcompress.max_cache_hit_blocks

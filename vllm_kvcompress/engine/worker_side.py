@@ -469,3 +469,17 @@ def active_step(state: WorkerCompression | None) -> Iterator[None]:
         yield
     finally:
         ACTIVE_STEP = None
+
+
+def worker_state(runner: Any) -> Any:
+    """The runner's compression state, created on first use (one per worker process)."""
+    from ..server_config import KERNELS_KEY
+
+    state = getattr(runner, "_kvcompress", None)
+    if state is None:
+        kernels = (runner.vllm_config.additional_config or {}).get(KERNELS_KEY)
+        state = WorkerCompression(num_layers=len(runner.kv_caches),
+                                  block_size=runner.cache_config.block_size, kernels=kernels,
+                                  total_kv_heads=runner.model_config.get_total_num_kv_heads())
+        runner._kvcompress = state
+    return state
