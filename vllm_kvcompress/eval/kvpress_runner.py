@@ -12,6 +12,8 @@ Inputs:
 
 - ``samples.jsonl``: ``{"id": str, "input_ids": [int, ...], "max_tokens": int}`` per line; the
   ids are the complete chat-templated prompt (context, question, answer prefix) and are used as is.
+  An optional ``"followup": {"suffix_ids": [int, ...], "stop_ids": [int, ...], "max_tokens":
+  int}`` (a multi-turn sample) adds a second turn per config, see below.
 - ``configs.json``: ``{"configs": [{"policy": ..., "ratio": ...}], "params": {"window": 32,
   "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}}``. ``ratio`` is the fraction of prompt
   tokens whose KV is KEPT; kvpress's ``compression_ratio`` is the fraction removed (1 - ratio).
@@ -30,8 +32,21 @@ a press while every attention layer's hook arguments are recorded; per config, t
 The compressed caches, hence the outputs, are bit-identical to the per-config prefill's (tested);
 the prefill is paid once per sample instead of once per config.
 
-Output: one JSON line per (sample, config), appended and flushed as soon as it is done; lines
-already in ``--out`` (same id, policy, ratio) are skipped, so an interrupted run resumes. With
+Multi-turn (samples with ``followup``): after a config's turn 1, turn 2's prompt is turn 1's
+prompt, turn 1's generated ids (trailing ``stop_ids`` dropped) and ``suffix_ids`` (the chat
+template's end of turn 1, the new question, the start of the answer), as the vLLM backend builds
+it. Turn 2 is a fresh query-aware run of the same press on the full turn-2 ids: the whole turn-2
+prompt is prefilled with the press active (turn 2's question in the observation window); nothing
+of turn 1's compressed cache is reused. Configs whose turn-1 answers are the same share one
+turn-2 prefill (shared prefill). Records carry ``"turn": 1`` or ``2``.
+
+Token selection (``kvpress_mode`` in every record, ``KVPRESS_MODES``): kvpress's ScorerPress
+presses (SnapKV, PyramidKV, StreamingLLM) keep a top-k per KV head (each head its own tokens);
+ChunkKVPress sums the scores over heads and keeps one token set per layer (shared).
+
+Output: one JSON line per (sample, config, turn), appended and flushed as soon as it is done;
+lines already in ``--out`` (same id, policy, ratio, turn) are skipped, so an interrupted run
+resumes. With
 shared prefill, ``prefill_s`` is the shared prefill's seconds plus this config's replay (comparable
 with a per-config prefill's) and ``shared_prefill`` is true. Bad input prints one error line and
 exits with status 2.
@@ -55,6 +70,16 @@ DEFAULT_PARAMS: dict[str, int] = {
     "sink_tokens": 4,
 }
 EXIT_BAD_INPUT = 2
+#: How each press selects tokens: ``per_head`` (ScorerPress: top-k over each KV head's scores) or
+#: ``shared`` (ChunkKVPress: scores summed over heads, one token set per layer). StreamingLLM's
+#: scores are positional, so its per-head top-k keeps the same tokens in every head.
+KVPRESS_MODES = {
+    "none": "shared",
+    "streamingllm": "per_head",
+    "snapkv": "per_head",
+    "chunkkv": "shared",
+    "pyramidkv": "per_head",
+}
 
 # A press spec: kvpress class name and constructor kwargs; a kwarg may itself be a spec (ChunkKV
 # wraps a scorer press).
@@ -203,13 +228,15 @@ def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
 
 
 def load_samples(path: Path) -> list[dict[str, Any]]:
-    """Read and check samples.jsonl (keys other than id, input_ids, max_tokens are ignored).
+    """Read and check samples.jsonl (keys other than id, input_ids, max_tokens, followup are
+    ignored).
 
     Args:
         path: the file.
 
     Returns:
-        ``{"id", "input_ids", "max_tokens"}`` per sample, in file order.
+        ``{"id", "input_ids", "max_tokens", "followup"}`` per sample, in file order
+        (``followup`` None for a single-turn sample).
 
     Raises:
         InputError: missing file, bad JSON, or a bad field (named with its line number).
@@ -243,34 +270,93 @@ def load_samples(path: Path) -> list[dict[str, Any]]:
             raise InputError(f"{where}: 'input_ids' must be a non-empty list of ints >= 0")
         if not _is_int(max_tokens) or max_tokens < 1:
             raise InputError(f"{where}: 'max_tokens' must be an int >= 1, got {max_tokens!r}")
+        followup = _check_followup(obj.get("followup"), where)
         ids.add(sid)
-        samples.append({"id": sid, "input_ids": input_ids, "max_tokens": max_tokens})
+        samples.append(
+            {"id": sid, "input_ids": input_ids, "max_tokens": max_tokens, "followup": followup}
+        )
     if not samples:
         raise InputError(f"--samples {path}: no samples")
     return samples
 
 
-def done_keys(out: Path) -> set[tuple[str, str, float]]:
-    """The (id, policy, ratio) already in ``out``; unparsable lines are reported and ignored.
+def _check_followup(value: Any, where: str) -> dict[str, Any] | None:
+    """A sample's ``followup`` (None when absent), checked; errors name the field."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InputError(f"{where}: 'followup' must be an object")
+    for key in ("suffix_ids", "stop_ids"):
+        ids = value.get(key)
+        if not isinstance(ids, list) or not all(_is_int(t) and t >= 0 for t in ids):
+            raise InputError(f"{where}: 'followup.{key}' must be a list of ints >= 0")
+    if not value["suffix_ids"]:
+        raise InputError(f"{where}: 'followup.suffix_ids' must not be empty")
+    max_tokens = value.get("max_tokens")
+    if not _is_int(max_tokens) or max_tokens < 1:
+        raise InputError(
+            f"{where}: 'followup.max_tokens' must be an int >= 1, got {max_tokens!r}"
+        )
+    return {"suffix_ids": value["suffix_ids"], "stop_ids": value["stop_ids"],
+            "max_tokens": max_tokens}  # fmt: skip
+
+
+def turn2_input_ids(
+    input_ids: list[int], output_ids: list[int], suffix_ids: list[int], stop_ids: list[int]
+) -> list[int]:
+    """Turn 2's prompt: turn 1's prompt, turn 1's answer token for token, the template's rest.
+
+    The same as ``vllm_kvcompress.eval.tasks.turn2_input_ids`` (tested), written again here
+    because this script does not import the package.
+
+    Args:
+        input_ids: turn 1's prompt.
+        output_ids: the ids turn 1 generated.
+        suffix_ids: the template's tokens after the answer (end of turn, question, prefix).
+        stop_ids: trailing ids dropped from the answer (EOS, end of turn).
+
+    Returns:
+        ``input_ids + answer + suffix_ids``.
+    """
+    answer = list(output_ids)
+    stops = set(stop_ids)
+    while answer and answer[-1] in stops:
+        answer.pop()
+    return [*input_ids, *answer, *suffix_ids]
+
+
+Key = tuple[str, str, float, int]  # id, policy, ratio, turn
+
+
+def done_records(out: Path) -> dict[Key, dict[str, Any]]:
+    """The records already in ``out`` by (id, policy, ratio, turn); unparsable lines are
+    reported and ignored. Records without ``turn`` are turn 1.
 
     Args:
         out: the predictions file (may not exist).
 
     Returns:
-        The keys to skip.
+        The records, whose keys are to be skipped (turn-1 ones also give turn 2 its answer).
     """
-    keys: set[tuple[str, str, float]] = set()
+    records: dict[Key, dict[str, Any]] = {}
     if not out.exists():
-        return keys
+        return records
     for n, line in enumerate(out.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            keys.add((obj["id"], obj["policy"], float(obj["ratio"])))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            key = (obj["id"], obj["policy"], float(obj["ratio"]), int(obj.get("turn", 1)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
             print(f"kvpress_runner: {out} line {n} unreadable, ignored", file=sys.stderr)
-    return keys
+            continue
+        records[key] = obj
+    return records
+
+
+def done_keys(out: Path) -> set[Key]:
+    """The (id, policy, ratio, turn) already in ``out`` (see ``done_records``)."""
+    return set(done_records(out))
 
 
 def eos_token_ids(model: Any) -> set[int]:
@@ -576,10 +662,10 @@ def run(args: argparse.Namespace) -> int:
                     f"--samples {args.samples}: sample {sample['id']!r} has "
                     f"{len(sample['input_ids'])} prompt tokens; {cfg['policy']} needs >= {need}"
                 )
-    done = done_keys(args.out)
-    todo = [
-        (s, c) for s in samples for c in configs if (s["id"], c["policy"], c["ratio"]) not in done
-    ]
+    done = done_records(args.out)
+
+    def todo(sample: dict[str, Any], cfg: dict[str, Any], turn: int) -> bool:
+        return (sample["id"], cfg["policy"], cfg["ratio"], turn) not in done
 
     try:
         import kvpress  # noqa: F401  (checked here: the mapping above works without it)
@@ -600,7 +686,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
     for sample in samples:
-        if max(sample["input_ids"]) >= vocab:
+        followup = sample["followup"] or {"suffix_ids": []}
+        if max([*sample["input_ids"], *followup["suffix_ids"]]) >= vocab:
             raise InputError(
                 f"--samples {args.samples}: sample {sample['id']!r} input_ids has a token id "
                 f">= the model's vocabulary size {vocab}"
@@ -615,47 +702,87 @@ def run(args: argparse.Namespace) -> int:
         with args.out.open("rb") as raw:
             raw.seek(-1, 2)
             cut_short = raw.read(1) != b"\n"
-    total = len(samples) * len(configs)
+    turns = sum(1 + (s["followup"] is not None) for s in samples)
+    total = turns * len(configs)
+    left = sum(
+        todo(s, c, 1) + (s["followup"] is not None and todo(s, c, 2))
+        for s in samples
+        for c in configs
+    )
+
+    def write(
+        fh: Any, bar: Any, sample_id: str, cfg: dict[str, Any], turn: int, input_ids: list[int],
+        result: dict[str, Any],
+    ) -> None:
+        record = {
+            "id": sample_id,
+            "turn": turn,
+            "policy": cfg["policy"],
+            "ratio": cfg["ratio"],
+            "text": tokenizer.decode(result["output_ids"], skip_special_tokens=True),
+            "output_ids": result["output_ids"],
+            "prompt_tokens": len(input_ids),
+            "kept_tokens": result["kept_tokens"],
+            "kept_tokens_per_layer": result["kept_tokens_per_layer"],
+            "prefill_s": result["prefill_s"],
+            "decode_s": result["decode_s"],
+            "backend": "kvpress",
+            "kvpress_version": version,
+            "kvpress_mode": KVPRESS_MODES[cfg["policy"]],
+            "shared_prefill": args.shared_prefill,
+        }
+        done[(sample_id, cfg["policy"], cfg["ratio"], turn)] = record
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        bar.update(1)
+        bar.set_postfix_str(
+            f"{cfg['policy']} {cfg['ratio']:g} t{turn} prefill {result['prefill_s']:.1f}s"
+        )
+
+    def run_turn(
+        fh: Any, bar: Any, sample_id: str, jobs: list[tuple[dict[str, Any], list[int]]],
+        max_tokens: int, turn: int,
+    ) -> None:
+        """Runs (config, prompt ids) jobs; one shared prefill per distinct prompt."""
+        by_prompt: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for cfg, ids in jobs:
+            by_prompt.setdefault(tuple(ids), []).append(cfg)
+        for ids_key, cfgs in by_prompt.items():
+            ids = list(ids_key)
+            # Per prompt, not per config: freed before the next prompt's prefill.
+            shared = shared_prefill(model, ids) if args.shared_prefill else None
+            for cfg in cfgs:
+                press = presses[(cfg["policy"], cfg["ratio"])]
+                if shared is not None:
+                    result = generate_shared(model, press, shared, max_tokens, eos)
+                else:
+                    result = generate(model, press, ids, max_tokens, eos)
+                write(fh, bar, sample_id, cfg, turn, ids, result)
+            del shared
+
     with (
         args.out.open("a") as fh,
-        tqdm(total=total, initial=total - len(todo), file=sys.stderr, desc="kvpress") as bar,
+        tqdm(total=total, initial=total - left, file=sys.stderr, desc="kvpress") as bar,
     ):
         if cut_short:
             fh.write("\n")
         for sample in samples:
-            cfgs = [c for c in configs if (sample["id"], c["policy"], c["ratio"]) not in done]
-            if not cfgs:
+            sid = sample["id"]
+            first = [(c, sample["input_ids"]) for c in configs if todo(sample, c, 1)]
+            run_turn(fh, bar, sid, first, sample["max_tokens"], 1)
+            followup = sample["followup"]
+            if followup is None:
                 continue
-            # Per sample, not per config: freed before the next sample's prefill.
-            shared = shared_prefill(model, sample["input_ids"]) if args.shared_prefill else None
-            for cfg in cfgs:
-                press = presses[(cfg["policy"], cfg["ratio"])]
-                if shared is not None:
-                    result = generate_shared(model, press, shared, sample["max_tokens"], eos)
-                else:
-                    result = generate(model, press, sample["input_ids"], sample["max_tokens"], eos)
-                record = {
-                    "id": sample["id"],
-                    "policy": cfg["policy"],
-                    "ratio": cfg["ratio"],
-                    "text": tokenizer.decode(result["output_ids"], skip_special_tokens=True),
-                    "output_ids": result["output_ids"],
-                    "prompt_tokens": len(sample["input_ids"]),
-                    "kept_tokens": result["kept_tokens"],
-                    "kept_tokens_per_layer": result["kept_tokens_per_layer"],
-                    "prefill_s": result["prefill_s"],
-                    "decode_s": result["decode_s"],
-                    "backend": "kvpress",
-                    "kvpress_version": version,
-                    "shared_prefill": shared is not None,
-                }
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                bar.update(1)
-                bar.set_postfix_str(
-                    f"{cfg['policy']} {cfg['ratio']:g} prefill {result['prefill_s']:.1f}s"
+            second = []
+            for cfg in configs:
+                if not todo(sample, cfg, 2):
+                    continue
+                answer = done[(sid, cfg["policy"], cfg["ratio"], 1)]["output_ids"]
+                ids = turn2_input_ids(
+                    sample["input_ids"], answer, followup["suffix_ids"], followup["stop_ids"]
                 )
-            del shared
+                second.append((cfg, ids))
+            run_turn(fh, bar, sid, second, followup["max_tokens"], 2)
     return 0
 
 

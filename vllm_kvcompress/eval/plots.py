@@ -14,68 +14,96 @@ NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")
 
 def plot_accuracy_vs_ratio(summary: list[dict[str, Any]], path: Path,
                            settings: dict[str, Any]) -> None:
-    """One line per (backend, policy): mean accuracy over all samples vs kept ratio.
+    """One line per (backend, policy, head selection, variant): mean accuracy vs kept ratio, with
+    the bootstrap 95% intervals as error bars (ChunkKV's grid variants dash-dotted / dotted).
 
-    The ``none`` baseline of each backend is every policy's point at ratio 1.0.
+    Left: all tasks (turn 1). Right, when the run has multi-turn samples: their turn-2
+    accuracy. The ``none`` baseline of each backend is every policy's point at ratio 1.0.
+    Points of one ratio are spread a little along x so their error bars stay apart.
     """
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    panels = [("accuracy", "accuracy (all tasks, turn 1)")]
+    if any(s.get("turn2") is not None for s in summary):
+        panels.append(("turn2", "multi-turn: turn-2 accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8), squeeze=False)
     styles = {"vllm": "-", "kvpress": "--"}
     colors = {"streamingllm": "tab:gray", "snapkv": "tab:blue", "chunkkv": "tab:red",
               "pyramidkv": "tab:green"}
-    for backend in sorted({s["backend"] for s in summary}):
-        mine = [s for s in summary if s["backend"] == backend]
-        base = next((s for s in mine if s["policy"] == "none"), None)
-        for policy in sorted({s["policy"] for s in mine} - {"none"}):
-            points = sorted((s["ratio"], s["accuracy"]) for s in mine if s["policy"] == policy)
-            if base is not None:
-                points.append((1.0, base["accuracy"]))
-            xs, ys = zip(*sorted(points), strict=True)
-            label = f"{policy} ({'ours, vLLM' if backend == 'vllm' else 'kvpress, HF'})"
-            ax.plot(xs, ys, styles.get(backend, ":"), marker="o", color=colors.get(policy),
-                    label=label)
-    ax.set_xscale("log")
-    ax.set_xticks([0.05, 0.1, 0.25, 0.5, 1.0])
-    ax.set_xticklabels(["0.05", "0.1", "0.25", "0.5", "1.0"])
-    ax.set_xlabel("kept ratio (fraction of prompt KV kept)")
-    ax.set_ylabel("accuracy (all tasks)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    lines = sorted({(s["backend"], s["policy"], s.get("head_select", "shared"),
+                     s.get("variant", "")) for s in summary if s["policy"] != "none"})
+    dashes = {"": "-", "grid0": "-.", "sink0": ":"}
+    for ax, (column, ylabel) in zip(axes[0], panels, strict=True):
+        for n, (backend, policy, mode, variant) in enumerate(lines):
+            mine = [s for s in summary if s["backend"] == backend]
+            base = next((s for s in mine if s["policy"] == "none"), None)
+            points = [s for s in mine if s["policy"] == policy
+                      and s.get("head_select", "shared") == mode
+                      and s.get("variant", "") == variant and s.get(column) is not None]
+            if base is not None and base.get(column) is not None:
+                points.append(base)
+            if not points:
+                continue
+            points.sort(key=lambda s: 1.0 if s["policy"] == "none" else s["ratio"])
+            shift = 1.0 + 0.012 * (n - len(lines) / 2)
+            xs = [(1.0 if s["policy"] == "none" else s["ratio"]) * shift for s in points]
+            ys = [s[column] for s in points]
+            cis = [s.get(f"{column}_ci") or [s[column], s[column]] for s in points]
+            yerr = [[y - ci[0] for y, ci in zip(ys, cis, strict=True)],
+                    [ci[1] - y for y, ci in zip(ys, cis, strict=True)]]
+            who = "ours, vLLM" if backend == "vllm" else "kvpress, HF"
+            label = f"{points[0]['label'] if points[0]['policy'] != 'none' else policy} ({who})"
+            if backend == "kvpress":
+                label = f"{policy} [{mode}] ({who})"
+            fmt = styles.get(backend, ":") if backend != "vllm" else dashes.get(variant, "-")
+            ax.errorbar(xs, ys, yerr=yerr, fmt=fmt, marker="o" if not variant else "^",
+                        markersize=4, capsize=2, elinewidth=0.8, color=colors.get(policy),
+                        alpha=0.6 if mode == "per_head" and backend == "vllm" else 1.0,
+                        label=label)
+        ax.set_xscale("log")
+        ax.set_xticks([0.05, 0.1, 0.25, 0.5, 1.0])
+        ax.set_xticklabels(["0.05", "0.1", "0.25", "0.5", "1.0"])
+        ax.set_xlabel("kept ratio (nominal fraction of prompt KV kept)")
+        ax.set_ylabel(ylabel + ", 95% CI")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     first = next(iter(settings.values()), {})
     machine = first.get("machine", {})
-    ax.set_title(f"{first.get('model', '')}: {first.get('samples', '?')} prompts, "
-                 f"{machine.get('date', '')}", fontsize=9)
+    fig.suptitle(f"{first.get('model', '')}: {first.get('samples', '?')} prompts, "
+                 f"{machine.get('date', '')}; error bars: bootstrap 95% CI over prompts",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def plot_heatmaps(rows: list[dict[str, Any]], path: Path, backend: str) -> None:
-    """Needle accuracy (the three NIAH tasks), depth x length, one panel per policy and ratio."""
+    """Needle accuracy (the three NIAH tasks), depth x length, one panel per configuration
+    (policy with its head selection, and ratio)."""
     plt = pyplot()
     needles = [r for r in rows if r["task"] in NEEDLE_TASKS]
     if not needles:
         return
     depths = sorted({r["depth"] for r in needles})
     lengths = sorted({r["length"] for r in needles})
-    configs = sorted({(r["policy"], r["ratio"]) for r in needles},
+    configs = sorted({(r.get("label", r["policy"]), r["ratio"]) for r in needles},
                      key=lambda c: (c[0] != "none", c[0], -c[1]))
     policies = [p for p in dict.fromkeys(c[0] for c in configs)]
     ratios = sorted({c[1] for c in configs if c[0] != "none"}, reverse=True) or [1.0]
     cells: dict[tuple[str, float, float, int], list[float]] = defaultdict(list)
     for r in needles:
-        cells[(r["policy"], r["ratio"], r["depth"], r["length"])].append(r["score"])
+        cells[(r.get("label", r["policy"]), r["ratio"], r["depth"], r["length"])].append(
+            r["score"])
     fig, axes = plt.subplots(len(policies), len(ratios), squeeze=False, layout="constrained",
                              figsize=(2.2 * len(ratios) + 1.2, 1.9 * len(policies) + 0.6))
     image = None
     for i, policy in enumerate(policies):
         for j, ratio in enumerate(ratios):
             ax = axes[i][j]
-            if policy == "none" and j > 0:
+            use_ratio = 1.0 if policy == "none" else ratio
+            if (policy == "none" and j > 0) or (policy, use_ratio) not in configs:
                 ax.axis("off")
                 continue
-            use_ratio = 1.0 if policy == "none" else ratio
             grid = [[mean(cells[(policy, use_ratio, d, n)]) if cells[(policy, use_ratio, d, n)]
                      else float("nan") for n in lengths] for d in depths]
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")

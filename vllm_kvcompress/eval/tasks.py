@@ -9,13 +9,26 @@ expression, keys are words from a fixed list, values come from a seeded ``random
 - ``niah_multikey``: the asked needle at the given depth plus three needles with other keys at
   random depths (distractors).
 - ``niah_multivalue``: four values for the same key at random depths; all four are asked for.
+- ``niah_multiturn``: two needles with different keys, the first at the given depth, the second
+  at a random depth at least 0.25 away; turn 1 asks for the first. Turn 2 (``Followup``) is built
+  by the backend once turn 1 has answered: turn 1's prompt, turn 1's generated tokens as they
+  came out, then the chat template's end of that turn and a new user turn asking for the SECOND
+  needle (``turn2_input_ids``).
 - ``variable_tracking``: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... spread through a
   repetitive noise text; asked for every variable that holds the value.
 - ``qa_squad``: a SQuAD question with its paragraph hidden among other SQuAD paragraphs.
 
+Needle offsets are jittered: a needle at depth ``d`` goes ``round(d x sentences)`` sentences
+into the haystack, moved by 1-2 sentences towards the middle at depth 0 and 1 and by -2..2
+sentences in between (seeded per sample). With the random start of every sample's essay window,
+the needle's first token lands at a different offset in every sample, depth 0 included, so no
+fixed chunk grid is favoured (``EvalSample.needle_offsets`` records where each needle value
+starts).
+
 A prompt is the model's chat template applied to the user turn (context + question) followed by
 the start of the assistant's answer, which small models need to answer at all. Lengths count
-prompt tokens plus the answer's ``max_tokens``, so a 8192-token task fits SmolLM2's context.
+prompt tokens plus the answer's ``max_tokens`` (for ``niah_multiturn``: both turns), so a
+8192-token task fits SmolLM2's context.
 """
 
 from __future__ import annotations
@@ -30,7 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa_squad")
+from tqdm import tqdm
+
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn", "variable_tracking",
+         "qa_squad")
+#: Tasks with a needle at a depth (one sample per depth); ``niah_multiturn`` has two turns.
+DEPTH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn")
+#: Bumped whenever the generator changes the prompts (a resumed run then starts afresh).
+TASKS_VERSION = 2
+#: Most sentences a needle moves from its depth's position (see the module docstring).
+JITTER_SENTENCES = 2
 
 # Keys for needles: common, single-token-ish English nouns (RULER draws from a word list too).
 KEY_WORDS = (
@@ -55,18 +77,53 @@ NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following 
 
 
 @dataclass(frozen=True)
+class Followup:
+    """The second turn of a multi-turn sample: what to append after turn 1's answer, and how to
+    grade the answer to it.
+
+    Attributes:
+        question: the turn-2 user message (for reading; the tokens are in ``suffix_ids``).
+        suffix_ids: the chat template's tokens after turn 1's answer: the end of the assistant
+            turn, the new user turn (``question``) and the start of the assistant's answer.
+        stop_ids: tokens that end a turn-1 answer (the tokenizer's EOS and the template's end of
+            turn); dropped from the end of the answer before ``suffix_ids``, which re-adds the
+            template's own end-of-turn token.
+        answers: what the turn-2 answer must contain.
+        match: ``"all"`` or ``"any"``, as ``EvalSample.match``.
+        max_tokens: turn-2 answer length limit.
+    """
+
+    question: str
+    suffix_ids: list[int] = field(repr=False)
+    stop_ids: list[int]
+    answers: list[str]
+    match: str
+    max_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"question": self.question, "suffix_ids": self.suffix_ids,
+                "stop_ids": self.stop_ids, "answers": self.answers, "match": self.match,
+                "max_tokens": self.max_tokens}
+
+
+@dataclass(frozen=True)
 class EvalSample:
     """One prompt of the evaluation and how to grade its answer.
 
     Attributes:
         id: unique and stable across runs (task, length, depth, index).
         task: one of ``TASKS``.
-        length: the task's length class in tokens (prompt + ``max_tokens``).
+        length: the task's length class in tokens (prompt + ``max_tokens``; for a multi-turn
+            sample both turns).
         depth: where the asked needle sits (0.0 start .. 1.0 end); -1.0 where it does not apply.
         input_ids: the full prompt, chat template included, ``[prompt_tokens]``.
         answers: what the answer must contain.
         match: ``"all"`` (score = fraction of ``answers`` found) or ``"any"`` (1 if any is).
         max_tokens: answer length limit.
+        needle_offsets: token index in ``input_ids`` where each needle's value starts, the
+            asked needle first (for ``niah_multiturn``: turn 1's, then turn 2's); empty for the
+            tasks without needles.
+        followup: the second turn (``niah_multiturn`` only).
     """
 
     id: str
@@ -77,12 +134,36 @@ class EvalSample:
     answers: list[str]
     match: str
     max_tokens: int
+    needle_offsets: list[int] = field(default_factory=list)
+    followup: Followup | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The line written to ``samples.jsonl`` (also what the kvpress runner reads)."""
         return {"id": self.id, "task": self.task, "length": self.length, "depth": self.depth,
                 "input_ids": self.input_ids, "answers": self.answers, "match": self.match,
-                "max_tokens": self.max_tokens}
+                "max_tokens": self.max_tokens, "needle_offsets": self.needle_offsets,
+                "followup": None if self.followup is None else self.followup.to_json()}
+
+
+def turn2_input_ids(input_ids: list[int], output_ids: list[int], suffix_ids: list[int],
+                    stop_ids: list[int]) -> list[int]:
+    """Turn 2's prompt: turn 1's prompt, turn 1's answer token for token, the template's rest.
+
+    Args:
+        input_ids: turn 1's prompt (ends with the assistant's answer prefix).
+        output_ids: the tokens turn 1 generated, exactly as generated.
+        suffix_ids: ``Followup.suffix_ids``.
+        stop_ids: ``Followup.stop_ids``: trailing ones are dropped from ``output_ids`` (the
+            suffix starts with the template's end-of-turn token).
+
+    Returns:
+        ``input_ids + answer + suffix_ids``.
+    """
+    answer = list(output_ids)
+    stops = set(stop_ids)
+    while answer and answer[-1] in stops:
+        answer.pop()
+    return [*input_ids, *answer, *suffix_ids]
 
 
 def score_answer(text: str, answers: list[str], match: str) -> float:
@@ -153,12 +234,46 @@ class PromptBuilder:
                                           ["input_ids"])
         return self._count_cache[text]
 
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The chat template's text for ``messages``, the last (assistant) one left open."""
+        return self.tokenizer.apply_chat_template(messages, continue_final_message=True,
+                                                  tokenize=False)
+
     def encode(self, context: str, question: str, prefix: str) -> list[int]:
-        """The chat-templated prompt: user turn = context + question; assistant turn started."""
-        messages = [{"role": "user", "content": f"{context}\n\n{question}"},
-                    {"role": "assistant", "content": prefix}]
-        return list(self.tokenizer.apply_chat_template(messages, continue_final_message=True,
-                                                       tokenize=True, return_dict=False))
+        """The chat-templated prompt: user turn = context + question; assistant turn started.
+
+        The template's text tokenized without added special tokens, which is what
+        ``apply_chat_template(tokenize=True)`` does.
+        """
+        text = self.render(_messages(context, question, prefix))
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def value_offsets(self, context: str, question: str, prefix: str, ids: list[int],
+                      needles: list[str], values: list[str]) -> list[int]:
+        """Token index in ``ids`` where each needle's value starts.
+
+        Args:
+            context, question, prefix: what ``ids`` was encoded from.
+            ids: ``encode(context, question, prefix)``.
+            needles: the needle sentences, each containing its value once.
+            values: the value of each needle.
+
+        Returns:
+            One index per needle; empty when the tokenizer gives no character offsets.
+        """
+        text = self.render(_messages(context, question, prefix))
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:  # slow tokenizers have no offsets
+            return []
+        if list(enc["input_ids"]) != ids:
+            return []
+        spans = enc["offset_mapping"]
+        offsets = []
+        for needle, value in zip(needles, values, strict=True):
+            char = text.index(needle) + needle.index(value)
+            offsets.append(next(i for i, (_, end) in enumerate(spans) if end > char))
+        return offsets
 
     def fill(self, pieces: list[str], budget: int, overhead_text: str) -> list[str]:
         """Pieces in order, skipping those that no longer fit ``budget`` tokens with the overhead.
@@ -183,10 +298,29 @@ class PromptBuilder:
         return chosen
 
 
-def _insert(sentences: list[str], needles: list[tuple[float, str]]) -> str:
-    """Sentences with each needle placed at its depth (on a sentence boundary)."""
-    placed = sorted(((round(depth * len(sentences)), i, text) for i, (depth, text)
-                     in enumerate(needles)), key=lambda x: (x[0], x[1]))
+def _messages(context: str, question: str, prefix: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{context}\n\n{question}"},
+            {"role": "assistant", "content": prefix}]
+
+
+def _jitter(rng: random.Random, depth: float) -> int:
+    """Sentences a needle at ``depth`` moves: 1-2 inwards at the edges, -2..2 in between."""
+    if depth <= 0.0:
+        return rng.randint(1, JITTER_SENTENCES)
+    if depth >= 1.0:
+        return -rng.randint(1, JITTER_SENTENCES)
+    return rng.randint(-JITTER_SENTENCES, JITTER_SENTENCES)
+
+
+def _insert(sentences: list[str], needles: list[tuple[float, str]],
+            jitters: list[int] | None = None) -> str:
+    """Sentences with each needle placed at its depth (on a sentence boundary), moved by its
+    jitter (in sentences, clamped to the haystack)."""
+    shifts = jitters or [0] * len(needles)
+    n = len(sentences)
+    placed = sorted(((min(max(round(depth * n) + shift, 0), n), i, text) for i, ((depth, text),
+                     shift) in enumerate(zip(needles, shifts, strict=True))),
+                    key=lambda x: (x[0], x[1]))
     out: list[str] = []
     cursor = 0
     for position, _, text in placed:
@@ -202,18 +336,22 @@ def _value(rng: random.Random) -> str:
 
 
 def _fit(builder: PromptBuilder, target: int, make: Callable[[int], tuple[str, str, str]],
-         budget: int) -> list[int]:
+         budget: int) -> tuple[list[int], tuple[str, str, str]]:
     """Searches the filler budget for the longest templated prompt of at most ``target`` tokens
-    (piece-wise counts drift from the count of the joined text); stops within 64 tokens."""
-    best: list[int] | None = None
+    (piece-wise counts drift from the count of the joined text); stops within 64 tokens.
+
+    Returns:
+        The prompt's token ids and the (context, question, prefix) they were encoded from.
+    """
+    best: tuple[list[int], tuple[str, str, str]] | None = None
     fits: int | None = None  # largest budget known to fit
     overflows: int | None = None  # smallest budget known to overflow
     for _ in range(16):
-        context, question, prefix = make(budget)
-        ids = builder.encode(context, question, prefix)
+        parts = make(budget)
+        ids = builder.encode(*parts)
         if len(ids) <= target:
-            if best is None or len(ids) > len(best):
-                best = ids
+            if best is None or len(ids) > len(best[0]):
+                best = (ids, parts)
             if target - len(ids) <= 64:
                 break
             fits = budget
@@ -247,16 +385,21 @@ def make_niah(builder: PromptBuilder, task: str, length: int, depth: float, inde
     if task == "niah_single":
         values = [_value(rng)]
         needles = [(depth, NEEDLE.format(key=key, value=values[0]))]
+        shown = values
     elif task == "niah_multikey":
         values = [_value(rng)]
         needles = [(depth, NEEDLE.format(key=key, value=values[0]))]
-        needles += [(rng.random(), NEEDLE.format(key=k, value=_value(rng))) for k in keys[1:]]
+        shown = values + [_value(rng) for _ in keys[1:]]
+        needles += [(rng.random(), NEEDLE.format(key=k, value=v))
+                    for k, v in zip(keys[1:], shown[1:], strict=True)]
     elif task == "niah_multivalue":
         values = [_value(rng) for _ in range(4)]
         needles = [(depth if i == 0 else rng.random(), NEEDLE.format(key=key, value=v))
                    for i, v in enumerate(values)]
+        shown = values
     else:
         raise ValueError(f"not a needle task: {task}")
+    jitters = [_jitter(rng, depth)] + [0] * (len(needles) - 1)
     multi = task == "niah_multivalue"
     question = (MULTIVALUE_QUESTION if multi else NIAH_QUESTION).format(key=key)
     prefix = (MULTIVALUE_PREFIX if multi else NIAH_PREFIX).format(key=key)
@@ -264,13 +407,98 @@ def make_niah(builder: PromptBuilder, task: str, length: int, depth: float, inde
     overhead = NIAH_INSTRUCTION + " ".join(n for _, n in needles) + question + prefix
 
     def make(budget: int) -> tuple[str, str, str]:
-        body = _insert(builder.fill(haystack, budget, overhead), needles)
+        body = _insert(builder.fill(haystack, budget, overhead), needles, jitters)
         return f"{NIAH_INSTRUCTION}\n{body}", question, prefix
 
-    ids = _fit(builder, length - max_tokens, make, length - max_tokens)
+    ids, parts = _fit(builder, length - max_tokens, make, length - max_tokens)
+    offsets = builder.value_offsets(*parts, ids, [n for _, n in needles], shown)
     return EvalSample(id=f"{task}-{length}-d{depth:g}-{index}", task=task, length=length,
                       depth=depth, input_ids=ids, answers=values,
-                      match="all" if multi else "any", max_tokens=max_tokens)
+                      match="all" if multi else "any", max_tokens=max_tokens,
+                      needle_offsets=offsets)
+
+
+#: Turn-2 answer length of ``niah_multiturn``.
+FOLLOWUP_MAX_TOKENS = 16
+#: Least depth distance between the two needles of ``niah_multiturn``.
+MULTITURN_MIN_GAP = 0.25
+
+
+def followup_suffix(builder: PromptBuilder, turn1: list[dict[str, str]], question: str,
+                    prefix: str) -> list[int]:
+    """The template's tokens between turn 1's answer and turn 2's answer.
+
+    Renders the conversation with a marker as turn 1's answer and tokenizes what follows the
+    marker: the end of the assistant turn, the user's ``question`` and the assistant's
+    ``prefix``. The template must render turn 1 the same with or without the later turns (true
+    of ChatML templates; checked).
+
+    Args:
+        builder: the prompt builder (tokenizer and template).
+        turn1: turn 1's messages, the last one the assistant's answer prefix.
+        question: the turn-2 user message.
+        prefix: the start of the turn-2 answer.
+
+    Raises:
+        RuntimeError: the template renders turn 1 differently once a turn follows it.
+    """
+    marker = "\ue000"  # a private-use character: in no template or text here
+    head = builder.render(turn1)
+    answered = [*turn1[:-1], {"role": "assistant", "content": turn1[-1]["content"] + marker}]
+    full = builder.render([*answered, {"role": "user", "content": question},
+                           {"role": "assistant", "content": prefix}])
+    if not full.startswith(head + marker):
+        raise RuntimeError("the chat template renders turn 1 differently once turn 2 follows; "
+                           "niah_multiturn cannot carry the answer token for token")
+    rest = full[len(head) + len(marker):]
+    return list(builder.tokenizer(rest, add_special_tokens=False)["input_ids"])
+
+
+def make_multiturn(builder: PromptBuilder, length: int, depth: float, index: int,
+                   max_tokens: int, seed: int) -> EvalSample:
+    """Two needles, two turns: turn 1 asks for the needle at ``depth``, turn 2 (``followup``)
+    for the other one, which sits at a random depth at least ``MULTITURN_MIN_GAP`` away.
+
+    ``length`` counts both turns: turn 1's prompt and answer, the template tokens of turn 2 and
+    its answer, so turn 2's prompt plus answer fits ``length``.
+    """
+    rng = random.Random(f"{seed}-niah_multiturn-{length}-{depth}-{index}")
+    first, second = rng.sample(KEY_WORDS, 2)
+    values = [_value(rng), _value(rng)]
+    other = depth
+    while abs(other - depth) < MULTITURN_MIN_GAP:
+        other = rng.random()
+    needles = [(depth, NEEDLE.format(key=first, value=values[0])),
+               (other, NEEDLE.format(key=second, value=values[1]))]
+    jitters = [_jitter(rng, depth), _jitter(rng, other)]
+    question = NIAH_QUESTION.format(key=first)
+    prefix = NIAH_PREFIX.format(key=first)
+    question2 = NIAH_QUESTION.format(key=second)
+    prefix2 = NIAH_PREFIX.format(key=second)
+    haystack = _essay_window(rng)
+    overhead = NIAH_INSTRUCTION + " ".join(n for _, n in needles) + question + prefix
+
+    def make(budget: int) -> tuple[str, str, str]:
+        body = _insert(builder.fill(haystack, budget, overhead), needles, jitters)
+        return f"{NIAH_INSTRUCTION}\n{body}", question, prefix
+
+    # The template's turn-2 tokens do not depend on the context: measured on a stand-in.
+    suffix = followup_suffix(builder, _messages("", question, prefix), question2, prefix2)
+    room = length - max_tokens - len(suffix) - FOLLOWUP_MAX_TOKENS
+    ids, parts = _fit(builder, room, make, room)
+    # The real context, to be sure (the check inside raises if the template disagrees).
+    suffix = followup_suffix(builder, _messages(*parts), question2, prefix2)
+    offsets = builder.value_offsets(*parts, ids, [n for _, n in needles], values)
+    tokenizer = builder.tokenizer
+    stops = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    if suffix and suffix[0] in set(tokenizer.all_special_ids):
+        stops.add(suffix[0])  # the template's end-of-turn token
+    followup = Followup(question=question2, suffix_ids=suffix, stop_ids=sorted(stops),
+                        answers=[values[1]], match="any", max_tokens=FOLLOWUP_MAX_TOKENS)
+    return EvalSample(id=f"niah_multiturn-{length}-d{depth:g}-{index}", task="niah_multiturn",
+                      length=length, depth=depth, input_ids=ids, answers=[values[0]],
+                      match="any", max_tokens=max_tokens, needle_offsets=offsets,
+                      followup=followup)
 
 
 def make_variable_tracking(builder: PromptBuilder, length: int, index: int, max_tokens: int,
@@ -296,7 +524,7 @@ def make_variable_tracking(builder: PromptBuilder, length: int, index: int, max_
         body = _insert(filler, list(zip(depths, chain, strict=True)))
         return f"{instruction}\n\n{body}", question, prefix
 
-    ids = _fit(builder, length - max_tokens, make, length - max_tokens)
+    ids, _ = _fit(builder, length - max_tokens, make, length - max_tokens)
     return EvalSample(id=f"variable_tracking-{length}-{index}", task="variable_tracking",
                       length=length, depth=-1.0, input_ids=ids, answers=names, match="all",
                       max_tokens=max_tokens)
@@ -322,18 +550,19 @@ def make_qa_squad(builder: PromptBuilder, length: int, index: int, max_tokens: i
         body = "\n\n".join(f"Document {i + 1}:\n{d}" for i, d in enumerate(docs))
         return f"{instruction}\n\nThe following are given documents.\n\n{body}", question, prefix
 
-    ids = _fit(builder, length - max_tokens, make, length - max_tokens)
+    ids, _ = _fit(builder, length - max_tokens, make, length - max_tokens)
     return EvalSample(id=f"qa_squad-{length}-{index}", task="qa_squad", length=length,
                       depth=-1.0, input_ids=ids, answers=list(answers), match="any",
                       max_tokens=max_tokens)
 
 
 MAX_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48,
-              "variable_tracking": 32, "qa_squad": 24}
+              "niah_multiturn": 16, "variable_tracking": 32, "qa_squad": 24}
 
 
 def build_samples(tokenizer: Any, tasks: list[str], lengths: list[int], depths: list[float],
-                  per_cell: int, seed: int) -> list[EvalSample]:
+                  per_cell: int, seed: int, multiturn_lengths: list[int] | None = None
+                  ) -> list[EvalSample]:
     """The evaluation set: needle tasks over lengths x depths, the others over lengths.
 
     Args:
@@ -342,7 +571,11 @@ def build_samples(tokenizer: Any, tasks: list[str], lengths: list[int], depths: 
         lengths: size classes in tokens (prompt + answer), e.g. ``[1024, 2048, 4096, 8192]``.
         depths: needle depths in [0, 1] for the needle tasks.
         per_cell: samples per (task, length, depth) cell; per (task, length) for the others.
+            Each has its own seed, hence its own keys, values, essay window and jitter.
         seed: everything random derives from it.
+        multiturn_lengths: size classes of ``niah_multiturn`` (default: ``lengths``); its second
+            turn costs a peer backend one prefill per distinct turn-1 answer, so a study may
+            keep it shorter.
     """
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
@@ -352,16 +585,22 @@ def build_samples(tokenizer: Any, tasks: list[str], lengths: list[int], depths: 
         raise ValueError(f"depths must be in [0, 1], got {bad}")
     builder = PromptBuilder(tokenizer)
     samples: list[EvalSample] = []
-    for task in tasks:
+    cells = [(task, length) for task in tasks
+             for length in (multiturn_lengths or lengths if task == "niah_multiturn"
+                            else lengths)]
+    for task, length in tqdm(cells, desc="building prompts", unit="cell", leave=False,
+                             disable=len(cells) < 4):
         max_tokens = MAX_TOKENS[task]
-        for length in lengths:
-            for index in range(per_cell):
-                if task.startswith("niah"):
-                    samples += [make_niah(builder, task, length, d, index, max_tokens, seed)
-                                for d in depths]
-                elif task == "variable_tracking":
-                    samples.append(make_variable_tracking(builder, length, index, max_tokens,
-                                                          seed))
-                else:
-                    samples.append(make_qa_squad(builder, length, index, max_tokens, seed))
+        for index in range(per_cell):
+            if task == "niah_multiturn":
+                samples += [make_multiturn(builder, length, d, index, max_tokens, seed)
+                            for d in depths]
+            elif task in DEPTH_TASKS:
+                samples += [make_niah(builder, task, length, d, index, max_tokens, seed)
+                            for d in depths]
+            elif task == "variable_tracking":
+                samples.append(make_variable_tracking(builder, length, index, max_tokens,
+                                                      seed))
+            else:
+                samples.append(make_qa_squad(builder, length, index, max_tokens, seed))
     return samples
