@@ -457,6 +457,8 @@ def test_report_grades_every_backend_and_writes_plots(tmp_path: Path) -> None:
     assert targets["chunkkv 0.25 kept"]["met"] and targets["chunkkv[per_head] 0.25 kept"][
         "raw"] == [0.0, 1.0]
     assert targets["chunkkv(sink0) 0.25 kept"]["raw"] == [0.75, 1.0]  # 6 of the 8 needles
+    turn2 = targets["chunkkv 0.25 kept, multi-turn"]
+    assert turn2["raw"] == [0.0, 1.0] and not turn2["met"]
     for name in ("results.json", "results.csv", "accuracy_vs_ratio.png", "heatmap_vllm.png",
                  "heatmap_kvpress.png"):
         assert (tmp_path / name).stat().st_size > 0
