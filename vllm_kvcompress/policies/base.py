@@ -189,6 +189,37 @@ class KVPolicy(Protocol):
         ...
 
 
+class ScorerSelector:
+    """What every selector around a scorer shares (``TopK``, ``ChunkKV``, ``PyramidKV``): its
+    inputs are the scorer's, ``score`` delegates, the budget is uniform unless overridden, and
+    ``keep_indices`` is ``select(score)``. Subclasses are frozen dataclasses with ``scorer`` and
+    ``head_select`` fields and implement ``select`` and ``selection_layer``."""
+
+    scorer: Scorer
+    head_select: str
+
+    def _check_selector(self) -> None:
+        check_head_select(self.head_select)
+        check_inputs(self.scorer.inputs)
+
+    @property
+    def inputs(self) -> frozenset[str]:
+        return self.scorer.inputs
+
+    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
+                     protected: int) -> int:
+        return budget
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        return self.scorer.score(obs)
+
+    def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
+        return self.select(obs, self.score(obs))
+
+
 def needs_queries(policy: KVPolicy) -> bool:
     """Whether the policy reads the window's queries (a prefix-cache hit cannot supply them)."""
     return bool(policy.inputs & {QUERIES, WINDOW_ATTENTION})

@@ -33,8 +33,7 @@ import torch
 from .base import (
     LayerObservation,
     Scorer,
-    check_head_select,
-    check_inputs,
+    ScorerSelector,
     middle_range,
     protected_mask,
     select_per_mode,
@@ -53,7 +52,7 @@ CHUNK_GRID = Param("chunk_grid", str, "after_sinks", "ChunkKV chunk grid: after_
 
 
 @dataclass(frozen=True)
-class ChunkKV:
+class ChunkKV(ScorerSelector):
     """Chunk-level selection around a token scorer.
 
     Attributes:
@@ -78,27 +77,12 @@ class ChunkKV:
         if self.chunk_grid not in CHUNK_GRIDS:
             raise ValueError(f"chunk_grid must be one of {', '.join(CHUNK_GRIDS)}, got "
                              f"{self.chunk_grid!r}")
-        check_head_select(self.head_select)
-        check_inputs(self.scorer.inputs)
-
-    @property
-    def inputs(self) -> frozenset[str]:
-        return self.scorer.inputs
-
-    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
-                     protected: int) -> int:
-        return budget
+        self._check_selector()
 
     def selection_layer(self, layer_idx: int) -> int:
         if not self.scorer.inputs:
             return 0
         return layer_idx - layer_idx % self.reuse_layers
-
-    def score(self, obs: LayerObservation) -> torch.Tensor:
-        return self.scorer.score(obs)
-
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        return self.select(obs, self.score(obs))
 
     def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
         kwargs = {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import LayerObservation, Scorer, check_head_select, check_inputs, select, select_per_mode
+from .base import LayerObservation, Scorer, ScorerSelector, select, select_per_mode
 from .params import Param
 from .snapkv import SnapKV
 
@@ -31,7 +31,7 @@ BETA = Param("beta", float, 20.0, "PyramidKV: ratio between the mean and the top
 
 
 @dataclass(frozen=True)
-class PyramidKV:
+class PyramidKV(ScorerSelector):
     """Per-layer budget schedule around a token scorer.
 
     Attributes:
@@ -47,12 +47,7 @@ class PyramidKV:
     def __post_init__(self) -> None:
         if self.beta < 1:
             raise ValueError(f"beta must be >= 1, got {self.beta}")
-        check_head_select(self.head_select)
-        check_inputs(self.scorer.inputs)
-
-    @property
-    def inputs(self) -> frozenset[str]:
-        return self.scorer.inputs
+        self._check_selector()
 
     def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
                      protected: int) -> int:
@@ -62,15 +57,9 @@ class PyramidKV:
     def selection_layer(self, layer_idx: int) -> int:
         return layer_idx
 
-    def score(self, obs: LayerObservation) -> torch.Tensor:
-        return self.scorer.score(obs)
-
     def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
         return select_per_mode(scores, self.head_select, lambda row: select(
             row, obs.budget, obs.sink_tokens, obs.window), obs.shared_total)
-
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        return self.select(obs, self.score(obs))
 
 
 def pyramid_schedule(mean_free: int, num_layers: int, max_free: int, beta: float) -> list[int]:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import LayerObservation, Scorer, check_head_select, check_inputs, select, select_per_mode
+from .base import LayerObservation, Scorer, ScorerSelector, select, select_per_mode
 
 
 @dataclass(frozen=True)
-class TopK:
+class TopK(ScorerSelector):
     """Token-level top-k selection.
 
     Attributes:
@@ -30,27 +30,12 @@ class TopK:
     head_select: str = "shared"
 
     def __post_init__(self) -> None:
-        check_head_select(self.head_select)
-        check_inputs(self.scorer.inputs)
-
-    @property
-    def inputs(self) -> frozenset[str]:
-        return self.scorer.inputs
-
-    def layer_budget(self, budget: int, layer_idx: int, num_layers: int, seq_len: int,
-                     protected: int) -> int:
-        return budget
+        self._check_selector()
 
     def selection_layer(self, layer_idx: int) -> int:
         # A scorer that reads nothing of the layer scores every layer alike: compute once.
         return 0 if not self.scorer.inputs else layer_idx
 
-    def score(self, obs: LayerObservation) -> torch.Tensor:
-        return self.scorer.score(obs)
-
     def select(self, obs: LayerObservation, scores: torch.Tensor) -> torch.Tensor:
         return select_per_mode(scores, self.head_select, lambda row: select(
             row, obs.budget, obs.sink_tokens, obs.window), obs.shared_total)
-
-    def keep_indices(self, obs: LayerObservation) -> torch.Tensor:
-        return self.select(obs, self.score(obs))
