@@ -28,3 +28,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vllm_kvcompress.models.prepare import prepare_tiny_llama
 
     return prepare_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qfilters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Q-Filters of the tiny model, calibrated by the real command path (about a second)."""
+    from vllm_kvcompress.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("qfilters") / "tiny-qfilters.safetensors"
+    calibrate(tiny_model, out, sequences=2, seq_len=256, progress=False)
+    return out

@@ -100,6 +100,7 @@ class ReferenceModel:
             get_policy_info,
             load_model_data,
         )
+        from vllm_kvcompress.policies.rotary import Rotary
 
         seq_len = len(prompt_ids)
         kept = spec.kept_tokens(seq_len)
@@ -114,6 +115,8 @@ class ReferenceModel:
         inputs = self.layer_inputs(prompt_ids)
         hook = get_policy_info(spec.policy).model_data
         model_data = load_model_data(hook, getattr(spec, hook.param)) if hook else None
+        # The engine's table covers max_position_embeddings positions (vLLM's cos_sin_cache).
+        rotary = Rotary.from_hf(self.model, self.model.config.max_position_embeddings)
         chosen: dict[int, torch.Tensor] = {}
         result: KeptIndices = {}
         for layer in range(self.num_layers):
@@ -125,7 +128,7 @@ class ReferenceModel:
                     window=spec.window, layer_idx=source, num_layers=self.num_layers,
                     num_kv_heads=tensors.keys.shape[0],
                     queries=tensors.queries[:, -spec.window:], keys=tensors.keys,
-                    values=tensors.values, model_data=model_data)
+                    values=tensors.values, model_data=model_data, rotary=rotary)
                 chosen[source] = policy.keep_indices(obs)
             result[layer] = chosen[source].tolist()
         return result

@@ -35,7 +35,8 @@ def test_precedence_defaults_yaml_cli_request() -> None:
 
 
 @pytest.mark.parametrize(("values", "field", "fragment"), [
-    ({"kv_policy": "h2o"}, "kv_policy", "none, chunkkv, pyramidkv, snapkv, streamingllm"),
+    ({"kv_policy": "h2o"}, "kv_policy", "none, chunkkv, expected_attention, keydiff, knorm, "
+     "pyramidkv, qfilters, sagekv, snapkv, streamingllm, tova"),
     ({"kv_ratio": 0}, "kv_ratio", "0 < ratio <= 1"),
     ({"kv_ratio": 1.5}, "kv_ratio", "0 < ratio <= 1"),
     ({"kv_ratio": -0.1}, "kv_ratio", "0 < ratio <= 1"),

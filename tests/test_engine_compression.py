@@ -72,6 +72,8 @@ def reference(tiny_model: Path) -> ReferenceModel:
     return ReferenceModel(tiny_model)
 
 
+#: Placeholder for the tiny model's calibrated Q-Filters file (a session fixture).
+QFILTERS = "<tiny_qfilters>"
 EVICTING = [
     ({"kv_policy": "streamingllm", "kv_ratio": 0.3}, 300),
     ({"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16}, 300),
@@ -81,6 +83,14 @@ EVICTING = [
     ({"kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_chunk_grid": "from_zero"},
      230),
     ({"kv_policy": "pyramidkv", "kv_ratio": 0.3, "kv_window": 16}, 300),
+    ({"kv_policy": "tova", "kv_ratio": 0.3, "kv_window": 16}, 300),
+    ({"kv_policy": "sagekv", "kv_ratio": 0.25, "kv_window": 48, "kv_sage_queries": 4}, 300),
+    ({"kv_policy": "knorm", "kv_ratio": 0.3, "kv_window": 16}, 300),
+    ({"kv_policy": "keydiff", "kv_ratio": 0.25, "kv_window": 16}, 230),
+    ({"kv_policy": "expected_attention", "kv_ratio": 0.3, "kv_window": 48,
+      "kv_future_positions": 64}, 300),
+    ({"kv_policy": "qfilters", "kv_ratio": 0.3, "kv_window": 16,
+      "kv_qfilters_path": QFILTERS}, 300),
 ]
 #: Every policy in both selection modes.
 EVICTING_BOTH_MODES = [({**xargs, "kv_head_select": mode}, n) for xargs, n in EVICTING
@@ -93,8 +103,15 @@ def request_spec(xargs: dict[str, Any]) -> Any:
     return resolve_request(CompressionSpec(), xargs)
 
 
-def test_eviction_matches_reference_in_one_mixed_batch(llm: Any,
-                                                        reference: ReferenceModel) -> None:
+def with_qfilters(xargs: dict[str, Any] | None, path: Path) -> dict[str, Any] | None:
+    """``xargs`` with the Q-Filters placeholder replaced by the calibrated file."""
+    if xargs is None:
+        return None
+    return {k: str(path) if v == QFILTERS else v for k, v in xargs.items()}
+
+
+def test_eviction_matches_reference_in_one_mixed_batch(llm: Any, reference: ReferenceModel,
+                                                        tiny_qfilters: Path) -> None:
     """Every policy in both selection modes, plus `none` neighbours, in one batch; 300-token
     prompts are chunked (128 + 128 + 44) and the 48-token window spans two chunks. The reference
     makes its OWN selection from its own prefill's q/k/v (per KV head): the engine must keep
@@ -102,7 +119,8 @@ def test_eviction_matches_reference_in_one_mixed_batch(llm: Any,
     reference's decode over them."""
     from vllm import SamplingParams
 
-    cases = [*EVICTING_BOTH_MODES, ({"kv_policy": "none"}, 300), (None, 150)]
+    cases = [(with_qfilters(x, tiny_qfilters), n) for x, n in
+             [*EVICTING_BOTH_MODES, ({"kv_policy": "none"}, 300), (None, 150)]]
     # Seeds of their own: no prefix-cache sharing with the other tests' prompts.
     prompts = [{"prompt_token_ids": prompt_ids(500 + i, n)} for i, (_, n) in enumerate(cases)]
     # ignore_eos: the reference decodes MAX_TOKENS regardless (token 3 is the tiny model's EOS).

@@ -5,6 +5,7 @@ Usage::
     kvcompress prepare-model smollm2 --out models/smollm2
     kvcompress prepare-model tiny-llama --out models/tiny-llama
     kvcompress policies
+    kvcompress calibrate models/smollm2 --out models/smollm2/qfilters.safetensors
     kvcompress bench overhead
     kvcompress bench kernels
     kvcompress bench throughput
@@ -32,6 +33,24 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
         print(f"kvcompress prepare-model: {err}", file=sys.stderr)
         return 2
     print(f"{args.name}: ready in {out} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"kvcompress calibrate: MODEL: {args.model} is not a model folder (no config.json)",
+              file=sys.stderr)
+        return 2
+    try:
+        report = calibrate(args.model, args.out, sequences=args.sequences, seq_len=args.seq_len)
+    except ValueError as err:
+        print(f"kvcompress calibrate: {err}", file=sys.stderr)
+        return 2
+    print(f"{report.out}: Q-Filters from {report.tokens} tokens in {report.seconds:.1f} s; "
+          f"sign check: <k, u> correlates positively with received attention on "
+          f"{report.sign_agreement:.0%} of heads (median Spearman {report.median_correlation:.2f})")
     return 0
 
 
@@ -120,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prepare_model)
     pol = sub.add_parser("policies", help="list the registered compression policies")
     pol.set_defaults(func=_cmd_policies)
+    cal = sub.add_parser("calibrate", help="Q-Filters for a model from its own queries on "
+                         "packaged text (for --kv-policy qfilters)")
+    cal.add_argument("model", help="Hugging Face model folder (read offline)")
+    cal.add_argument("--out", required=True, help="filter file to write (safetensors)")
+    cal.add_argument("--sequences", type=int, default=8, help="calibration pieces (default 8)")
+    cal.add_argument("--seq-len", type=int, default=1024, help="tokens per piece (default 1024)")
+    cal.set_defaults(func=_cmd_calibrate)
     bench = sub.add_parser("bench", help="benchmarks (tables, JSON, CSV, PNG)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     overhead = bench_sub.add_parser("overhead", help="plugin cost: policy none vs disabled "

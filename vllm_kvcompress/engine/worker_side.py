@@ -33,6 +33,7 @@ from ..policies.base import (
     KEYS,
     MODEL_DATA,
     QUERIES,
+    ROTARY,
     VALUES,
     WINDOW_ATTENTION,
     KVPolicy,
@@ -41,6 +42,7 @@ from ..policies.base import (
 )
 from ..policies.model_data import load_model_data
 from ..policies.registry import build_policy, get_policy_info
+from ..policies.rotary import find_vllm_rotary
 from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
 from .messages import WorkerReport, plan_of
@@ -142,6 +144,9 @@ class WorkerCompression:
         self._backend_by_device: dict[str, tuple[str, str]] = {}
         #: KV heads of the whole model (all ranks), for per-head model data under TP.
         self.total_kv_heads = total_kv_heads
+        #: The model's RoPE for scorers that read ``rotary``: a ``Rotary``, a callable that
+        #: finds it in the loaded model (resolved on first use), or ``None`` (no RoPE).
+        self.rotary: Any = None
 
     # --- step boundaries ----------------------------------------------------------------------
 
@@ -440,12 +445,21 @@ class WorkerCompression:
                 raise ValueError(f"policy {task.spec.policy!r} reads model data but declares no "
                                  "model_data hook")
             model_data = load_model_data(hook, getattr(task.spec, hook.param))
+        rotary = None
+        if ROTARY in inputs:
+            if callable(self.rotary):
+                self.rotary = self.rotary()
+            if self.rotary is None:
+                raise ValueError(f"policy {task.spec.policy!r} needs the model's rotary "
+                                 "embedding, and this model has none")
+            rotary = self.rotary
         obs = LayerObservation(
             seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
             window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
             num_kv_heads=kv_cache.shape[1], queries=queries,
             keys=keys if KEYS in inputs else None, values=values if VALUES in inputs else None,
-            window_attention=window_attention, model_data=model_data, kernels=kernels,
+            window_attention=window_attention, model_data=model_data, rotary=rotary,
+            kernels=kernels,
             attn_scale=scale, attn_softcap=softcap,
             kv_head_offset=self._kv_head_offset(kv_cache.shape[1]))
         return obs, keys, values
@@ -481,5 +495,6 @@ def worker_state(runner: Any) -> Any:
         state = WorkerCompression(num_layers=len(runner.kv_caches),
                                   block_size=runner.cache_config.block_size, kernels=kernels,
                                   total_kv_heads=runner.model_config.get_total_num_kv_heads())
+        state.rotary = lambda: find_vllm_rotary(runner.get_model())
         runner._kvcompress = state
     return state

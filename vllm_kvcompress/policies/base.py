@@ -36,7 +36,8 @@ KEYS = "keys"
 VALUES = "values"
 WINDOW_ATTENTION = "window_attention"
 MODEL_DATA = "model_data"
-INPUTS = frozenset({QUERIES, KEYS, VALUES, WINDOW_ATTENTION, MODEL_DATA})
+ROTARY = "rotary"
+INPUTS = frozenset({QUERIES, KEYS, VALUES, WINDOW_ATTENTION, MODEL_DATA, ROTARY})
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class LayerObservation:
         values: ``[H, L, head_dim]``.
         window_attention: ``[H, L]`` float32, computed by the engine (kernel or reference).
         model_data: the policy's per-model data (see ``model_data.ModelDataHook``).
+        rotary: the model's RoPE (``rotary.Rotary``), for scorers that move queries between
+            positions.
         kernels: device kernels for selection steps, or ``None`` for the torch references.
         attn_scale: the attention layer's softmax scale (``None``: ``1 / sqrt(head_dim)``).
         attn_softcap: the layer's logit soft-cap, 0 for none.
@@ -93,6 +96,7 @@ class LayerObservation:
     values: torch.Tensor | None = None
     window_attention: torch.Tensor | None = None
     model_data: Any = None
+    rotary: Any = None
     kernels: SelectionKernels | None = None
     attn_scale: float | None = None
     attn_softcap: float = 0.0

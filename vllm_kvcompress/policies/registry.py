@@ -20,12 +20,18 @@ from typing import TYPE_CHECKING
 
 from .base import KVPolicy
 from .chunkkv import CHUNK_GRID, CHUNK_SIZE, REUSE_LAYERS, ChunkKV
+from .expected_attention import FUTURE_POSITIONS, ExpectedAttention
+from .keydiff import KeyDiff
+from .knorm import KeyNorm
 from .model_data import ModelDataHook
 from .params import COMMON_PARAMS, HEAD_SELECT_MODES, Param
 from .pyramidkv import BETA, PyramidKV
+from .qfilters import QFILTERS_DATA, QFILTERS_PATH, QFilters
+from .sagekv import SAGE_QUERIES, SageKV
 from .snapkv import POOL_KERNEL, SnapKV
 from .streamingllm import StreamingLLM
 from .topk import TopK
+from .tova import TOVA
 
 if TYPE_CHECKING:
     from ..config import CompressionSpec
@@ -188,6 +194,55 @@ for _info in (
         paper="https://arxiv.org/abs/2406.02069",
         summary="SnapKV selection with budgets decreasing from lower to upper layers",
         parameters=(POOL_KERNEL, BETA),
+    ),
+    PolicyInfo(
+        name="tova",
+        build=lambda spec: TopK(TOVA(), head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2401.06104",
+        summary="top tokens by the last prompt token's attention (all heads: one token set)",
+    ),
+    PolicyInfo(
+        name="sagekv",
+        build=lambda spec: TopK(SageKV(sage_queries=spec.sage_queries),
+                                head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2503.08879",
+        summary="per-head top tokens by the final prompt tokens' attention, sinks + window kept",
+        parameters=(SAGE_QUERIES,),
+        default_head_select="per_head",
+    ),
+    PolicyInfo(
+        name="knorm",
+        build=lambda spec: TopK(KeyNorm(), head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2406.11430",
+        summary="keys with the smallest L2 norm; reads keys only",
+        default_head_select="per_head",
+    ),
+    PolicyInfo(
+        name="keydiff",
+        build=lambda spec: TopK(KeyDiff(), head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2504.15364",
+        summary="keys least similar (cosine) to the mean key; reads keys only",
+        default_head_select="per_head",
+    ),
+    PolicyInfo(
+        name="expected_attention",
+        build=lambda spec: TopK(ExpectedAttention(future_positions=spec.future_positions),
+                                head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2510.00636",
+        summary="expected attention of future queries (window statistics, RoPE-averaged) "
+                "times value norm",
+        parameters=(FUTURE_POSITIONS,),
+        default_head_select="per_head",
+    ),
+    PolicyInfo(
+        name="qfilters",
+        build=lambda spec: TopK(QFilters(), head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2503.02812",
+        summary="keys' projection on calibrated query directions (kvcompress calibrate); "
+                "reads keys only",
+        parameters=(QFILTERS_PATH,),
+        default_head_select="per_head",
+        model_data=QFILTERS_DATA,
     ),
 ):
     register_policy(_info)
