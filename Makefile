@@ -19,7 +19,11 @@ models/smollm2/config.json: | setup
 models/tiny-llama/config.json: | setup
 	$(PY) -m vllm_kvcompress.cli prepare-model tiny-llama --out models/tiny-llama
 
-models: models/smollm2/config.json models/tiny-llama/config.json
+# Outside the model folder: vLLM loads every *.safetensors file in it as weights.
+models/smollm2.qfilters.safetensors: models/smollm2/config.json   ## Q-Filters for --kv-policy qfilters (~30 s)
+	$(PY) -m vllm_kvcompress.cli calibrate models/smollm2 --out $@
+
+models: models/smollm2/config.json models/tiny-llama/config.json models/smollm2.qfilters.safetensors
 
 demo: setup models/smollm2/config.json   ## serve SmolLM2 with chunkkv, ask a needle question twice
 	$(PY) scripts/demo.py --model models/smollm2 --config configs/chunkkv.yaml
@@ -56,17 +60,18 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # --samples-per-cell 4", several hours here).
 EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
 	--tasks niah_single niah_multikey niah_multivalue niah_multiturn \
-	--head-select shared per_head --chunk-grid-ablation
+	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
+	expected_attention qfilters --head-select default
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
 PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1
 bench: bench-eval bench-peer bench-throughput results
 
-bench-eval: setup models/smollm2/config.json    ## ours: accuracy vs kept ratio, CIs, grid ablation
+bench-eval: setup models/smollm2/config.json models/smollm2.qfilters.safetensors    ## ours: accuracy vs kept ratio, CIs, grid ablation
 	rm -rf runs/eval
 	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval $(EVAL_ARGS)
 
-bench-peer: setup models/smollm2/config.json kvpress-venv   ## kvpress on the same prompts (runs/eval)
+bench-peer: setup models/smollm2/config.json models/smollm2.qfilters.safetensors kvpress-venv   ## kvpress on the same prompts (runs/eval)
 	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval --backend kvpress $(EVAL_ARGS) \
 	  $(PEER_ARGS)
 

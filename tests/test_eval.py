@@ -260,6 +260,10 @@ def test_limit_spreads_over_the_grid(tokenizer: Any) -> None:
     assert eval_run.configurations(["chunkkv"], [0.5], chunk_grid_ablation=True) == [
         ("none", 1.0, "shared", ""), ("chunkkv", 0.5, "shared", ""),
         ("chunkkv", 0.5, "shared", "grid0"), ("chunkkv", 0.5, "shared", "sink0")]
+    # default: each policy's registered mode, listed once even when also named.
+    assert eval_run.configurations(["snapkv", "knorm"], [0.5], ["default", "per_head"]) == [
+        ("none", 1.0, "shared", ""), ("snapkv", 0.5, "shared", ""),
+        ("snapkv", 0.5, "per_head", ""), ("knorm", 0.5, "per_head", "")]
 
 
 # --- bootstrap intervals ---

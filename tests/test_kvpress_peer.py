@@ -562,3 +562,49 @@ def test_shared_prefill_matches_per_config_prefill_end_to_end(
     pyramid = next(r for r in shared if r["id"] == "s700" and r["policy"] == "pyramidkv"
                    and r["ratio"] == 0.5)  # fmt: skip
     assert len(set(pyramid["kept_tokens_per_layer"])) == 4
+
+
+# --- the methods issue's presses ---
+
+
+def test_method_presses_map_to_kvpress_classes(tmp_path: Path) -> None:
+    filters = tmp_path / "f.safetensors"
+    filters.write_bytes(b"x")
+    params = {**PARAMS, "future_positions": 64, "qfilters_path": str(filters)}
+    assert runner.press_spec("tova", 0.25, params) == ("TOVAPress", {"compression_ratio": 0.75})
+    assert runner.press_spec("knorm", 0.1, params)[0] == "KnormPress"
+    assert runner.press_spec("keydiff", 0.1, params)[0] == "KeyDiffPress"
+    assert runner.press_spec("expected_attention", 0.25, params) == (
+        "ExpectedAttentionPress",
+        {"compression_ratio": 0.75, "n_future_positions": 64, "n_sink": 4},
+    )
+    assert runner.press_spec("qfilters", 0.25, params) == (
+        "QFilterPress", {"compression_ratio": 0.75, "qfilters_path": str(filters)})
+    with pytest.raises(runner.InputError, match="qfilters_path"):
+        runner.press_spec("qfilters", 0.25, PARAMS)
+    assert set(runner.KVPRESS_MODES) == set(runner.POLICIES)
+
+
+@pytest.mark.peer
+def test_runner_method_presses_end_to_end(kvpress_python: Path, tiny_model: Path,
+                                          tiny_qfilters: Path, tmp_path: Path) -> None:
+    """TOVA, Knorm, KeyDiff, ExpectedAttention and QFilter (with OUR calibrated filters: its
+    own loader would reach for a model hub and fail) run on kvpress, keep int(0.25 L) tokens
+    per layer, and start from the uncompressed first token."""
+    rng = random.Random(1)
+    samples = [{"id": "m", "input_ids": [rng.randrange(4, 1000) for _ in range(160)],
+                "max_tokens": 6}]
+    methods = ("tova", "knorm", "keydiff", "expected_attention", "qfilters")
+    configs = [{"policy": "none", "ratio": 1.0}] + [{"policy": m, "ratio": 0.25} for m in methods]
+    _write_inputs(tmp_path, samples, configs, future_positions=64,
+                  qfilters_path=str(tiny_qfilters))
+    out = tmp_path / "predictions.jsonl"
+    proc = _run(kvpress_python, tiny_model, tmp_path, out)
+    assert proc.returncode == 0, proc.stderr
+    by_policy = {r["policy"]: r for r in _records(out)}
+    assert set(by_policy) == {"none", *methods}
+    for method in methods:
+        record = by_policy[method]
+        assert record["kvpress_mode"] == runner.KVPRESS_MODES[method]
+        assert record["kept_tokens_per_layer"] == [int(160 * 0.25)] * 4
+        assert record["output_ids"][0] == by_policy["none"]["output_ids"][0]

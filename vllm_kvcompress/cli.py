@@ -5,7 +5,7 @@ Usage::
     kvcompress prepare-model smollm2 --out models/smollm2
     kvcompress prepare-model tiny-llama --out models/tiny-llama
     kvcompress policies
-    kvcompress calibrate models/smollm2 --out models/smollm2/qfilters.safetensors
+    kvcompress calibrate models/smollm2 --out models/smollm2.qfilters.safetensors
     kvcompress bench overhead
     kvcompress bench kernels
     kvcompress bench throughput
@@ -42,6 +42,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").is_file():
         print(f"kvcompress calibrate: MODEL: {args.model} is not a model folder (no config.json)",
               file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.suffix == ".safetensors" and out.resolve().parent == Path(args.model).resolve():
+        print(f"kvcompress calibrate: --out: {out} is inside the model folder, where vLLM would "
+              "load it as weights; write it next to the folder (e.g. "
+              f"{Path(args.model).name}.qfilters.safetensors)", file=sys.stderr)
         return 2
     try:
         report = calibrate(args.model, args.out, sequences=args.sequences, seq_len=args.seq_len)

@@ -62,13 +62,19 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv")
-DEFAULT_PARAMS: dict[str, int] = {
+POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv", "tova", "knorm",
+            "keydiff", "expected_attention", "qfilters")
+DEFAULT_PARAMS: dict[str, Any] = {
     "window": 32,
     "pool_kernel": 5,
     "chunk_size": 10,
     "sink_tokens": 4,
+    "future_positions": 512,
+    "qfilters_path": None,
 }
+#: Integer params and their smallest allowed value.
+INT_PARAMS = {"window": 1, "pool_kernel": 1, "chunk_size": 1, "sink_tokens": 0,
+              "future_positions": 1}
 EXIT_BAD_INPUT = 2
 #: How each press selects tokens: ``per_head`` (ScorerPress: top-k over each KV head's scores) or
 #: ``shared`` (ChunkKVPress: scores summed over heads, one token set per layer). StreamingLLM's
@@ -79,6 +85,13 @@ KVPRESS_MODES = {
     "snapkv": "per_head",
     "chunkkv": "shared",
     "pyramidkv": "per_head",
+    # TOVAPress averages the scores over all heads and repeats them per KV head: every head's
+    # top-k is the same token set.
+    "tova": "shared",
+    "knorm": "per_head",
+    "keydiff": "per_head",
+    "expected_attention": "per_head",
+    "qfilters": "per_head",
 }
 
 # A press spec: kvpress class name and constructor kwargs; a kwarg may itself be a spec (ChunkKV
@@ -90,15 +103,15 @@ class InputError(ValueError):
     """Bad input (file, JSON, field); main() prints it on one line and exits with status 2."""
 
 
-def press_spec(policy: str, ratio: float, params: dict[str, int]) -> PressSpec | None:
+def press_spec(policy: str, ratio: float, params: dict[str, Any]) -> PressSpec | None:
     """Map one of our configs to a kvpress press, without importing kvpress.
 
     Args:
         policy: one of ``POLICIES``.
         ratio: fraction of prompt tokens whose KV is kept, in (0, 1]; kvpress's
             ``compression_ratio`` is the fraction removed, ``1 - ratio``.
-        params: ``window``, ``pool_kernel``, ``chunk_size``, ``sink_tokens`` (missing keys take
-            ``DEFAULT_PARAMS``).
+        params: ``window``, ``pool_kernel``, ``chunk_size``, ``sink_tokens``,
+            ``future_positions``, ``qfilters_path`` (missing keys take ``DEFAULT_PARAMS``).
 
     Returns:
         ``(class_name, kwargs)`` for ``build_press``, or None when nothing is compressed
@@ -129,7 +142,23 @@ def press_spec(policy: str, ratio: float, params: dict[str, int]) -> PressSpec |
         return "SnapKVPress", snapkv
     if policy == "chunkkv":
         return "ChunkKVPress", {"press": ("SnapKVPress", snapkv), "chunk_length": p["chunk_size"]}
-    return "PyramidKVPress", snapkv
+    if policy == "pyramidkv":
+        return "PyramidKVPress", snapkv
+    if policy == "tova":
+        return "TOVAPress", {"compression_ratio": compression_ratio}
+    if policy == "knorm":
+        return "KnormPress", {"compression_ratio": compression_ratio}
+    if policy == "keydiff":
+        return "KeyDiffPress", {"compression_ratio": compression_ratio}
+    if policy == "expected_attention":
+        return "ExpectedAttentionPress", {"compression_ratio": compression_ratio,
+                                          "n_future_positions": p["future_positions"],
+                                          "n_sink": p["sink_tokens"]}
+    # qfilters: kvpress's press with OUR calibrated filters (its own come from a model hub).
+    if not p["qfilters_path"]:
+        raise InputError("policy 'qfilters' needs params.qfilters_path (kvcompress calibrate)")
+    return "QFilterPress", {"compression_ratio": compression_ratio,
+                            "qfilters_path": p["qfilters_path"]}
 
 
 def build_press(spec: PressSpec | None) -> Any:
@@ -147,7 +176,16 @@ def build_press(spec: PressSpec | None) -> Any:
 
     name, kwargs = spec
     built = {k: build_press(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
-    return getattr(kvpress, name)(**built)
+    qfilters_path = built.pop("qfilters_path", None)
+    press = getattr(kvpress, name)(**built)
+    if qfilters_path is not None:
+        # QFilterPress loads its filters from a model hub in post_init_from_model; give it
+        # ours (the same convention: score = -<k, f>, f [layers, kv_heads, head_dim]).
+        from safetensors.torch import load_file
+
+        press.q_filters = load_file(qfilters_path)["q_filters"]
+        press.post_init_from_model = lambda model: None
+    return press
 
 
 def min_prompt_len(spec: PressSpec | None) -> int:
@@ -173,7 +211,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Read and check configs.json.
 
     Args:
@@ -196,7 +234,7 @@ def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise InputError(f"--configs {path}: 'params' must be an object")
-    for key, lowest in (("window", 1), ("pool_kernel", 1), ("chunk_size", 1), ("sink_tokens", 0)):
+    for key, lowest in INT_PARAMS.items():
         value = params.get(key, DEFAULT_PARAMS[key])
         if not _is_int(value) or value < lowest:
             raise InputError(
@@ -204,6 +242,11 @@ def load_configs(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
             )
     if params.get("pool_kernel", DEFAULT_PARAMS["pool_kernel"]) % 2 == 0:
         raise InputError(f"--configs {path}: params.pool_kernel must be odd")
+    qfilters_path = params.get("qfilters_path")
+    if qfilters_path is not None and not (isinstance(qfilters_path, str) and
+                                          Path(qfilters_path).is_file()):
+        raise InputError(f"--configs {path}: params.qfilters_path must be an existing file, got "
+                         f"{qfilters_path!r}")
     merged = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if k in DEFAULT_PARAMS}}
     configs = data.get("configs")
     if not isinstance(configs, list) or not configs:

@@ -11,7 +11,8 @@ as error bars) and ``heatmap_<backend>.png`` (needle accuracy, depth x length, o
 configuration). Every backend found in the output folder is graded and plotted together.
 
 A configuration is (policy, kept ratio, head selection, variant): ``--head-select shared
-per_head`` runs every (policy, ratio) in both modes; ``--chunk-grid-ablation`` adds ChunkKV with
+per_head`` runs every (policy, ratio) in both modes (``default``: each policy in its own default
+mode, listed once); ``--chunk-grid-ablation`` adds ChunkKV with
 its chunk grid from token 0 (``grid0``: sinks kept; ``sink0``: no sinks) as extra configurations
 of the same run, so the ablation shares the prompts and the baseline prefills. Multi-turn samples
 (``niah_multiturn``, ``--multiturn-lengths``) get a second turn per configuration, graded and
@@ -62,6 +63,16 @@ POLICY_PARAMS = ("window", "pool_kernel", "chunk_size", "sink_tokens")
 HELD_MATCH_TOLERANCE = 0.02
 #: ChunkKV's chunk grids (the policy layer's ``chunk_grid``).
 CHUNK_GRIDS = ("after_sinks", "from_zero")
+#: ``--head-select default``: each policy in its registered default mode.
+DEFAULT_MODE = "default"
+
+
+def qfilters_file(model: str) -> Path:
+    """Where `make models` writes a model's Q-Filters: next to its folder, not inside (vLLM
+    loads every ``*.safetensors`` in the folder as weights)."""
+    folder = Path(model)
+    return folder.with_name(folder.name + ".qfilters.safetensors")
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,10 +95,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS),
                         help="kept ratios; 1.0 is the full-KV baseline (policy none)")
     parser.add_argument("--head-select", nargs="+", default=[DEFAULT_HEAD_SELECT],
-                        choices=HEAD_SELECT, help="vllm backend: token selection modes, each "
-                        "(policy, ratio) runs in every one listed: shared (one token set per "
-                        "layer) or per_head (each KV head its own); kvpress: ignored (one mode "
-                        "per press, recorded)")
+                        choices=(*HEAD_SELECT, DEFAULT_MODE), help="vllm backend: token "
+                        "selection modes, each (policy, ratio) runs in every one listed: shared "
+                        "(one token set per layer), per_head (each KV head its own) or default "
+                        "(the policy's own default mode); kvpress: ignored (one mode per press, "
+                        "recorded)")
     parser.add_argument("--chunk-grid-ablation", action="store_true",
                         help="vllm backend: also run chunkkv (shared) at every ratio with its "
                         "chunk grid from token 0, sinks kept (variant grid0, kv_chunk_grid="
@@ -103,6 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool-kernel", type=int, default=5)
     parser.add_argument("--chunk-size", type=int, default=10)
     parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--future-positions", type=int, default=512,
+                        help="expected_attention: future positions its RoPE average covers")
+    parser.add_argument("--qfilters", default=None,
+                        help="qfilters: the model's filter file (default: MODEL.qfilters."
+                        "safetensors next to the model folder, written by `make models`)")
     parser.add_argument("--chunk-grid", choices=CHUNK_GRIDS, default=None,
                         help="ChunkKV's chunk grid (kv_chunk_grid): after_sinks or from_zero "
                         "(kvpress's); default: the policy's own. vllm backend only")
@@ -125,6 +142,14 @@ def validate(args: argparse.Namespace) -> None:
         if policy not in known:
             raise ValueError(f"--policies: unknown policy {policy!r}; allowed: "
                              f"{', '.join(sorted(known))}")
+    if "qfilters" in args.policies:
+        path = Path(args.qfilters or qfilters_file(args.model))
+        if not path.is_file():
+            raise ValueError(f"--qfilters: {path} does not exist; run kvcompress calibrate "
+                             f"{args.model} --out {path}")
+        args.qfilters = str(path)
+    if getattr(args, "future_positions", 1) < 1:
+        raise ValueError(f"--future-positions: {args.future_positions} is below 1")
     for ratio in args.ratios:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"--ratios: {ratio} is not in (0, 1]")
@@ -147,7 +172,8 @@ def validate(args: argparse.Namespace) -> None:
     if len(set(args.head_select)) != len(args.head_select):
         raise ValueError(f"--head-select: {args.head_select} lists a mode twice")
     if (args.backend == "vllm" and not args.report_only
-            and set(args.head_select) - {DEFAULT_HEAD_SELECT} and not head_select_supported()):
+            and set(args.head_select) - {DEFAULT_HEAD_SELECT, DEFAULT_MODE}
+            and not head_select_supported()):
         raise ValueError("--head-select per_head: this build's policy layer has no head_select "
                          "setting (kv_head_select) yet; run --head-select shared")
 
@@ -172,9 +198,14 @@ def configurations(policies: list[str], ratios: list[float],
                    chunk_grid_ablation: bool = False) -> list[RunConfig]:
     """Configurations to run: the single ``none`` (ratio 1.0 keeps everything), then every
     (policy, ratio < 1, head selection), then the chunk-grid variants of shared ChunkKV."""
+    from ..policies.registry import get_policy_info
+
     modes = head_selects or [DEFAULT_HEAD_SELECT]
     configs = [config_key("none", 1.0)]
-    configs += [config_key(p, r, h) for p in policies for r in ratios if r < 1.0 for h in modes]
+    for policy in policies:
+        own = get_policy_info(policy).default_head_select
+        resolved = list(dict.fromkeys(own if m == DEFAULT_MODE else m for m in modes))
+        configs += [config_key(policy, r, h) for r in ratios if r < 1.0 for h in resolved]
     if chunk_grid_ablation:
         configs += [config_key("chunkkv", r, DEFAULT_HEAD_SELECT, v) for v in ("grid0", "sink0")
                     for r in ratios if r < 1.0]
@@ -189,6 +220,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "chunk_size": args.chunk_size, "sink_tokens": args.sink_tokens}
     if getattr(args, "chunk_grid", None) is not None:
         params["chunk_grid"] = args.chunk_grid
+    if "expected_attention" in args.policies:
+        params["future_positions"] = args.future_positions
+    if "qfilters" in args.policies:
+        params["qfilters_path"] = args.qfilters
     if not args.report_only:
         from transformers import AutoTokenizer
 
@@ -228,8 +263,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engine_backend.run(samples, configs, params, args.model, predictions,
                                dtype=args.dtype, prefix_reuse=not args.no_prefix_reuse)
         else:
-            kvpress_configs = configs + held_matched(samples, args.policies, args.ratios,
-                                                     params, args.model)
+            missing = sorted({c.policy for c in configs} - set(KVPRESS_MODES))
+            if missing:
+                print(f"kvcompress eval: kvpress has no press for {', '.join(missing)} (ours "
+                      "only)", file=sys.stderr)
+            kvpress_configs = [c for c in configs if c.policy in KVPRESS_MODES]
+            kvpress_configs += held_matched(samples, args.policies, args.ratios, params,
+                                            args.model)
             settings["configs"] = kvpress_configs
             settings_path.write_text(json.dumps(settings, indent=2))
             run_kvpress(args, samples_path, kvpress_configs, params, predictions)
