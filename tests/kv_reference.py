@@ -49,6 +49,8 @@ class ReferenceModel:
     """
 
     def __init__(self, model_dir: Path | str) -> None:
+        #: layer -> merged values of the last ``select`` (``merge: on``), else empty.
+        self.merged: dict[int, torch.Tensor] = {}
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -93,6 +95,8 @@ class ReferenceModel:
 
         Returns:
             layer -> ``[num_kv_heads][kept]``, or ``None`` when the request is not compressed.
+            For a policy with ``merge: on``, ``self.merged`` then holds layer -> ``[H, kept,
+            D]`` merged values (pass them to ``greedy``).
         """
         from vllm_kvcompress.policies import (
             LayerObservation,
@@ -117,25 +121,32 @@ class ReferenceModel:
         model_data = load_model_data(hook, getattr(spec, hook.param)) if hook else None
         # The engine's table covers max_position_embeddings positions (vLLM's cos_sin_cache).
         rotary = Rotary.from_hf(self.model, self.model.config.max_position_embeddings)
+        def observe(layer: int) -> LayerObservation:
+            tensors = inputs[layer]
+            return LayerObservation(
+                seq_len=seq_len, budget=kept, sink_tokens=spec.sink_tokens,
+                window=spec.window, layer_idx=layer, num_layers=self.num_layers,
+                num_kv_heads=tensors.keys.shape[0],
+                queries=tensors.queries[:, -spec.window:], keys=tensors.keys,
+                values=tensors.values, model_data=model_data, rotary=rotary)
+
         chosen: dict[int, torch.Tensor] = {}
         result: KeptIndices = {}
+        self.merged = {}
         for layer in range(self.num_layers):
             source = policy.selection_layer(layer)
             if source not in chosen:
-                tensors = inputs[source]
-                obs = LayerObservation(
-                    seq_len=seq_len, budget=kept, sink_tokens=spec.sink_tokens,
-                    window=spec.window, layer_idx=source, num_layers=self.num_layers,
-                    num_kv_heads=tensors.keys.shape[0],
-                    queries=tensors.queries[:, -spec.window:], keys=tensors.keys,
-                    values=tensors.values, model_data=model_data, rotary=rotary)
-                chosen[source] = policy.keep_indices(obs)
+                chosen[source] = policy.keep_indices(observe(source))
             result[layer] = chosen[source].tolist()
+            if hasattr(policy, "merged_values"):
+                # Each layer merges its own evicted tokens into the (possibly reused) kept set.
+                self.merged[layer] = policy.merged_values(observe(layer), chosen[source])
         return result
 
     @torch.no_grad()
     def greedy(self, prompt_ids: list[int], max_tokens: int,
-               kept: KeptIndices | None = None) -> list[int]:
+               kept: KeptIndices | None = None,
+               merged: dict[int, torch.Tensor] | None = None) -> list[int]:
         """Greedy continuation of ``prompt_ids``.
 
         Args:
@@ -143,6 +154,7 @@ class ReferenceModel:
             max_tokens: tokens to generate.
             kept: layer -> per KV head sorted kept prompt indices (``[H][kept]``, or one
                 ``[kept]`` list shared by every head); ``None`` keeps everything.
+            merged: layer -> ``[H, kept, D]`` values for the kept slots (``merge: on``).
 
         Returns:
             ``max_tokens`` generated token ids.
@@ -160,6 +172,8 @@ class ReferenceModel:
                 gather = index[None, :, :, None].expand(1, heads, -1, dim)
                 layer.keys = layer.keys.gather(2, gather).contiguous()
                 layer.values = layer.values.gather(2, gather).contiguous()
+                if merged:
+                    layer.values = merged[layer_idx][None].to(layer.values.dtype).contiguous()
         physical = cache.get_seq_length()
         logical = len(prompt_ids)
         for step in range(max_tokens - 1):

@@ -91,6 +91,11 @@ EVICTING = [
       "kv_future_positions": 64}, 300),
     ({"kv_policy": "qfilters", "kv_ratio": 0.3, "kv_window": 16,
       "kv_qfilters_path": QFILTERS}, 300),
+    # merge: the kept slots' values absorb the evicted tokens (per layer, also under reuse).
+    ({"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16, "kv_merge": "on"}, 300),
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.2, "kv_window": 16, "kv_reuse_layers": 2,
+      "kv_merge": "on"}, 257),
+    ({"kv_policy": "knorm", "kv_ratio": 0.3, "kv_window": 16, "kv_merge": "on"}, 230),
 ]
 #: Every policy in both selection modes.
 EVICTING_BOTH_MODES = [({**xargs, "kv_head_select": mode}, n) for xargs, n in EVICTING
@@ -133,6 +138,7 @@ def test_eviction_matches_reference_in_one_mixed_batch(llm: Any, reference: Refe
         got = list(out.outputs[0].token_ids)
         ids = prompt["prompt_token_ids"]
         want_kept = reference.select(ids, request_spec(xargs)) if xargs else None
+        merged = reference.merged if want_kept is not None else None
         if want_kept is not None:
             engine_kept = kept_log(runner, out.request_id)
             assert engine_kept == want_kept, f"{xargs}: engine kept other tokens"
@@ -143,7 +149,7 @@ def test_eviction_matches_reference_in_one_mixed_batch(llm: Any, reference: Refe
                 per_head_differs += any(row != heads[0] for row in heads)
         else:
             assert xargs is None or xargs["kv_policy"] == "none"
-        want = reference.greedy(ids, MAX_TOKENS, want_kept)
+        want = reference.greedy(ids, MAX_TOKENS, want_kept, merged)
         assert got == want, f"{xargs}: engine {got} != reference {want}"
     assert per_head_differs >= 5  # per-head mode really keeps different tokens per head
 
@@ -159,16 +165,25 @@ def test_triton_kernels_in_the_engine_match_reference(llm: Any, reference: Refer
     cases = [{"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16},
              {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16},
              {"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16,
-              "kv_head_select": "per_head"}]
+              "kv_head_select": "per_head"},
+             # Keys read from the paged cache on this path, RoPE, merged values written back.
+             {"kv_policy": "knorm", "kv_ratio": 0.3, "kv_window": 16},
+             {"kv_policy": "expected_attention", "kv_ratio": 0.3, "kv_window": 16},
+             {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16, "kv_merge": "on"}]
     prompts = [{"prompt_token_ids": prompt_ids(40 + i, 200)} for i in range(len(cases))]
     outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                     extra_args=x) for x in cases],
                            use_tqdm=False)
     _, _, runner = engine_internals(llm)
-    for prompt, out in zip(prompts, outputs, strict=True):
+    for xargs, prompt, out in zip(cases, prompts, outputs, strict=True):
         kept = kept_log(runner, out.request_id)
-        want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept)
-        assert list(out.outputs[0].token_ids) == want
+        merged = None
+        if xargs["kv_policy"] in ("knorm", "expected_attention") or "kv_merge" in xargs:
+            # The reference's own selection (keys and values it computed itself).
+            assert kept == reference.select(prompt["prompt_token_ids"], request_spec(xargs))
+            merged = reference.merged
+        want = reference.greedy(prompt["prompt_token_ids"], MAX_TOKENS, kept, merged)
+        assert list(out.outputs[0].token_ids) == want, xargs
 
 
 class ExplodingPolicy:

@@ -282,3 +282,54 @@ def test_every_method_selects_in_both_modes_and_under_chunkkv(name: str, mode: s
             assert set(range(3)) | set(range(61 - 8, 61)) <= set(row)
         if mode == "shared":
             assert torch.equal(kept[0], kept[1])
+
+
+# --- merge (ZeroMerge-style value folding) ---
+
+
+def test_merge_evicted_against_a_loop_reference() -> None:
+    from vllm_kvcompress.policies.merge import merge_evicted
+
+    gen = torch.Generator().manual_seed(8)
+    heads, seq_len, dim = 2, 23, 8
+    keys = torch.randn(heads, seq_len, dim, generator=gen)
+    values = torch.randn(heads, seq_len, dim, generator=gen)
+    weights = torch.rand(heads, seq_len, generator=gen)
+    kept = torch.stack([torch.tensor([0, 1, 5, 9, 14, 20, 22]),
+                        torch.tensor([0, 2, 3, 11, 12, 21, 22])])
+    got = merge_evicted(keys, values, weights, kept)
+    for h in range(heads):
+        kept_list = kept[h].tolist()
+        sums = {t: values[h, t].double() * float(weights[h, t]) for t in kept_list}
+        mass = {t: float(weights[h, t]) for t in kept_list}
+        for e in range(seq_len):
+            if e in kept_list:
+                continue
+            sims = {t: float(torch.nn.functional.cosine_similarity(keys[h, e], keys[h, t],
+                                                                     dim=0))
+                    for t in kept_list}
+            target = max(kept_list, key=lambda t: (sims[t], -t))
+            if sims[target] > 0:
+                sums[target] = sums[target] + values[h, e].double() * float(weights[h, e])
+                mass[target] += float(weights[h, e])
+        for j, t in enumerate(kept_list):
+            torch.testing.assert_close(got[h, j].double(), sums[t] / mass[t], rtol=1e-5,
+                                       atol=1e-6)
+    # Something was merged (the test would pass vacuously otherwise).
+    assert not torch.allclose(got, values.gather(1, kept[..., None].expand(-1, -1, dim)))
+
+
+def test_merge_wraps_any_policy_and_needs_window_attention(tmp_path: Path) -> None:
+    from vllm_kvcompress.policies.merge import MergeEvicted
+
+    for name in ("snapkv", "chunkkv", "knorm", "streamingllm"):
+        plain = build_policy(CompressionSpec(policy=name, ratio=0.5))
+        merged = build_policy(CompressionSpec(policy=name, ratio=0.5, merge="on"))
+        assert isinstance(merged, MergeEvicted) and not isinstance(plain, MergeEvicted)
+        assert merged.inputs >= {"keys", "values", "window_attention"}
+        assert needs_queries(merged)  # its weights are the window's attention
+        obs = observation(9, 4, 2, seq_len=50)
+        torch.testing.assert_close(merged.keep_indices(obs), plain.keep_indices(obs))
+        kept = merged.keep_indices(obs)
+        values = merged.merged_values(obs, kept)
+        assert values.shape == (2, obs.budget, 16)

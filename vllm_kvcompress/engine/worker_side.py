@@ -330,7 +330,7 @@ class WorkerCompression:
         layout = access.kernel_layout if scoring == "triton" else None
         source = task.policy.selection_layer(layer_idx)
         kept_idx = task.selections.get(source)
-        keys = values = None
+        keys = values = obs = None
         if kept_idx is None:
             obs = scores = error = None
             if not task.failed:
@@ -372,7 +372,21 @@ class WorkerCompression:
             return
         dst_slots = row_slots(task.dst_blocks, task.kept, block_size).to(kv_cache.device)
         kept_on = kept_idx.to(kv_cache.device)
-        if layout is not None:
+        merged_values = None
+        merging = getattr(task.policy, "merged_values", None)
+        if merging is not None:
+            # The kept slots' values absorb this layer's evicted tokens (its own keys, values
+            # and window attention, also on a layer that reuses another's selection).
+            if obs is None or obs.layer_idx != layer_idx:
+                obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access,
+                                                  layout, scale, softcap)
+            merged_values = merging(obs, kept_on)
+        if merged_values is not None:
+            # Gather the keys (copies) before writing: the destination may overlap the source.
+            index = kept_on.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
+            access.write(kv_cache, keys.gather(1, index), merged_values.to(values.dtype),
+                         dst_slots)
+        elif layout is not None:
             # Per-head source slots [H, kept]: slot j of head h receives head h's j-th token.
             src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
                 kv_cache.device)[kept_on]

@@ -20,6 +20,8 @@ from typing import Any
 
 #: Selection modes: one token set per layer (scores summed over KV heads) or one per KV head.
 HEAD_SELECT_MODES = ("shared", "per_head")
+#: ``merge``: evicted tokens dropped (off) or folded into kept ones (on).
+MERGE_MODES = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -148,4 +150,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("head_select", str, None, "Token selection per layer: shared (one token set for all KV "
           "heads, scores summed) or per_head (each KV head its own tokens, same count, same "
           "memory); default: the policy's own.", choices=HEAD_SELECT_MODES),
+    Param("merge", str, "off", "on: evicted tokens' values are folded (window-attention "
+          "weighted) into their most similar kept token, per KV head (ZeroMerge-style).",
+          choices=MERGE_MODES),
 )

@@ -23,6 +23,7 @@ from .chunkkv import CHUNK_GRID, CHUNK_SIZE, REUSE_LAYERS, ChunkKV
 from .expected_attention import FUTURE_POSITIONS, ExpectedAttention
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
+from .merge import MergeEvicted
 from .model_data import ModelDataHook
 from .params import COMMON_PARAMS, HEAD_SELECT_MODES, Param
 from .pyramidkv import BETA, PyramidKV
@@ -160,7 +161,9 @@ def build_policy(spec: CompressionSpec) -> KVPolicy | None:
     if spec.policy == NO_POLICY:
         return None
     info = get_policy_info(spec.policy)
-    return info.build(spec.replace(head_select=resolved_head_select(spec)))
+    policy = info.build(spec.replace(head_select=resolved_head_select(spec)))
+    # merge is a wrapper around whatever the policy selects (built-in or entry point).
+    return MergeEvicted(policy) if spec.merge == "on" else policy
 
 
 for _info in (
