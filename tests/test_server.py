@@ -55,6 +55,12 @@ BAD_XARGS = [
     ({"kv_chunk_grid": "sentences"}, "kv_chunk_grid"),
     ({"kv_beta": 0.5}, "kv_beta"),
     ({"kv_unknown": 1}, "kv_unknown"),
+    ({"kv_merge": "yes"}, "kv_merge"),
+    ({"kv_policy": "sagekv", "kv_sage_queries": 0}, "kv_sage_queries"),
+    ({"kv_policy": "expected_attention", "kv_future_positions": 0}, "kv_future_positions"),
+    ({"kv_policy": "qfilters"}, "kv_qfilters_path"),  # the policy needs its file
+    ({"kv_policy": "qfilters", "kv_qfilters_path": "/nonexistent.safetensors"},
+     "kv_qfilters_path"),
 ]
 
 
@@ -83,6 +89,39 @@ def test_server_keeps_serving_after_bad_input(server: LocalServer, tiny_model: P
         assert resp.json()["usage"]["completion_tokens"] == 4
 
 
+@pytest.mark.parametrize("xargs", [
+    {"kv_policy": "tova", "kv_ratio": 0.5}, {"kv_policy": "sagekv", "kv_sage_queries": 4},
+    {"kv_policy": "knorm"}, {"kv_policy": "keydiff", "kv_head_select": "shared"},
+    {"kv_policy": "expected_attention", "kv_future_positions": 64},
+    {"kv_policy": "snapkv", "kv_merge": "on"}], ids=lambda x: x["kv_policy"])
+def test_every_method_serves_through_vllm_xargs(server: LocalServer, tiny_model: Path,
+                                                xargs: dict) -> None:
+    resp = post(server, "completions", tiny_model, {**xargs, "kv_window": 4, "kv_sink_tokens": 1})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 4
+
+
+def test_qfilters_file_checked_per_request(server: LocalServer, tiny_model: Path,
+                                           tiny_qfilters: Path, tmp_path: Path) -> None:
+    """The tiny model's own filters serve; filters of another shape are a 400 naming the key and
+    the shapes, before anything runs."""
+    import torch
+
+    from vllm_kvcompress.policies.qfilters import save_filters
+
+    good = {"kv_policy": "qfilters", "kv_qfilters_path": str(tiny_qfilters), "kv_window": 4,
+            "kv_sink_tokens": 1}
+    resp = post(server, "completions", tiny_model, good)
+    assert resp.status_code == 200, resp.text
+    wrong = tmp_path / "other-model.safetensors"
+    save_filters(wrong, torch.randn(30, 3, 64), model="smollm2", num_q_heads=9, tokens=1)
+    resp = post(server, "completions", tiny_model, {**good, "kv_qfilters_path": str(wrong)})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "vllm_xargs.kv_qfilters_path"
+    assert "(30, 3, 64)" in error["message"] and "(4, 2, 64)" in error["message"]
+
+
 def test_streaming_good_request_succeeds(server: LocalServer, tiny_model: Path) -> None:
     resp = post(server, "chat/completions", tiny_model, {"kv_policy": "streamingllm"}, stream=True)
     assert resp.status_code == 200
@@ -97,7 +136,11 @@ def test_help_lists_the_flags() -> None:
     for flag in ("--kv-policy", "--kv-ratio", "--kv-budget", "--kv-compress-config",
                  "--kv-chunk-size", "--kv-window"):
         assert flag in out.stdout
-    assert "{none,chunkkv,pyramidkv,snapkv,streamingllm}" in out.stdout
+    assert ("{none,chunkkv,expected_attention,keydiff,knorm,pyramidkv,qfilters,sagekv,snapkv,"
+            "streamingllm,tova}") in out.stdout
+    for flag in ("--kv-merge", "--kv-sage-queries", "--kv-future-positions",
+                 "--kv-qfilters-path"):
+        assert flag in out.stdout
 
 
 def test_bad_server_config_fails_at_startup_with_one_line(tiny_model: Path,
@@ -109,6 +152,15 @@ def test_bad_server_config_fails_at_startup_with_one_line(tiny_model: Path,
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("vllm-kvcompress: invalid configuration: --kv-ratio: must be a number")
+    assert "Traceback" not in out.stderr
+
+
+def test_qfilters_without_its_file_fails_at_startup_with_one_line(tiny_model: Path) -> None:
+    out = subprocess.run([VLLM, "serve", str(tiny_model), "--kv-policy", "qfilters"],
+                         capture_output=True, text=True, timeout=120, env={**CPU_SERVER_ENV})
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm-kvcompress: invalid configuration: --kv-qfilters-path: ")
     assert "Traceback" not in out.stderr
 
 
@@ -144,7 +196,8 @@ def test_metrics_show_blocks_freed_and_kv_usage_drop(server: LocalServer,
 
 KV_KEYS = ["kv_policy", "kv_ratio", "kv_budget", "kv_window", "kv_pool_kernel", "kv_chunk_size",
            "kv_reuse_layers", "kv_sink_tokens", "kv_min_prompt_len", "kv_head_select",
-           "kv_chunk_grid", "kv_beta", "kv_bogus", "kv_", "not_ours"]
+           "kv_chunk_grid", "kv_beta", "kv_merge", "kv_sage_queries", "kv_future_positions",
+           "kv_qfilters_path", "kv_bogus", "kv_", "not_ours"]
 
 
 def xargs_strategy() -> Any:
@@ -152,7 +205,8 @@ def xargs_strategy() -> Any:
 
     scalar = st.one_of(
         st.sampled_from(["none", "snapkv", "chunkkv", "streamingllm", "pyramidkv", "h2o", "",
-                         "0.5", "SNAPKV", "shared", "per_head", "from_zero"]),
+                         "0.5", "SNAPKV", "shared", "per_head", "from_zero", "tova", "sagekv",
+                         "knorm", "keydiff", "expected_attention", "qfilters", "on", "off"]),
         st.integers(min_value=-(2**63), max_value=2**63 - 1),
         st.floats(allow_nan=False, allow_infinity=False),  # JSON has no NaN/Inf
         st.booleans())

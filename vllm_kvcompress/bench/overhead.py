@@ -37,6 +37,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "snapkv[per_head]": {"kv_policy": "snapkv", "kv_head_select": "per_head"},
     "chunkkv": {"kv_policy": "chunkkv", "kv_head_select": "shared"},
     "chunkkv[per_head]": {"kv_policy": "chunkkv", "kv_head_select": "per_head"},
+    "pyramidkv": {"kv_policy": "pyramidkv"},
+    "tova": {"kv_policy": "tova"},
+    "sagekv[per_head]": {"kv_policy": "sagekv"},
+    "knorm[per_head]": {"kv_policy": "knorm"},
+    "keydiff[per_head]": {"kv_policy": "keydiff"},
+    "expected_attention[per_head]": {"kv_policy": "expected_attention"},
+    "qfilters[per_head]": {"kv_policy": "qfilters"},  # + kv_qfilters_path from --qfilters
+    "snapkv+merge": {"kv_policy": "snapkv", "kv_merge": "on"},
 }
 POLICIES = tuple(CONFIGS)
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
@@ -60,7 +68,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
 
     # Prefix caching off: repeated rounds must recompute, not hit the cache.
     llm = LLM(model=config["model"], max_model_len=8192, enforce_eager=True, seed=0,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, dtype=config.get("dtype", "float32"))
     if config["mode"] == "throughput":
         prompts = [{"prompt_token_ids": p} for p in essay_prompts(config["model"], config["batch"],
                                                              config["prompt_len"])]
@@ -81,9 +89,11 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     llm.generate([{"prompt_token_ids": prompts[-1]}], one, use_tqdm=False)  # warm-up
     rows = []
     for rep in range(config["reps"]):
-        for policy, xargs in CONFIGS.items():
-            params = SamplingParams(max_tokens=1, temperature=0.0,
-                                    extra_args={**xargs, "kv_ratio": 0.25})
+        for policy in config["policies"]:
+            xargs = {**CONFIGS[policy], "kv_ratio": 0.25}
+            if xargs["kv_policy"] == "qfilters":
+                xargs["kv_qfilters_path"] = config["qfilters"]
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=xargs)
             state = getattr(runner, "_kvcompress", None)
             before = state.compaction_seconds if state is not None else 0.0
             start = time.perf_counter()
@@ -107,21 +117,28 @@ def _run_worker(config: dict[str, Any], disabled: bool) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    policies = list(dict.fromkeys(["none", *args.policies]))
+    if "qfilters[per_head]" in policies and not Path(args.qfilters).is_file():
+        print(f"kvcompress bench overhead: no {args.qfilters} (make models): qfilters skipped",
+              file=sys.stderr)
+        policies.remove("qfilters[per_head]")
     throughput_cfg = {"model": args.model, "mode": "throughput", "batch": args.batch,
                       "prompt_len": args.batch_prompt_len, "max_tokens": args.max_tokens,
-                      "rounds": args.rounds, "xargs": {"kv_policy": "none"}}
+                      "rounds": args.rounds, "xargs": {"kv_policy": "none"},
+                      "dtype": args.dtype}
     rates: dict[str, list[float]] = {"disabled": [], "none": []}
     order = ["disabled", "none"] * args.ab_cycles
     for mode in tqdm(order, desc="throughput A/B (processes)"):
         result = _run_worker(throughput_cfg, disabled=mode == "disabled")
         rates[mode] += result["output_tokens_per_s"]
     ttft_cfg = {"model": args.model, "mode": "ttft", "reps": args.reps,
-                "prompt_len": args.prompt_len}
+                "prompt_len": args.prompt_len, "policies": policies, "dtype": args.dtype,
+                "qfilters": args.qfilters}
     with tqdm(total=1, desc=f"TTFT {args.prompt_len}-token prompt x {args.reps} reps") as bar:
         rows = _run_worker(ttft_cfg, disabled=False)["ttft"]
         bar.update()
     ttft = {}
-    for policy in POLICIES:
+    for policy in policies:
         mine = [r for r in rows if r["policy"] == policy]
         ttft[policy] = {"median_ttft_s": statistics.median(r["ttft_s"] for r in mine),
                         "median_compaction_s": statistics.median(r["compaction_s"]
@@ -143,6 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "ttft": {"prompt_len": args.prompt_len, "kv_ratio": 0.25, "per_policy": ttft,
                  "raw": rows},
+        "dtype": args.dtype,
     }
     (out / "overhead.json").write_text(json.dumps(report, indent=2))
     with (out / "overhead.csv").open("w", newline="") as fh:
@@ -172,6 +190,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     total = [per[n]["median_ttft_s"] for n in names]
     comp = [per[n]["median_compaction_s"] for n in names]
     right.bar(names, total, color="#1f77b4", label="TTFT (median)")
+    right.tick_params(axis="x", labelrotation=60, labelsize=7)
     right.bar(names, comp, color="#d62728", label="scoring + selection + compaction")
     right.set_ylabel("seconds")
     right.set_title(f"TTFT, {report['ttft']['prompt_len']}-token prompt, kept ratio 0.25")
@@ -193,6 +212,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
     parser.add_argument("--ab-cycles", type=int, default=2, help="A/B process pairs")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES[1:]), choices=POLICIES,
+                        help="TTFT configurations (none always runs)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="model dtype (float32 by default: on CPUs without native bf16, "
+                        "oneDNN's bf16 fallback is many times slower and would time the "
+                        "fallback, not the plugin)")
+    parser.add_argument("--qfilters", default="models/smollm2.qfilters.safetensors",
+                        help="Q-Filters file for the qfilters configuration")
 
 
 def print_report(report: dict[str, Any]) -> None:
