@@ -535,6 +535,13 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
     assert "chunkkv[per_head], ours - kvpress (paired, same prompts): 0.25: 0.00 [0.00, 0.00]" \
         in text
     assert (out.parent / "img" / "results" / "peer_heatmap_kvpress.png").exists()
+    # Every method x ratio side by side, a plot per family, the best method at 0.1 named.
+    methods = text[text.index("## Every method"):]
+    assert ("| window attention | chunkkv | 0.25 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
+            in methods)
+    assert "| window attention | pyramidkv | 0.25 |" in methods
+    assert "Best at kept ratio 0.1" in methods or "No paired needle prompts" in methods
+    assert (out.parent / "img" / "results" / "methods_window_attention.png").exists()
     missing = build(tmp_path / "nowhere", tmp_path / "docs" / "empty.md")
     assert "runs/eval/results.json is missing: run `make bench-eval`" in missing.replace(
         str(tmp_path / "nowhere"), "runs")
