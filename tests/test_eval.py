@@ -562,3 +562,62 @@ def test_throughput_options_are_checked_before_the_engine(argv: list[str], messa
         throughput.validate(parser.parse_args(argv))
     assert throughput.configurations(["snapkv"], [0.5, 0.1]) == [
         ("none", 1.0), ("snapkv", 0.5), ("snapkv", 0.1)]
+
+
+def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
+    """`--merge`: our snapkv(merge) rows pair with kvpress's `snapkv+merge` (MergingPress) rows,
+    not with its plain SnapKV; the results page shows merge vs drop for both, paired."""
+    from vllm_kvcompress.bench.results import build
+    from vllm_kvcompress.eval import kvpress_runner as runner
+    from vllm_kvcompress.eval.engine_backend import RunConfig
+
+    assert eval_run.configurations(["snapkv", "chunkkv"], [0.25], merge=True)[-2:] == [
+        ("snapkv", 0.25, "shared", "merge"), ("chunkkv", 0.25, "shared", "merge")]
+    assert eval_run.kvpress_policy(RunConfig("snapkv", 0.25, "shared", "merge")) == \
+        "snapkv+merge"
+    assert eval_run.kvpress_policy(RunConfig("chunkkv", 0.25, "shared", "merge")) is None
+    assert eval_run.kvpress_policy(RunConfig("sagekv", 0.25, "per_head", "")) is None
+    assert runner.press_spec("snapkv+merge", 0.25, {})[0] == "MergingPress"
+    with pytest.raises(runner.InputError, match="ScorerPress"):
+        runner.press_spec("chunkkv+merge", 0.25, {})
+
+    run = tmp_path / "runs" / "eval"
+    run.mkdir(parents=True)
+    samples = [{"id": f"niah_single-4096-d0-{i}", "task": "niah_single", "length": 4096,
+                "depth": 0.0, "answers": ["1234567"], "match": "any", "max_tokens": 16,
+                "needle_offsets": [60 + i]} for i in range(6)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    # ours: merge right on every prompt, drop on none; kvpress: both right on half.
+    ours, peer = [], []
+    for i, sample in enumerate(samples):
+        base = {"id": sample["id"], "ratio": 0.25, "prompt_tokens": 1000, "kept_tokens": 250}
+        ours += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567",
+                  "head_select": "shared", "variant": "", "held_tokens": 1000},
+                 {**base, "policy": "snapkv", "text": " 12", "head_select": "shared",
+                  "variant": "", "held_tokens": 250},
+                 {**base, "policy": "snapkv", "text": " 1234567", "head_select": "shared",
+                  "variant": "merge", "held_tokens": 250}]
+        good = " 1234567" if i % 2 else " 12"
+        peer += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567",
+                  "kept_tokens_per_layer": [1000]},
+                 {**base, "policy": "snapkv", "text": good, "kept_tokens_per_layer": [250],
+                  "kvpress_mode": "per_head"},
+                 {**base, "policy": "snapkv+merge", "text": good,
+                  "kept_tokens_per_layer": [250], "kvpress_mode": "per_head"}]
+    for backend, lines in (("vllm", ours), ("kvpress", peer)):
+        (run / f"predictions-{backend}.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines))
+    result = eval_run.report(run)
+    keys = {(s["backend"], s["policy"], s["head_select"], s["variant"]) for s in result["summary"]}
+    assert ("kvpress", "snapkv", "per_head", "merge") in keys
+    pairs = {(c["policy"], c["variant"]): c for c in result["comparison"]}
+    assert pairs[("snapkv", "merge")]["kvpress_mode"] == "per_head"
+    assert pairs[("snapkv", "merge")]["diff"] == pytest.approx(0.5)
+    assert pairs[("snapkv", "")]["diff"] == pytest.approx(-0.5)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(tmp_path / "runs", out)
+    merge = text[text.index("## Merging evicted tokens"):]
+    assert ("| snapkv | 0.25 | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 1.000 [1.000, 1.000] | "
+            "0.50 [") in merge
+    assert "| 0.000 [0.000, 0.000] | 0.500 [" in merge

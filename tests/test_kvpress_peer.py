@@ -588,13 +588,13 @@ def test_method_presses_map_to_kvpress_classes(tmp_path: Path) -> None:
 @pytest.mark.peer
 def test_runner_method_presses_end_to_end(kvpress_python: Path, tiny_model: Path,
                                           tiny_qfilters: Path, tmp_path: Path) -> None:
-    """TOVA, Knorm, KeyDiff, ExpectedAttention and QFilter (with OUR calibrated filters: its
-    own loader would reach for a model hub and fail) run on kvpress, keep int(0.25 L) tokens
-    per layer, and start from the uncompressed first token."""
+    """TOVA, Knorm, KeyDiff, ExpectedAttention, QFilter (with OUR calibrated filters: its
+    own loader would reach for a model hub and fail) and MergingPress(SnapKV) run on kvpress,
+    keep int(0.25 L) tokens per layer, and start from the uncompressed first token."""
     rng = random.Random(1)
     samples = [{"id": "m", "input_ids": [rng.randrange(4, 1000) for _ in range(160)],
                 "max_tokens": 6}]
-    methods = ("tova", "knorm", "keydiff", "expected_attention", "qfilters")
+    methods = ("tova", "knorm", "keydiff", "expected_attention", "qfilters", "snapkv+merge")
     configs = [{"policy": "none", "ratio": 1.0}] + [{"policy": m, "ratio": 0.25} for m in methods]
     _write_inputs(tmp_path, samples, configs, future_positions=64,
                   qfilters_path=str(tiny_qfilters))
@@ -605,6 +605,6 @@ def test_runner_method_presses_end_to_end(kvpress_python: Path, tiny_model: Path
     assert set(by_policy) == {"none", *methods}
     for method in methods:
         record = by_policy[method]
-        assert record["kvpress_mode"] == runner.KVPRESS_MODES[method]
+        assert record["kvpress_mode"] == runner.KVPRESS_MODES[method.removesuffix("+merge")]
         assert record["kept_tokens_per_layer"] == [int(160 * 0.25)] * 4
         assert record["output_ids"][0] == by_policy["none"]["output_ids"][0]

@@ -182,7 +182,7 @@ def peer_section(result: dict[str, Any], images: Path, run: Path, plots: bool = 
         lines.append(f"- {backend}: {_settings_line(settings)}")
     table = {(s["backend"], s["policy"], s["ratio"], s.get("head_select", "shared")): s
              for s in result["summary"] if not s.get("variant")}
-    comparison = result.get("comparison", [])
+    comparison = [c for c in result.get("comparison", []) if not c.get("variant")]
     lines += ["", "All tasks, turn 1. ours and kvpress: mean [bootstrap 95% CI]; ours - kvpress: "
               "mean [paired bootstrap 95% CI] over the prompts both answered; \"ours >= "
               "kvpress\" holds when that interval's upper bound is 0 or above. \"matched\": "
@@ -255,7 +255,8 @@ def methods_section(result: dict[str, Any], images: Path, run: Path) -> list[str
         return []
     peers = {(s["policy"], s["ratio"]): s for s in summary if s["backend"] == "kvpress"}
     pairs = {(c["policy"], c["ratio"], c["head_select"]): c
-             for c in result.get("comparison", []) if c["match"] == "nominal"}
+             for c in result.get("comparison", [])
+             if c["match"] == "nominal" and not c.get("variant")}
     full = {s["backend"]: s for s in summary if s["policy"] == "none"}
     lines = ["## Every method, ours and kvpress", "",
              "Each method in its default selection mode (`--head-select default`), every kept "
@@ -285,6 +286,55 @@ def methods_section(result: dict[str, Any], images: Path, run: Path) -> list[str
         plot_family(family, ours, peers, full, images / name)
         lines += [f"![{family} methods, ours vs kvpress](img/results/{name})", ""]
     return lines
+
+
+def merge_section(result: dict[str, Any], run: Path) -> list[str]:
+    """``merge: on`` vs off, ours and kvpress's MergingPress, paired on the same prompts."""
+    summary = result["summary"]
+    merged = sorted((s for s in summary if s.get("variant") == "merge"),
+                    key=lambda s: (s["backend"] != "vllm", *_order(s)))
+    if not merged:
+        return []
+    scores = read_scores(run)
+
+    def paired(a_key: ScoreKey, b_key: ScoreKey) -> str:
+        a, b = scores.get(a_key, {}), scores.get(b_key, {})
+        ids = sorted(a.keys() & b.keys())
+        if not ids:
+            return "-"
+        first, second = [a[i] for i in ids], [b[i] for i in ids]
+        ci = paired_bootstrap_ci(first, second)
+        return _ci(mean(first) - mean(second), None if ci is None else list(ci), 3)
+
+    def find(backend: str, policy: str, ratio: float, variant: str) -> dict[str, Any] | None:
+        return next((s for s in summary if (s["backend"], s["policy"], s["ratio"],
+                                            s.get("variant", "")) ==
+                     (backend, policy, ratio, variant)), None)
+
+    lines = ["## Merging evicted tokens (`merge: on`) vs dropping them", "",
+             "All tasks, turn 1, mean [bootstrap 95% CI]; differences paired over the same "
+             "prompts. kvpress's peer is its `MergingPress` around the same press (value "
+             "folding into the most similar survivor, similarity and value-norm weighted); ours "
+             "folds with window-attention weights (docs/ARCHITECTURE.md). Neither raises the "
+             "merged slot's attention logit.", "",
+             "| method | kept ratio | ours | ours, merge | merge - drop (ours) | kvpress | "
+             "kvpress, merge | merge - drop (kvpress) | ours merge - kvpress merge |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in (m for m in merged if m["backend"] == "vllm"):
+        policy, ratio, mode = s["policy"], s["ratio"], s.get("head_select") or "shared"
+        plain = find("vllm", policy, ratio, "")
+        peer_plain = find("kvpress", policy, ratio, "")
+        peer_merge = find("kvpress", policy, ratio, "merge")
+        peer_mode = (peer_merge or peer_plain or {}).get("head_select") or "shared"
+        ours_key, peer_key = ("vllm", policy, ratio, mode), ("kvpress", policy, ratio, peer_mode)
+        ours_gain = paired((*ours_key, "merge", 1), (*ours_key, "", 1))
+        peer_gain = paired((*peer_key, "merge", 1), (*peer_key, "", 1))
+        versus = paired((*ours_key, "merge", 1), (*peer_key, "merge", 1))
+        lines.append(
+            f"| {_label(plain or s)} | {ratio:g} | {_cell(plain, 'accuracy')} | "
+            f"{_cell(s, 'accuracy')} | {ours_gain} | {_cell(peer_plain, 'accuracy')} | "
+            f"{_cell(peer_merge, 'accuracy')} | {peer_gain} | {versus} |")
+    return [*lines, ""]
 
 
 def best_at_ratio(scores: dict[ScoreKey, dict[str, float]], ours: list[dict[str, Any]],
@@ -596,6 +646,7 @@ def build(runs: Path, out: Path) -> str:
                  and any(s["backend"] == "kvpress" for s in named[name]["summary"])), None)
     if peer is not None:
         parts += methods_section(named[peer], images, runs / peer)
+        parts += merge_section(named[peer], runs / peer)
         parts += peer_section(named[peer], images, runs / peer,
                               plots=peer != "eval")
     else:

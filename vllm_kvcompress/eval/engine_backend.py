@@ -46,8 +46,10 @@ DEFAULT_HEAD_SELECT = "shared"
 #: in the same engine, on the same prompts, sharing the baseline prefill. ``grid0``: chunks from
 #: token 0 (kvpress's grid), the sinks kept; ``sink0``: no sink tokens, so chunks also start at
 #: token 0 (the first cut's ablation, which changes two things at once).
+#: ``merge``: evicted tokens folded into kept ones (``kv_merge=on``), next to the same policy
+#: without it; kvpress's ``MergingPress`` runs as its peer.
 VARIANTS: dict[str, dict[str, Any]] = {"": {}, "grid0": {"chunk_grid": "from_zero"},
-                                       "sink0": {"sink_tokens": 0}}
+                                       "sink0": {"sink_tokens": 0}, "merge": {"merge": "on"}}
 
 
 class RunConfig(NamedTuple):

@@ -72,6 +72,10 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "future_positions": 512,
     "qfilters_path": None,
 }
+#: ``snapkv+merge``: kvpress's ``MergingPress`` around the policy's press (a ScorerPress).
+MERGE_SUFFIX = "+merge"
+MERGEABLE = ("streamingllm", "snapkv", "pyramidkv", "tova", "knorm", "keydiff",
+             "expected_attention", "qfilters")
 #: Integer params and their smallest allowed value.
 INT_PARAMS = {"window": 1, "pool_kernel": 1, "chunk_size": 1, "sink_tokens": 0,
               "future_positions": 1}
@@ -120,8 +124,16 @@ def press_spec(policy: str, ratio: float, params: dict[str, Any]) -> PressSpec |
     Raises:
         InputError: unknown policy or a ratio outside (0, 1].
     """
+    base, merge = policy.removesuffix(MERGE_SUFFIX), policy.endswith(MERGE_SUFFIX)
+    if merge:
+        if base not in MERGEABLE:
+            raise InputError(f"{policy!r}: kvpress's MergingPress wraps a ScorerPress; "
+                             f"allowed: {', '.join(p + MERGE_SUFFIX for p in MERGEABLE)}")
+        inner = press_spec(base, ratio, params)
+        return None if inner is None else ("MergingPress", {"press": inner})
     if policy not in POLICIES:
-        raise InputError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)}")
+        raise InputError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)} (and "
+                         f"POLICY{MERGE_SUFFIX} for {', '.join(MERGEABLE)})")
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
         raise InputError(f"ratio must be a number in (0, 1], got {ratio!r} (policy {policy!r})")
     if policy == "none" or ratio == 1:
@@ -771,7 +783,7 @@ def run(args: argparse.Namespace) -> int:
             "decode_s": result["decode_s"],
             "backend": "kvpress",
             "kvpress_version": version,
-            "kvpress_mode": KVPRESS_MODES[cfg["policy"]],
+            "kvpress_mode": KVPRESS_MODES[cfg["policy"].removesuffix(MERGE_SUFFIX)],
             "shared_prefill": args.shared_prefill,
         }
         done[(sample_id, cfg["policy"], cfg["ratio"], turn)] = record

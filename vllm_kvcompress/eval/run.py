@@ -49,7 +49,7 @@ from .engine_backend import (
     make_spec,
     num_layers,
 )
-from .kvpress_runner import KVPRESS_MODES
+from .kvpress_runner import KVPRESS_MODES, MERGE_SUFFIX, MERGEABLE
 from .stats import RESAMPLES, bootstrap_ci, paired_bootstrap_ci
 from .tasks import TASKS, TASKS_VERSION, EvalSample, build_samples, score_answer
 
@@ -105,6 +105,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "chunk grid from token 0, sinks kept (variant grid0, kv_chunk_grid="
                         "from_zero) and without sinks (variant sink0, kv_sink_tokens=0), in the "
                         "same engine on the same prompts")
+    parser.add_argument("--merge", action="store_true",
+                        help="also run every policy (its default mode) with kv_merge=on "
+                        "(variant merge); kvpress: MergingPress around the policy's press "
+                        "where it is a ScorerPress")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most this many samples per task, spread over the grid")
     parser.add_argument("--seed", type=int, default=0)
@@ -195,9 +199,10 @@ def limit_samples(samples: list[EvalSample], limit: int | None) -> list[EvalSamp
 
 def configurations(policies: list[str], ratios: list[float],
                    head_selects: list[str] | None = None,
-                   chunk_grid_ablation: bool = False) -> list[RunConfig]:
+                   chunk_grid_ablation: bool = False, merge: bool = False) -> list[RunConfig]:
     """Configurations to run: the single ``none`` (ratio 1.0 keeps everything), then every
-    (policy, ratio < 1, head selection), then the chunk-grid variants of shared ChunkKV."""
+    (policy, ratio < 1, head selection), then the chunk-grid variants of shared ChunkKV, then
+    (``merge``) every policy in its default mode with evicted tokens merged."""
     from ..policies.registry import get_policy_info
 
     modes = head_selects or [DEFAULT_HEAD_SELECT]
@@ -209,7 +214,20 @@ def configurations(policies: list[str], ratios: list[float],
     if chunk_grid_ablation:
         configs += [config_key("chunkkv", r, DEFAULT_HEAD_SELECT, v) for v in ("grid0", "sink0")
                     for r in ratios if r < 1.0]
+    if merge:
+        configs += [config_key(p, r, get_policy_info(p).default_head_select, "merge")
+                    for p in policies for r in ratios if r < 1.0]
     return configs
+
+
+def kvpress_policy(config: RunConfig) -> str | None:
+    """The kvpress runner's name for a configuration, or ``None`` when kvpress has no press
+    for it (SAGE-KV; merging around a press that is not a ScorerPress; other variants)."""
+    if config.variant == "merge":
+        return config.policy + MERGE_SUFFIX if config.policy in MERGEABLE else None
+    if config.variant or config.policy not in KVPRESS_MODES:
+        return None
+    return config.policy
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         vllm = args.backend == "vllm"
         configs = configurations(args.policies, args.ratios,
                                  args.head_select if vllm else [DEFAULT_HEAD_SELECT],
-                                 args.chunk_grid_ablation and vllm)
+                                 args.chunk_grid_ablation and vllm,
+                                 getattr(args, "merge", False))
         predictions = out / f"predictions-{args.backend}.jsonl"
         settings = {"model": args.model, "tasks": args.tasks, "lengths": args.lengths,
                     "multiturn_lengths": args.multiturn_lengths, "depths": args.depths,
@@ -263,11 +282,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             engine_backend.run(samples, configs, params, args.model, predictions,
                                dtype=args.dtype, prefix_reuse=not args.no_prefix_reuse)
         else:
-            missing = sorted({c.policy for c in configs} - set(KVPRESS_MODES))
+            missing = sorted({config_label(c.policy, None, c.variant) for c in configs
+                              if kvpress_policy(c) is None})
             if missing:
                 print(f"kvcompress eval: kvpress has no press for {', '.join(missing)} (ours "
                       "only)", file=sys.stderr)
-            kvpress_configs = [c for c in configs if c.policy in KVPRESS_MODES]
+            kvpress_configs = [c for c in configs if kvpress_policy(c) is not None]
             kvpress_configs += held_matched(samples, args.policies, args.ratios, params,
                                             args.model)
             settings["configs"] = kvpress_configs
@@ -346,7 +366,7 @@ def run_kvpress(args: argparse.Namespace, samples_path: Path, configs: list[RunC
         raise FileNotFoundError(f"--kvpress-python: {python} does not exist; run "
                                 "`make kvpress-venv` first")
     config_path = samples_path.parent / "configs-kvpress.json"
-    unique = list(dict.fromkeys((c.policy, c.ratio) for c in configs))
+    unique = list(dict.fromkeys((kvpress_policy(c) or c.policy, c.ratio) for c in configs))
     config_path.write_text(json.dumps({"configs": [{"policy": p, "ratio": r} for p, r in unique],
                                        "params": params}))
     runner = Path(__file__).with_name("kvpress_runner.py")
@@ -391,12 +411,14 @@ def _load(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
             graded = sample if turn == 1 else sample.get("followup")
             if graded is None:
                 continue
-            policy = pred["policy"]
+            policy, variant = pred["policy"], pred.get("variant", "")
             if backend == "kvpress":
+                if policy.endswith(MERGE_SUFFIX):  # kvpress's MergingPress: our merge variant
+                    policy, variant = policy.removesuffix(MERGE_SUFFIX), "merge"
                 mode = pred.get("kvpress_mode") or KVPRESS_MODES.get(policy, "")
             else:
                 mode = pred.get("head_select", DEFAULT_HEAD_SELECT)
-            config = config_key(policy, pred["ratio"], mode, pred.get("variant", ""))
+            config = config_key(policy, pred["ratio"], mode, variant)
             offsets = sample.get("needle_offsets") or []
             offset = offsets[0 if turn == 1 else 1] if len(offsets) >= turn else None
             held = _held(pred)
@@ -496,15 +518,19 @@ def compare(rows: list[dict[str, Any]], summary: list[dict[str, Any]],
     first = _group(rows, 1)
     scores = {key: {r["id"]: r["score"] for r in mine} for key, mine in first.items()}
     table = {_key(s): s for s in summary}
-    ours = [k for k in table if k[0] == "vllm" and not k[4]]  # variants: see the ablation
+    # Variants with a kvpress peer: none (the policy) and merge (MergingPress); the chunk-grid
+    # variants are ours only (see the ablation).
+    ours = [k for k in table if k[0] == "vllm" and k[4] in ("", "merge")]
     peers = [k for k in table if k[0] == "kvpress"]
     result = []
     for key in sorted(ours):
-        _, policy, ratio, head_select, _ = key
-        pairs = [(peer, "nominal") for peer in peers if peer[1:3] == (policy, ratio)]
+        _, policy, ratio, head_select, variant = key
+        pairs = [(peer, "nominal") for peer in peers
+                 if peer[1:3] == (policy, ratio) and peer[4] == variant]
         if policy == "pyramidkv":
             held = table[key]["held_ratio"]
             candidates = [p for p in peers if p[1] == policy and p[2] != ratio
+                          and p[4] == variant
                           and abs(table[p]["held_ratio"] - held) <= HELD_MATCH_TOLERANCE]
             if candidates:
                 best = min(candidates, key=lambda p: abs(table[p]["held_ratio"] - held))
@@ -518,7 +544,8 @@ def compare(rows: list[dict[str, Any]], summary: list[dict[str, Any]],
             ci = paired_bootstrap_ci(a, b, resamples=resamples)
             result.append({
                 "policy": policy, "ratio": ratio, "head_select": head_select,
-                "label": config_label(policy, head_select), "match": match,
+                "variant": variant, "label": config_label(policy, head_select, variant),
+                "match": match,
                 "kvpress_ratio": peer[2], "kvpress_mode": peer[3], "samples": len(ids),
                 "ours": mean(a), "kvpress": mean(b), "diff": mean(a) - mean(b),
                 "diff_ci": None if ci is None else [ci[0], ci[1]],
