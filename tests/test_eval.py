@@ -509,9 +509,20 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
         "machine": {"cpu": "cpu", "cores": 2, "date": "today"}, "command": "kvcompress bench",
         "workload": {"requests": 24, "prompt_len": 1024, "pool_holds_full_requests": 4,
                      "block_size": 32}, "rows": [row, compressed]}))
+    (runs / "bench-overhead").mkdir(parents=True)
+    (runs / "bench-overhead" / "overhead.json").write_text(json.dumps({
+        "machine": {"cpu": "cpu", "cores": 2, "date": "today"}, "command": "kvcompress bench "
+        "overhead", "dtype": "float32", "throughput": None,
+        "ttft": {"prompt_len": 4096, "kv_ratio": 0.25, "per_policy": {
+            "none": {"median_ttft_s": 10.0, "median_compaction_s": 0.0, "ttft_vs_none": 1.0,
+                     "compaction_share_of_ttft": 0.0},
+            "knorm[per_head]": {"median_ttft_s": 10.4, "median_compaction_s": 0.6,
+                                "ttft_vs_none": 1.04, "compaction_share_of_ttft": 0.0577}}}}))
     out = tmp_path / "docs" / "results.md"
     out.parent.mkdir()
     text = build(runs, out)
+    assert "| knorm[per_head] | 10.40 | 1.040 | 0.600 | 5.8% | **no** |" in text
+    assert "| none | 10.00 | 1.000 | 0.000 | 0.0% | yes |" in text
     # Our table: held ratio, n, all tasks with its interval, needles at 4k, both turns.
     assert ("| none | 1 | 1.00 | 12 | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | "
             "1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |") in text

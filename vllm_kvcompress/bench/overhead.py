@@ -147,17 +147,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in ttft.values():
         row["ttft_vs_none"] = row["median_ttft_s"] / base
         row["compaction_share_of_ttft"] = row["median_compaction_s"] / row["median_ttft_s"]
-    report = {
-        "machine": machine(),
-        "command": " ".join(sys.argv),
-        "throughput": {
+    throughput = None
+    if rates["disabled"] and rates["none"]:  # --ab-cycles 0 skips the A/B part
+        throughput = {
             "output_tokens_per_s": rates,
             "median_disabled": statistics.median(rates["disabled"]),
             "median_none": statistics.median(rates["none"]),
             "ratio_none_vs_disabled": statistics.median(rates["none"])
             / statistics.median(rates["disabled"]),
             "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens")},
-        },
+        }
+    report = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "throughput": throughput,
         "ttft": {"prompt_len": args.prompt_len, "kv_ratio": 0.25, "per_policy": ttft,
                  "raw": rows},
         "dtype": args.dtype,
@@ -166,10 +169,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with (out / "overhead.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["measure", "policy", "value"])
-        writer.writerow(["output_tokens_per_s_median", "disabled",
-                         f"{report['throughput']['median_disabled']:.2f}"])
-        writer.writerow(["output_tokens_per_s_median", "none",
-                         f"{report['throughput']['median_none']:.2f}"])
+        if throughput is not None:
+            writer.writerow(["output_tokens_per_s_median", "disabled",
+                             f"{throughput['median_disabled']:.2f}"])
+            writer.writerow(["output_tokens_per_s_median", "none",
+                             f"{throughput['median_none']:.2f}"])
         for policy, row in ttft.items():
             for key, value in row.items():
                 writer.writerow([key, policy, f"{value:.4f}"])
@@ -181,10 +185,13 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     tp = report["throughput"]
-    left.bar(["plugin disabled", "plugin, policy none"], [tp["median_disabled"], tp["median_none"]],
-             color=["#999999", "#1f77b4"])
-    left.set_ylabel("output tokens / s (median)")
-    left.set_title(f"policy none vs disabled: {tp['ratio_none_vs_disabled']:.3f}x")
+    if tp is not None:
+        left.bar(["plugin disabled", "plugin, policy none"],
+                 [tp["median_disabled"], tp["median_none"]], color=["#999999", "#1f77b4"])
+        left.set_ylabel("output tokens / s (median)")
+        left.set_title(f"policy none vs disabled: {tp['ratio_none_vs_disabled']:.3f}x")
+    else:
+        left.set_title("policy none vs disabled: not run (--ab-cycles 0)")
     per = report["ttft"]["per_policy"]
     names = list(per)
     total = [per[n]["median_ttft_s"] for n in names]
@@ -211,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-prompt-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
-    parser.add_argument("--ab-cycles", type=int, default=2, help="A/B process pairs")
+    parser.add_argument("--ab-cycles", type=int, default=2, help="A/B process pairs (0 skips "
+                        "the none-vs-disabled throughput part)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[1:]), choices=POLICIES,
                         help="TTFT configurations (none always runs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -225,10 +233,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def print_report(report: dict[str, Any]) -> None:
     tp = report["throughput"]
     print(f"\nMachine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-          f"{report['machine']['date']}")
-    print(f"Throughput (output tokens/s, median): disabled {tp['median_disabled']:.1f}, "
-          f"policy none {tp['median_none']:.1f} -> ratio {tp['ratio_none_vs_disabled']:.3f} "
-          "(target >= 0.98)")
+          f"{report['machine']['date']}, {report.get('dtype', 'bfloat16')}")
+    if tp is None:
+        print("Throughput A/B: not run (--ab-cycles 0)")
+    else:
+        print(f"Throughput (output tokens/s, median): disabled {tp['median_disabled']:.1f}, "
+              f"policy none {tp['median_none']:.1f} -> ratio "
+              f"{tp['ratio_none_vs_disabled']:.3f} (target >= 0.98)")
     print(f"\nTTFT of a {report['ttft']['prompt_len']}-token prompt, kept ratio 0.25:")
     print(f"{'policy':<18}{'TTFT s':>9}{'vs none':>9}{'compaction s':>14}{'share':>8}")
     for policy, row in report["ttft"]["per_policy"].items():

@@ -408,6 +408,38 @@ def plot_family(family: str, ours: list[dict[str, Any]],
     plt.close(fig)
 
 
+def overhead_section(report: dict[str, Any], images: Path, run: Path) -> list[str]:
+    """``kvcompress bench overhead``: the plugin's share of a long prompt's TTFT per method, and
+    policy ``none`` vs the plugin disabled."""
+    m = report["machine"]
+    ttft = report["ttft"]
+    lines = ["## Overhead (`kvcompress bench overhead`)", "",
+             f"Command: `{report.get('command', '?')}` ({m.get('cpu', '?')}, "
+             f"{m.get('cores', '?')} cores, {m.get('date', '?')}, model dtype "
+             f"{report.get('dtype', 'bfloat16')}). Time to first token of a "
+             f"{ttft['prompt_len']}-token prompt at kept ratio {ttft['kv_ratio']:g}, medians "
+             "over repetitions interleaved in one process; \"share\" is the worker's own timer "
+             "around scoring + selection + compaction divided by the TTFT (target <= 5%).", "",
+             "| config | TTFT s | vs none | scoring + selection + compaction s | share | <= 5% |",
+             "|---|---:|---:|---:|---:|---|"]
+    for policy, row in ttft["per_policy"].items():
+        ok = row["compaction_share_of_ttft"] <= 0.05
+        lines.append(f"| {policy} | {row['median_ttft_s']:.2f} | {row['ttft_vs_none']:.3f} | "
+                     f"{row['median_compaction_s']:.3f} | "
+                     f"{row['compaction_share_of_ttft']:.1%} | {'yes' if ok else '**no**'} |")
+    tp = report.get("throughput")
+    if tp is None:
+        lines += ["", "Policy `none` vs plugin disabled: not run in this report."]
+    else:
+        lines += ["", f"Policy `none` vs plugin disabled (output tokens/s, median of separate "
+                  f"processes run A/B): {tp['median_none']:.1f} vs {tp['median_disabled']:.1f}, "
+                  f"ratio {tp['ratio_none_vs_disabled']:.3f} (target >= 0.98)."]
+    path = _copy(run / "overhead.png", images, "overhead.png")
+    if path:
+        lines += ["", f"![overhead]({path})"]
+    return [*lines, ""]
+
+
 def _peak_verdict(row: dict[str, Any], requests: int) -> str:
     """met / not met, or why the workload cannot tell (every request already ran at once)."""
     if row["peak_goal_met"]:
@@ -662,6 +694,11 @@ def build(runs: Path, out: Path) -> str:
         parts += throughput_section(throughput, images, path.parent)
     else:
         parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
+    path = runs / "bench-overhead" / "overhead.json"
+    if path.exists():
+        parts += overhead_section(json.loads(path.read_text()), images, path.parent)
+    else:
+        parts += [f"_{path} is missing: run `kvcompress bench overhead`._", ""]
     parts += targets_section(named, throughput)
     text = "\n".join([*intro, *headline(named, throughput), *parts]).rstrip() + "\n"
     out.write_text(text)
