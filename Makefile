@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models demo test test-fast lint soak clean kvpress-venv bench bench-eval \
-	bench-peer bench-throughput results
+	bench-peer bench-merge bench-throughput bench-overhead results
 
 setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
 	@bash scripts/setup.sh
@@ -65,7 +65,7 @@ EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-pe
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
 PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1
-bench: bench-eval bench-peer bench-throughput results
+bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead results
 
 bench-eval: setup models/smollm2/config.json models/smollm2.qfilters.safetensors    ## ours: accuracy vs kept ratio, CIs, grid ablation
 	rm -rf runs/eval
@@ -75,8 +75,23 @@ bench-peer: setup models/smollm2/config.json models/smollm2.qfilters.safetensors
 	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval --backend kvpress $(EVAL_ARGS) \
 	  $(PEER_ARGS)
 
+# Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the needle prompts
+# of EVAL_ARGS (same seed, same prompts), separately from bench-eval to keep that within budget.
+MERGE_ARGS ?= --lengths 4096 --depths 0 0.5 --samples-per-cell 4 \
+	--tasks niah_single niah_multikey niah_multivalue --policies snapkv knorm \
+	--ratios 1.0 0.25 0.1 --head-select default --merge
+bench-merge: setup models/smollm2/config.json kvpress-venv   ## merge on/off, ours and kvpress
+	rm -rf runs/eval-merge
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-merge $(MERGE_ARGS)
+	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval-merge --backend kvpress $(MERGE_ARGS)
+
 bench-throughput: setup models/smollm2/config.json   ## memory-bound serving, none vs policies
 	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput $(THROUGHPUT_ARGS)
+
+# TTFT share of every method at 4k (fp32; 3 interleaved repetitions) and none vs disabled.
+OVERHEAD_ARGS ?= --reps 3 --ab-cycles 1
+bench-overhead: setup models/smollm2/config.json models/smollm2.qfilters.safetensors   ## plugin cost
+	$(PY) -m vllm_kvcompress.cli bench overhead --out runs/bench-overhead $(OVERHEAD_ARGS)
 
 results: setup                ## docs/results.md (+ docs/img/results/) from runs/
 	$(PY) -m vllm_kvcompress.bench.results --runs runs --out docs/results.md

@@ -2,7 +2,9 @@
 
 Reads ``runs/eval/results.json`` (our policies; ``make bench-peer`` adds kvpress on the same
 prompts there, with ChunkKV's chunk-grid variants in the same run), ``runs/eval-peer/results.json``
-if present (a separate ours-vs-kvpress study) and ``runs/bench-throughput/throughput.json``;
+if present (a separate ours-vs-kvpress study), ``runs/eval-merge/results.json`` (merge vs drop,
+``make bench-merge``), ``runs/bench-overhead/overhead.json`` and
+``runs/bench-throughput/throughput.json``;
 per-prompt scores for paired intervals come from the ``results.csv`` next to each JSON. Copies
 the PNGs to ``docs/img/results/``; writes the tables (every accuracy with its bootstrap 95%
 interval over prompts), the targets (met or not, with the number) and the commands that produced
@@ -659,7 +661,7 @@ def build(runs: Path, out: Path) -> str:
              "widely, the prompts do not tell the two configurations apart."]
     parts: list[str] = []
     named: dict[str, dict[str, Any]] = {}
-    for name in ("eval", "eval-peer"):
+    for name in ("eval", "eval-peer", "eval-merge"):
         path = runs / name / "results.json"
         if path.exists():
             named[name] = json.loads(path.read_text())
@@ -678,12 +680,16 @@ def build(runs: Path, out: Path) -> str:
                  and any(s["backend"] == "kvpress" for s in named[name]["summary"])), None)
     if peer is not None:
         parts += methods_section(named[peer], images, runs / peer)
-        parts += merge_section(named[peer], runs / peer)
         parts += peer_section(named[peer], images, runs / peer,
                               plots=peer != "eval")
     else:
         parts += ["_no kvpress predictions under runs/eval or runs/eval-peer: run "
                   "`make bench-peer`._", ""]
+    # merge vs drop: runs/eval-merge (`make bench-merge`), else any run that has the variant.
+    merged = next((name for name in ("eval-merge", "eval-peer", "eval") if name in named
+                   and any(s.get("variant") == "merge" for s in named[name]["summary"])), None)
+    if merged is not None:
+        parts += merge_section(named[merged], runs / merged)
     ablation = next((name for name in ("eval-peer", "eval") if name in named), None)
     if ablation is not None:
         parts += ablation_section(named[ablation], runs / ablation)
