@@ -101,8 +101,8 @@ class ReferenceModel:
         from vllm_kvcompress.policies import (
             LayerObservation,
             build_policy,
-            get_policy_info,
             load_model_data,
+            model_data_hook,
         )
         from vllm_kvcompress.policies.rotary import Rotary
 
@@ -117,7 +117,7 @@ class ReferenceModel:
         if kept >= seq_len:
             return None
         inputs = self.layer_inputs(prompt_ids)
-        hook = get_policy_info(spec.policy).model_data
+        hook = model_data_hook(spec)
         model_data = load_model_data(hook, getattr(spec, hook.param)) if hook else None
         # The engine's table covers max_position_embeddings positions (vLLM's cos_sin_cache).
         rotary = Rotary.from_hf(self.model, self.model.config.max_position_embeddings)

@@ -91,6 +91,11 @@ EVICTING = [
       "kv_future_positions": 64}, 300),
     ({"kv_policy": "qfilters", "kv_ratio": 0.3, "kv_window": 16,
       "kv_qfilters_path": QFILTERS}, 300),
+    # ChunkKV around another token scorer (its model data included).
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.3, "kv_window": 16, "kv_chunk_scorer": "knorm"},
+     300),
+    ({"kv_policy": "chunkkv", "kv_ratio": 0.25, "kv_window": 16, "kv_chunk_scorer": "qfilters",
+      "kv_qfilters_path": QFILTERS}, 257),
     # merge: the kept slots' values absorb the evicted tokens (per layer, also under reuse).
     ({"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16, "kv_merge": "on"}, 300),
     ({"kv_policy": "chunkkv", "kv_ratio": 0.2, "kv_window": 16, "kv_reuse_layers": 2,

@@ -333,3 +333,24 @@ def test_merge_wraps_any_policy_and_needs_window_attention(tmp_path: Path) -> No
         kept = merged.keep_indices(obs)
         values = merged.merged_values(obs, kept)
         assert values.shape == (2, obs.budget, 16)
+
+
+@pytest.mark.parametrize("inner", ["tova", "knorm", "expected_attention", "qfilters"])
+def test_chunkkv_wraps_any_token_scorer(inner: str, tmp_path: Path) -> None:
+    """`chunk_scorer`: ChunkKV averages that policy's scores per chunk; a scorer's model data
+    (Q-Filters) becomes ChunkKV's, so it is loaded, checked and handed over like the scorer's."""
+    from vllm_kvcompress.policies import ChunkKV, model_data_hook
+
+    path = tmp_path / "f.safetensors"
+    save_filters(path, torch.randn(1, 2, 16), model="m", num_q_heads=6, tokens=10)
+    extra = {"qfilters_path": str(path)} if inner == "qfilters" else {}
+    spec = CompressionSpec(policy="chunkkv", ratio=0.5, chunk_scorer=inner, chunk_size=4, **extra)
+    policy = build_policy(spec)
+    plain = build_policy(CompressionSpec(policy=inner, ratio=0.5, **extra))
+    assert isinstance(policy, ChunkKV) and policy.scorer == plain.scorer
+    assert policy.inputs == plain.inputs
+    assert (model_data_hook(spec) is not None) == (inner == "qfilters")
+    rotary, _ = make_rotary(16, 16, 600, neox=True)
+    obs = observation(10, 6, 2, seq_len=61, model_data=load_filters(str(path)), rotary=rotary)
+    want = ChunkKV(scorer=plain.scorer, chunk_size=4).keep_indices(obs)
+    torch.testing.assert_close(policy.keep_indices(obs), want)

@@ -286,11 +286,11 @@ def check_model_data(spec: CompressionSpec, shape: Any, name_of: Mapping[str, st
             message names the path setting.
     """
     from .policies.model_data import load_model_data
-    from .policies.registry import get_policy_info
+    from .policies.registry import model_data_hook
 
     if not spec.enabled:
         return
-    hook = get_policy_info(spec.policy).model_data
+    hook = model_data_hook(spec)
     if hook is None:
         return
     field = name_of.get(hook.param, hook.param)

@@ -36,7 +36,7 @@ from .deployment import (
     parallel_unsupported_reason,
 )
 from .policies.model_data import ModelShape
-from .policies.registry import all_params, get_policy_info
+from .policies.registry import all_params, model_data_hook
 
 logger = logging.getLogger("vllm.kvcompress")
 
@@ -155,7 +155,7 @@ def engine_args_additional_config(engine_args: Any, args: argparse.Namespace) ->
         if spec.enabled and reason:
             raise SystemExit(f"vllm-kvcompress: compression disabled: {reason} (server "
                              f"default policy {spec.policy!r})")
-        if spec.enabled and get_policy_info(spec.policy).model_data is not None:
+        if spec.enabled and model_data_hook(spec) is not None:
             check_model_data(spec, model_shape(engine_args.create_model_config()), cli_names())
     except CompressionConfigError as err:
         raise SystemExit(f"vllm-kvcompress: invalid configuration: {err}") from None

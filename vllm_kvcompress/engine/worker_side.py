@@ -41,7 +41,7 @@ from ..policies.base import (
     SelectionKernels,
 )
 from ..policies.model_data import load_model_data
-from ..policies.registry import build_policy, get_policy_info
+from ..policies.registry import build_policy, model_data_hook
 from ..policies.rotary import find_vllm_rotary
 from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
@@ -454,7 +454,7 @@ class WorkerCompression:
                 window_attention = window_attention_scores(queries, keys, scale, softcap)
         model_data = None
         if MODEL_DATA in inputs:
-            hook = get_policy_info(task.spec.policy).model_data
+            hook = model_data_hook(task.spec)
             if hook is None:
                 raise ValueError(f"policy {task.spec.policy!r} reads model data but declares no "
                                  "model_data hook")

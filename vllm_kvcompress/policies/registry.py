@@ -58,6 +58,8 @@ class PolicyInfo:
             (``COMMON_PARAMS``: ratio, budget, window, ...) apply to every policy.
         default_head_select: ``shared`` or ``per_head`` when the request does not say.
         model_data: per-model data the policy loads from one of its path parameters.
+        scorer_param: name of a parameter whose value is another policy whose scorer this one
+            wraps (ChunkKV's ``chunk_scorer``); that policy's model data then applies too.
     """
 
     name: str
@@ -67,7 +69,14 @@ class PolicyInfo:
     parameters: tuple[Param, ...] = ()
     default_head_select: str = "shared"
     model_data: ModelDataHook | None = None
+    scorer_param: str | None = None
 
+
+#: Policies that are a token scorer inside ``TopK``: ChunkKV can wrap any of them.
+TOKEN_SCORER_POLICIES = ("snapkv", "streamingllm", "tova", "sagekv", "knorm", "keydiff",
+                         "expected_attention", "qfilters")
+CHUNK_SCORER = Param("chunk_scorer", str, "snapkv", "ChunkKV: the token scorer whose scores are "
+                     "averaged per chunk (a TopK policy's name).", choices=TOKEN_SCORER_POLICIES)
 
 _REGISTRY: dict[str, PolicyInfo] = {}
 _entry_points_loaded = False
@@ -151,6 +160,28 @@ def resolved_head_select(spec: CompressionSpec) -> str:
     return get_policy_info(spec.policy).default_head_select
 
 
+def model_data_hook(spec: CompressionSpec) -> ModelDataHook | None:
+    """The per-model data a spec's policy reads: its own, or that of the policy whose scorer it
+    wraps (``chunk_scorer: qfilters``)."""
+    if spec.policy == NO_POLICY:
+        return None
+    info = get_policy_info(spec.policy)
+    if info.model_data is None and info.scorer_param is not None:
+        inner = getattr(spec, info.scorer_param)
+        if inner is not None and inner != spec.policy:
+            return get_policy_info(inner).model_data
+    return info.model_data
+
+
+def scorer_of(spec: CompressionSpec, policy: str) -> object:
+    """The scorer of ``policy`` built from ``spec``'s settings (for wrappers like ChunkKV)."""
+    inner = build_policy(spec.replace(policy=policy, merge="off"))
+    scorer = getattr(inner, "scorer", None)
+    if scorer is None:
+        raise ValueError(f"policy {policy!r} has no token scorer to wrap")
+    return scorer
+
+
 @functools.lru_cache(maxsize=256)
 def build_policy(spec: CompressionSpec) -> KVPolicy | None:
     """The policy object for a resolved spec, or ``None`` for ``policy: none``.
@@ -183,12 +214,14 @@ for _info in (
     ),
     PolicyInfo(
         name="chunkkv",
-        build=lambda spec: ChunkKV(scorer=SnapKV(pool_kernel=spec.pool_kernel),
+        build=lambda spec: ChunkKV(scorer=scorer_of(spec, spec.chunk_scorer),
                                    chunk_size=spec.chunk_size, reuse_layers=spec.reuse_layers,
                                    head_select=spec.head_select, chunk_grid=spec.chunk_grid),
         paper="https://arxiv.org/abs/2502.00299",
-        summary="top whole chunks by mean window attention; layer-wise index reuse",
-        parameters=(POOL_KERNEL, CHUNK_SIZE, REUSE_LAYERS, CHUNK_GRID),
+        summary="top whole chunks by mean score (window attention by default, any token scorer "
+                "with chunk_scorer); layer-wise index reuse",
+        parameters=(POOL_KERNEL, CHUNK_SIZE, REUSE_LAYERS, CHUNK_GRID, CHUNK_SCORER),
+        scorer_param=CHUNK_SCORER.name,
     ),
     PolicyInfo(
         name="pyramidkv",
