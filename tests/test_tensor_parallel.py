@@ -33,6 +33,17 @@ CASES = [
     {"kv_policy": "pyramidkv", "kv_ratio": 0.3, "kv_window": 16},
     {"kv_policy": "none"},
 ]
+#: The methods issue's scorers under TP: keys read per rank, RoPE per rank, merged values per
+#: head, and per-head model data indexed by the GLOBAL KV head (rank 1 must use filter 1).
+METHOD_CASES = [
+    {"kv_policy": "knorm", "kv_ratio": 0.3, "kv_window": 16, "kv_head_select": "per_head"},
+    {"kv_policy": "expected_attention", "kv_ratio": 0.3, "kv_window": 16,
+     "kv_head_select": "per_head"},
+    {"kv_policy": "snapkv", "kv_ratio": 0.25, "kv_window": 16, "kv_head_select": "shared",
+     "kv_merge": "on"},
+    {"kv_policy": "qfilters", "kv_ratio": 0.3, "kv_window": 16, "kv_head_select": "per_head",
+     "kv_qfilters_path": "<tiny_qfilters>"},
+]
 MAX_TOKENS = 17
 
 
@@ -53,26 +64,34 @@ def run(tiny_model: Path, tp: int, cases: list[dict[str, Any]],
 
 
 @pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    rng = random.Random(21)
-    return [[rng.randrange(4, 1000) for _ in range(rng.randrange(200, 300))] for _ in CASES]
+def cases(tiny_qfilters: Path) -> list[dict[str, Any]]:
+    return CASES + [{k: str(tiny_qfilters) if v == "<tiny_qfilters>" else v
+                     for k, v in case.items()} for case in METHOD_CASES]
 
 
 @pytest.fixture(scope="module")
-def tp1(tiny_model: Path, prompts: list[list[int]]) -> dict[str, Any]:
-    return run(tiny_model, 1, CASES, prompts)
+def prompts(cases: list[dict[str, Any]]) -> list[list[int]]:
+    rng = random.Random(21)
+    return [[rng.randrange(4, 1000) for _ in range(rng.randrange(200, 300))] for _ in cases]
 
 
-def test_tp2_keeps_tp1s_tokens_and_output(tiny_model: Path, prompts: list[list[int]],
+@pytest.fixture(scope="module")
+def tp1(tiny_model: Path, cases: list[dict[str, Any]], prompts: list[list[int]]
+        ) -> dict[str, Any]:
+    return run(tiny_model, 1, cases, prompts)
+
+
+def test_tp2_keeps_tp1s_tokens_and_output(tiny_model: Path, cases: list[dict[str, Any]],
+                                          prompts: list[list[int]],
                                           tp1: dict[str, Any]) -> None:
     one = tp1
-    two = run(tiny_model, 2, CASES, prompts)
+    two = run(tiny_model, 2, cases, prompts)
     assert two["tokens"] == one["tokens"]
     assert two["blocks_freed"] == one["blocks_freed"] > 0
     assert two["free_after"] == two["free_before"]  # nothing leaked
     (ref,) = one["kept"]
     rank0, rank1 = two["kept"]
-    for case, rid1, rid2 in zip(CASES, one["ids"], two["ids"], strict=True):
+    for case, rid1, rid2 in zip(cases, one["ids"], two["ids"], strict=True):
         if case["kv_policy"] == "none":
             assert rid1 not in ref and rid2 not in rank0
             continue
