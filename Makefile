@@ -37,27 +37,21 @@ test-fast: setup             ## unit tests only (no engine)
 soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
 	$(PY) scripts/soak.py --out runs/soak
 
-# `make bench`: the measured study behind docs/results.md (about 1 h 45 min on a 2-core CPU).
-# Every step writes JSON/CSV/PNG under runs/; `make results` turns them into docs/results.md.
-# One prompt set (runs/eval) serves every question: ours (bench-eval: 4 policies x 4 ratios x
-# shared/per_head, plus ChunkKV's chunk grid from token 0 with and without sinks as extra
-# configurations of the same run) and kvpress on the same prompts (bench-peer, which also runs
-# its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k (its turn 2
-# costs kvpress one 4k prefill per distinct turn-1 answer otherwise), 4 prompts per cell.
-# Time, measured here 2026-11-25 with `--limit` (SmolLM2 fp32, OMP_NUM_THREADS=1, the other
-# core busy with tests):
-#   ours, 17 configs: 1k 0.79 s/request (136 requests), 4k 4.49 s/request (136): a 4k prompt's
-#     full prefill ~36 s, then ~2 s per compressed request (per_head costs the same as shared);
-#   kvpress, 17 configs: 1k 2.2 s/request (136), 4k ~2.0 s/request (51): a 4k prefill ~23 s,
-#     then ~1 s per config (2.5 s for 48-token multi-value answers);
-#   these EVAL_ARGS with --limit 2 (no per_head): ours 352 s / 200 requests, kvpress 315 s / 168.
-# Estimate for the EVAL_ARGS below: 24 prompts at 4k, 8 multi-turn at 1k, 41 configs ours
-# (plus 41 turn-2 requests per multi-turn prompt), 21 kvpress: bench-eval 24 x (36 + 40 x 2 s
-# +10% for multi-value) + 8 x 46 s ~ 56 min, bench-peer 16 x 44 + 8 x 76 + 8 x 60 s ~ 30 min,
-# bench-throughput ~18 min (unchanged; 18 runs of 24 requests): ~1 h 45 min. The --limit run
-# above came in ~20% under this per-request model, so it is a conservative estimate.
-# The *_ARGS variables are the study's settings; override them for a bigger one (e.g. EVAL_ARGS="--lengths 1024 2048 4096 8192 --depths 0 0.25 0.5 0.75 1
-# --samples-per-cell 4", several hours here).
+# `make bench`: the measured study behind docs/results.md. Every step writes JSON/CSV/PNG under
+# runs/; `make results` turns them into docs/results.md. One prompt set (runs/eval) serves the
+# accuracy questions: ours (bench-eval: the ten methods, each in its default selection mode, at
+# kept ratios 0.25 and 0.1 plus full KV) and kvpress on the same prompts (bench-peer, which also
+# runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k, 4
+# prompts per cell. bench-merge: merge on/off for SnapKV and Knorm, ours and kvpress's
+# MergingPress, on the same needle prompts. bench-overhead: TTFT share per method at 4k.
+# Time measured here 2026-11-25 (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
+# running side by side on the 2 cores): bench-eval 33 min (840 requests), bench-peer 54 min
+# (840 records), bench-merge ~35 min, bench-overhead ~20 min (OVERHEAD_ARGS below: the new
+# methods, 2 repetitions; all 15 configurations x 3: ~45 min), bench-throughput ~18 min. Run one
+# after the other that is up to 2 h 40 min (less: each ran here with the other core busy, e.g.
+# the 4k prefill took ~36 s alone and up to ~60 s side by side). Kept ratios 0.5 and 0.05 double
+# the eval's share: EVAL_ARGS="... --ratios 1.0 0.5 0.25 0.1 0.05" (~3 h 30 min here).
+# The *_ARGS variables are the study's settings; override them for a bigger one.
 EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
 	--tasks niah_single niah_multikey niah_multivalue niah_multiturn \
 	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
@@ -88,8 +82,10 @@ bench-merge: setup models/smollm2/config.json kvpress-venv   ## merge on/off, ou
 bench-throughput: setup models/smollm2/config.json   ## memory-bound serving, none vs policies
 	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput $(THROUGHPUT_ARGS)
 
-# TTFT share of every method at 4k (fp32; 3 interleaved repetitions) and none vs disabled.
-OVERHEAD_ARGS ?= --reps 3 --ab-cycles 1
+# TTFT share of the methods at 4k (fp32; 2 interleaved repetitions) and none vs disabled.
+OVERHEAD_ARGS ?= --reps 2 --ab-cycles 1 --policies chunkkv 'chunkkv[per_head]' tova \
+	'sagekv[per_head]' 'knorm[per_head]' 'keydiff[per_head]' 'expected_attention[per_head]' \
+	'qfilters[per_head]' snapkv+merge
 bench-overhead: setup models/smollm2/config.json models/smollm2.qfilters.safetensors   ## plugin cost
 	$(PY) -m vllm_kvcompress.cli bench overhead --out runs/bench-overhead $(OVERHEAD_ARGS)
 
