@@ -400,6 +400,9 @@ def plot_family(family: str, ours: list[dict[str, Any]],
     if full.get("vllm") and full["vllm"].get("needle_4k") is not None:
         ax.axhline(full["vllm"]["needle_4k"], color="black", linestyle=":", label="full KV")
     ax.set_xscale("log")
+    ratios = sorted({s["ratio"] for s in ours if family_of(s["policy"]) == family})
+    ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+    ax.minorticks_off()
     ax.set_xlabel("kept ratio (log)")
     ax.set_ylabel("needle accuracy at 4k")
     ax.set_ylim(-0.05, 1.05)
@@ -558,10 +561,24 @@ def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[
     return [*lines, ""]
 
 
-def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None
-                    ) -> list[str]:
+def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None,
+                    overhead: dict[str, Any] | None = None) -> list[str]:
     """The issue's targets, one line each, with the measured value and the run it comes from."""
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    if overhead is not None:
+        for policy, row in overhead["ttft"]["per_policy"].items():
+            if policy == "none":
+                continue
+            share = row["compaction_share_of_ttft"]
+            lines.append(f"| {policy}: scoring + selection + compaction <= 5% of a "
+                         f"{overhead['ttft']['prompt_len']}-token TTFT (runs/bench-overhead) | "
+                         f"{share:.1%} | {'yes' if share <= 0.05 else '**no**'} |")
+        tp = overhead.get("throughput")
+        if tp is not None:
+            ratio = tp["ratio_none_vs_disabled"]
+            lines.append(f"| policy none >= 0.98x plugin-off output tokens/s "
+                         f"(runs/bench-overhead) | {ratio:.3f}x | "
+                         f"{'yes' if ratio >= 0.98 else '**no**'} |")
     for name, result in evals.items():
         for t in result["targets"]:
             value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
@@ -701,11 +718,13 @@ def build(runs: Path, out: Path) -> str:
     else:
         parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
     path = runs / "bench-overhead" / "overhead.json"
+    overhead = None
     if path.exists():
-        parts += overhead_section(json.loads(path.read_text()), images, path.parent)
+        overhead = json.loads(path.read_text())
+        parts += overhead_section(overhead, images, path.parent)
     else:
-        parts += [f"_{path} is missing: run `kvcompress bench overhead`._", ""]
-    parts += targets_section(named, throughput)
+        parts += [f"_{path} is missing: run `make bench-overhead`._", ""]
+    parts += targets_section(named, throughput, overhead)
     text = "\n".join([*intro, *headline(named, throughput), *parts]).rstrip() + "\n"
     out.write_text(text)
     return text
