@@ -68,8 +68,10 @@ class Rotary:
         Returns:
             ``[..., n, D]`` float32.
         """
-        cos = self.cos.to(x.device)[positions].float()  # [n, R/2]
-        sin = self.sin.to(x.device)[positions].float()
+        # Index on the table's device, then move only the rows used.
+        where = positions.to(self.cos.device)
+        cos = self.cos[where].float().to(x.device)  # [n, R/2]
+        sin = self.sin[where].float().to(x.device)
         if inverse:
             sin = -sin
         first, second = (p.to(x.device) for p in self._pairs())
@@ -83,8 +85,9 @@ class Rotary:
         """``[D, D]`` float32, the average over ``positions`` of the rotation matrices (applied
         as ``R @ x``). RoPE's matrix is linear in (cos, sin), so this is the matrix of the mean
         cos and mean sin."""
-        cos = self.cos[positions].float().mean(0)
-        sin = self.sin[positions].float().mean(0)
+        where = positions.to(self.cos.device)
+        cos = self.cos[where].float().mean(0)
+        sin = self.sin[where].float().mean(0)
         first, second = self._pairs()
         matrix = torch.eye(self.head_dim, dtype=torch.float32)
         matrix[first, first] = cos
