@@ -42,7 +42,7 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # accuracy questions: ours (bench-eval: the ten methods, each in its default selection mode, at
 # kept ratios 0.25 and 0.1 plus full KV) and kvpress on the same prompts (bench-peer, which also
 # runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k, 4
-# prompts per cell. bench-merge: merge on/off for SnapKV and Knorm, ours and kvpress's
+# prompts per cell. bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's
 # MergingPress, on the same needle prompts. bench-overhead: TTFT share per method at 4k.
 # Time measured here 2026-11-25 (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
 # running side by side on the 2 cores): bench-eval 33 min (840 requests), bench-peer 54 min
@@ -72,7 +72,7 @@ bench-peer: setup models/smollm2/config.json models/smollm2.qfilters.safetensors
 # Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the needle prompts
 # of EVAL_ARGS (same seed, same prompts), separately from bench-eval to keep that within budget.
 MERGE_ARGS ?= --lengths 4096 --depths 0 0.5 --samples-per-cell 4 \
-	--tasks niah_single niah_multikey niah_multivalue --policies snapkv knorm \
+	--tasks niah_single niah_multikey niah_multivalue --policies keydiff chunkkv \
 	--ratios 1.0 0.25 0.1 --head-select default --merge
 bench-merge: setup models/smollm2/config.json kvpress-venv   ## merge on/off, ours and kvpress
 	rm -rf runs/eval-merge
