@@ -90,6 +90,11 @@ def test_selection_mode_per_press() -> None:
         "snapkv": "per_head",
         "chunkkv": "shared",
         "pyramidkv": "per_head",
+        "tova": "shared",  # TOVAPress averages over heads: every head keeps the same tokens
+        "knorm": "per_head",
+        "keydiff": "per_head",
+        "expected_attention": "per_head",
+        "qfilters": "per_head",
     }
     assert set(runner.KVPRESS_MODES) == set(runner.POLICIES)
     assert eval_run.KVPRESS_MODES == runner.KVPRESS_MODES  # the report reads the runner's table
