@@ -460,7 +460,7 @@ shared = runner.shared_prefill(model, input_ids)
 snapshot = [(c.keys.clone(), c.values.clone(), c.kwargs["hidden_states"].clone(),
              c.output[0].clone()) for c in shared.calls]
 results = []
-for policy in runner.POLICIES:
+for policy in [*runner.POLICIES, "snapkv+merge"]:
     for ratio in [1.0] if policy == "none" else [0.5, 0.25, 0.1]:
         press = runner.build_press(runner.press_spec(policy, ratio, params))
         old, old_logits, _ = runner.prefill(model, press, input_ids)
@@ -492,12 +492,14 @@ print(json.dumps({"results": results, "shared_intact": intact, "n_calls": len(sh
 
 
 @pytest.mark.peer
-def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model: Path) -> None:
+def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model: Path,
+                                                tiny_qfilters: Path) -> None:
     # PyramidKV uses its pyramid only when min_num = L * ratio / beta(20) >= window (else a uniform
     # fallback): window 8 and 1703 tokens give real per-layer budgets at 0.5, 0.25 and 0.1 (window
     # 32 would need 6400+ tokens at 0.1). 1703 is no multiple of chunk_size: ChunkKV has a partial
     # chunk.
-    prompt_len, params = 1703, {**PARAMS, "window": 8}
+    prompt_len = 1703
+    params = {**PARAMS, "window": 8, "future_positions": 64, "qfilters_path": str(tiny_qfilters)}
     proc = subprocess.run(
         [str(kvpress_python), "-c", EQUIVALENCE, str(RUNNER), str(tiny_model), str(prompt_len),
          json.dumps(params)],
@@ -506,7 +508,8 @@ def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
-    assert len(results) == 1 + 4 * 3
+    # Every press the runner maps (the methods issue's included, MergingPress around SnapKV).
+    assert len(results) == 1 + (len(runner.POLICIES) - 1 + 1) * 3
     assert report["n_calls"] == 4  # every attention layer recorded once
     for r in results:
         where = f"{r['policy']} {r['ratio']}"
@@ -522,7 +525,8 @@ def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model
     kept = {(r["policy"], r["ratio"]): [layer["kept"][0] for layer in r["layers"]] for r in results}
     assert kept[("none", 1.0)] == [prompt_len] * 4
     for ratio in (0.5, 0.25, 0.1):
-        assert kept[("snapkv", ratio)] == [int(prompt_len * ratio)] * 4
+        for policy in ("snapkv", "tova", "knorm", "keydiff", "qfilters", "snapkv+merge"):
+            assert kept[(policy, ratio)] == [int(prompt_len * ratio)] * 4, policy
         # Real pyramid: strictly decreasing budgets, the last layer's >= the window.
         pyramid = kept[("pyramidkv", ratio)]
         assert pyramid == sorted(set(pyramid), reverse=True) and pyramid[-1] >= 8, pyramid
