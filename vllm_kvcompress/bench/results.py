@@ -432,9 +432,10 @@ def overhead_section(report: dict[str, Any], images: Path, run: Path) -> list[st
         lines.append(f"| {policy} | {row['median_ttft_s']:.2f} | {row['ttft_vs_none']:.3f} | "
                      f"{row['median_compaction_s']:.3f} | "
                      f"{row['compaction_share_of_ttft']:.1%} | {'yes' if ok else '**no**'} |")
+    lines += [""] + [f"Note: {note}" for note in report.get("notes", [])]
     tp = report.get("throughput")
     if tp is None:
-        lines += ["", "Policy `none` vs plugin disabled: not run in this report."]
+        lines += ["", "Policy `none` vs plugin disabled: no valid measurement in this report."]
     else:
         lines += ["", f"Policy `none` vs plugin disabled (output tokens/s, median of separate "
                   f"processes run A/B): {tp['median_none']:.1f} vs {tp['median_disabled']:.1f}, "
