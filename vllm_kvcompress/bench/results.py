@@ -300,13 +300,7 @@ def merge_section(result: dict[str, Any], run: Path) -> list[str]:
     scores = read_scores(run)
 
     def paired(a_key: ScoreKey, b_key: ScoreKey) -> str:
-        a, b = scores.get(a_key, {}), scores.get(b_key, {})
-        ids = sorted(a.keys() & b.keys())
-        if not ids:
-            return "-"
-        first, second = [a[i] for i in ids], [b[i] for i in ids]
-        ci = paired_bootstrap_ci(first, second)
-        return _ci(mean(first) - mean(second), None if ci is None else list(ci), 3)
+        return _paired_text(paired_difference(scores.get(a_key, {}), scores.get(b_key, {})))
 
     def find(backend: str, policy: str, ratio: float, variant: str) -> dict[str, Any] | None:
         return next((s for s in summary if (s["backend"], s["policy"], s["ratio"],
@@ -350,12 +344,9 @@ def best_at_ratio(scores: dict[ScoreKey, dict[str, float]], ours: list[dict[str,
             continue
         mine = scores.get(("vllm", s["policy"], ratio, s.get("head_select") or "shared", "", 1),
                           {})
-        ids = _needle_ids(mine.keys() & base.keys())
-        if not ids:
-            continue
-        a, b = [mine[i] for i in ids], [base[i] for i in ids]
-        ci = paired_bootstrap_ci(a, b)
-        rows.append((mean(a) - mean(b), _label(s), ci, len(ids)))
+        result = paired_difference(mine, base, needles_4k=True)
+        if result is not None:
+            rows.append((result[0], _label(s), result[1], result[2]))
     if not rows:
         return [f"_No paired needle prompts at kept ratio {ratio:g} against ChunkKV._"]
     rows.sort(reverse=True)
@@ -363,10 +354,9 @@ def best_at_ratio(scores: dict[ScoreKey, dict[str, float]], ours: list[dict[str,
     beats = ci is not None and ci[0] > 0
     verdict = ("beats ChunkKV (the interval excludes 0)" if beats else
                "does not beat ChunkKV measurably (the interval reaches 0 or below)")
-    others = "; ".join(f"{lab} {_ci(d, None if c is None else list(c), 3)}"
-                       for d, lab, c, _ in rows[1:])
+    others = "; ".join(f"{lab} {_ci(d, c, 3)}" for d, lab, c, _ in rows[1:])
     return [f"**Best at kept ratio {ratio:g} on the needles at 4k, paired against our ChunkKV** "
-            f"(n = {n} prompts): {label}, {_ci(diff, None if ci is None else list(ci), 3)}: "
+            f"(n = {n} prompts): {label}, {_ci(diff, ci, 3)}: "
             f"{verdict}. The others: {others}."]
 
 
@@ -503,19 +493,30 @@ def ablation_section(peer: dict[str, Any], run: Path) -> list[str]:
     return lines
 
 
+def paired_difference(a: dict[str, float], b: dict[str, float], needles_4k: bool = False
+                      ) -> tuple[float, list[float] | None, int] | None:
+    """Mean of ``a - b`` over the prompts both scored (needles at 4k only if asked), its paired
+    bootstrap 95% CI and the prompt count; ``None`` when they share no prompt."""
+    ids = sorted(a.keys() & b.keys())
+    if needles_4k:
+        ids = _needle_ids(set(ids))
+    if not ids:
+        return None
+    first, second = [a[i] for i in ids], [b[i] for i in ids]
+    ci = paired_bootstrap_ci(first, second)
+    return mean(first) - mean(second), None if ci is None else list(ci), len(ids)
+
+
+def _paired_text(result: tuple[float, list[float] | None, int] | None) -> str:
+    return "-" if result is None else _ci(result[0], result[1], 3)
+
+
 def _paired(scores: dict[ScoreKey, dict[str, float]], variant: str, ratio: float,
             needles_4k: bool) -> str:
     """Paired ``variant - default`` of our shared ChunkKV at ``ratio`` (turn 1)."""
-    a = scores.get(("vllm", "chunkkv", ratio, "shared", variant, 1), {})
-    b = scores.get(("vllm", "chunkkv", ratio, "shared", "", 1), {})
-    ids = sorted(a.keys() & b.keys())
-    if needles_4k:
-        ids = [i for i in ids if i.startswith(NEEDLE_PREFIXES) and "-4096-" in i]
-    if not ids:
-        return "-"
-    first, second = [a[i] for i in ids], [b[i] for i in ids]
-    ci = paired_bootstrap_ci(first, second)
-    return _ci(mean(first) - mean(second), None if ci is None else list(ci), 3)
+    return _paired_text(paired_difference(
+        scores.get(("vllm", "chunkkv", ratio, "shared", variant, 1), {}),
+        scores.get(("vllm", "chunkkv", ratio, "shared", "", 1), {}), needles_4k))
 
 
 def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[str]:
