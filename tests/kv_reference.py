@@ -183,3 +183,173 @@ class ReferenceModel:
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
         return generated
+
+
+@dataclass
+class Compaction:
+    """One compaction the reference applied while generating.
+
+    Attributes:
+        kind: ``prompt`` (end of prefill, the prompt policy's budget) or ``decode``.
+        source_len: tokens held before it (physical).
+        kept: tokens kept per layer and KV head.
+        layers: layer -> ``[H][kept]`` kept indices (physical, into the held tokens).
+    """
+
+    kind: str
+    source_len: int
+    kept: int
+    layers: KeptIndices
+
+
+class CompressedGeneration:
+    """Greedy decoding that compresses its own KV cache exactly when the engine must.
+
+    The rule is the engine's (``CompressionSpec.compaction_target``): at the end of the prefill
+    the prompt policy's kept count, replaced by ``decode_budget`` when that count (or the whole
+    prompt) reaches ``decode_budget + decode_interval``; after every decode step, a cache that
+    reaches ``decode_budget + decode_interval`` tokens is cut to ``decode_budget``. Every cut
+    makes its OWN selection from this model's own tensors: the keys and values in its cache and
+    the last ``window`` post-RoPE queries it computed (prefill and decode steps alike), with
+    logical RoPE positions throughout. Merged values (``merge: on``) are applied per layer.
+
+    Exact ties: a repeated token id has the same key norm (RoPE preserves norms) and, at layer
+    0, the same value, so key-only scorers meet ties that only rounding breaks; the engine's
+    decode-step keys round differently from this model's (other kernels, other batch). Given
+    the engine's selections (``engine_log``), a row where the engine kept other tokens is
+    accepted only when the swapped tokens' scores, in THIS model's own scores, are equal
+    within fp32 rounding (``tolerance``); the reference then continues from the engine's
+    choice (``tie_swaps`` counts the tokens). Any other difference stays and fails the test.
+
+    Args:
+        reference: the model.
+        spec: the request's resolved settings.
+        engine_log: the engine's compactions (``layers``: layer -> ``[H][kept]``), or ``None``.
+        tolerance: relative score difference treated as a tie.
+    """
+
+    def __init__(self, reference: ReferenceModel, spec: object,
+                 engine_log: list[dict] | None = None, tolerance: float = 1e-5) -> None:
+        self.engine_log = engine_log or []
+        self.tolerance = tolerance
+        self.tie_swaps = 0
+        from vllm_kvcompress.policies import build_policy, load_model_data, model_data_hook
+        from vllm_kvcompress.policies.rotary import Rotary
+
+        self.ref = reference
+        self.spec = spec
+        self.policy = build_policy(spec)
+        hook = model_data_hook(spec)
+        self.model_data = load_model_data(hook, getattr(spec, hook.param)) if hook else None
+        model = reference.model
+        self.rotary = Rotary.from_hf(model, model.config.max_position_embeddings)
+        #: layer -> ``[Hq, <= window, D]`` the last queries computed.
+        self.queries: dict[int, torch.Tensor] = {}
+        self.compactions: list[Compaction] = []
+
+    def _remember(self, captured: dict[int, LayerInputs]) -> None:
+        window = self.spec.window
+        for layer, tensors in captured.items():
+            previous = self.queries.get(layer)
+            joined = tensors.queries if previous is None else torch.cat(
+                [previous, tensors.queries], dim=1)
+            self.queries[layer] = joined[:, -window:]
+
+    def _prompt_kept(self, seq_len: int) -> int | None:
+        """The scheduler's ``physical_kept``: the largest layer budget, or ``None``."""
+        kept = self.spec.kept_tokens(seq_len)
+        if kept is None:
+            return None
+        protected = min(self.spec.sink_tokens + self.spec.window, seq_len)
+        kept = max(self.policy.layer_budget(kept, layer, self.ref.num_layers, seq_len, protected)
+                   for layer in range(self.ref.num_layers))
+        return kept if kept < seq_len else None
+
+    def _compact(self, cache: object, kept: int, logical_len: int, kind: str) -> None:
+        from vllm_kvcompress.policies import LayerObservation
+
+        spec, policy = self.spec, self.policy
+        source_len = cache.get_seq_length()
+
+        def observe(layer: int) -> LayerObservation:
+            keys = cache.layers[layer].keys[0]
+            return LayerObservation(
+                seq_len=source_len, budget=kept, sink_tokens=spec.sink_tokens,
+                window=spec.window, layer_idx=layer, num_layers=self.ref.num_layers,
+                num_kv_heads=keys.shape[0], queries=self.queries[layer][:, -spec.window:],
+                keys=keys, values=cache.layers[layer].values[0], model_data=self.model_data,
+                rotary=self.rotary, logical_len=logical_len)
+
+        chosen: dict[int, torch.Tensor] = {}
+        result: KeptIndices = {}
+        merged: dict[int, torch.Tensor] = {}
+        for layer in range(self.ref.num_layers):
+            source = policy.selection_layer(layer)
+            if source not in chosen:
+                chosen[source] = self._align_ties(observe(source), policy.keep_indices(
+                    observe(source)))
+            result[layer] = chosen[source].tolist()
+            if hasattr(policy, "merged_values"):
+                merged[layer] = policy.merged_values(observe(layer), chosen[source])
+        for layer_idx, layer in enumerate(cache.layers):
+            index = chosen[policy.selection_layer(layer_idx)]
+            heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+            gather = index[None, :, :, None].expand(1, heads, -1, dim)
+            layer.keys = layer.keys.gather(2, gather).contiguous()
+            values = merged[layer_idx][None] if layer_idx in merged else \
+                layer.values.gather(2, gather)
+            layer.values = values.to(layer.keys.dtype).contiguous()
+        self.compactions.append(Compaction(kind, source_len, kept, result))
+
+    def _align_ties(self, obs: object, own: torch.Tensor) -> torch.Tensor:
+        """``own`` ``[H, kept]``, or the engine's rows where they differ only by tied tokens."""
+        number = len(self.compactions)
+        if number >= len(self.engine_log):
+            return own
+        engine = self.engine_log[number]["layers"].get(obs.layer_idx)
+        if engine is None or engine == own.tolist():
+            return own
+        scores = self.policy.score(obs).float()
+        candidates = (scores, scores.sum(dim=0, keepdim=True).expand_as(scores))
+        aligned = own.clone()
+        for head, (mine, theirs) in enumerate(zip(own.tolist(), engine, strict=True)):
+            only_mine = sorted(set(mine) - set(theirs))
+            only_theirs = sorted(set(theirs) - set(mine))
+            if not only_mine or len(only_mine) != len(only_theirs):
+                continue
+            for table in candidates:
+                a = table[head, only_mine].sort().values
+                b = table[head, only_theirs].sort().values
+                if torch.allclose(a, b, rtol=self.tolerance, atol=self.tolerance * 1e-3):
+                    aligned[head] = torch.tensor(theirs, dtype=own.dtype)
+                    self.tie_swaps += len(only_mine)
+                    break
+        return aligned
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        """``max_tokens`` greedy tokens; ``self.compactions`` records every cut."""
+        model = self.ref.model
+        with self.ref._capture() as captured:
+            out = model(torch.tensor([prompt_ids]), use_cache=True)
+        self._remember(captured)
+        cache = out.past_key_values
+        generated = [int(out.logits[0, -1].argmax())]
+        logical = len(prompt_ids)
+        prompt_kept = self._prompt_kept(logical) if self.policy is not None else None
+        kept = self.spec.compaction_target(logical, prompt_kept)
+        if kept is not None:
+            self._compact(cache, kept, logical, "prompt" if kept == prompt_kept else "decode")
+        for _ in range(max_tokens - 1):
+            physical = cache.get_seq_length()
+            with self.ref._capture() as captured:
+                out = model(torch.tensor([[generated[-1]]]), past_key_values=cache,
+                            use_cache=True, position_ids=torch.tensor([[logical]]),
+                            cache_position=torch.tensor([physical]))
+            self._remember(captured)
+            logical += 1
+            generated.append(int(out.logits[0, -1].argmax()))
+            kept = self.spec.compaction_target(physical + 1)
+            if kept is not None:
+                self._compact(cache, kept, logical, "decode")
+        return generated

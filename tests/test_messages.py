@@ -18,7 +18,8 @@ def test_plan_and_report_ride_in_declared_fields_and_pickle() -> None:
     from vllm.v1.outputs import ModelRunnerOutput
 
     plan = messages.StepPlan(
-        compact={"a": messages.CompactionPlan(kept=70, prompt_len=300, src_blocks=(5, 9, 2),
+        compact={"a": messages.CompactionPlan(kept=70, source_len=300, evicted=230,
+                                              src_blocks=(5, 9, 2),
                                               dst_blocks=(7, 8, 1), in_place=False,
                                               spec={"policy": "snapkv"})},
         stash={"b": 32})

@@ -29,6 +29,9 @@ REQUEST_PREFIX = "kv_"
 #: Key of the plugin's block inside vLLM's ``additional_config``.
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 
+#: Settings whose combination ``_check_decode_room`` checks.
+DECODE_FIELDS = frozenset({"decode_budget", "decode_interval", "sink_tokens", "window"})
+
 
 class CompressionConfigError(ValueError):
     """A compression setting is invalid.
@@ -73,6 +76,31 @@ def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str]) -> dict
     return checked
 
 
+def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) -> None:
+    """``decode_budget`` must hold the sinks, the window and one interval of new tokens.
+
+    A cross-field rule, so it is checked on the merged settings (every layer's values), naming
+    ``decode_budget`` as the deciding layer spells it.
+
+    Raises:
+        CompressionConfigError: ``decode_budget < sink_tokens + window + decode_interval``.
+    """
+    budget = values.get("decode_budget")
+    if budget is None:
+        return
+    params = all_params()
+
+    def value(name: str) -> int:
+        return values[name] if values.get(name) is not None else params[name].default
+
+    sinks, window, interval = value("sink_tokens"), value("window"), value("decode_interval")
+    if budget < sinks + window + interval:
+        raise CompressionConfigError(
+            name_of.get("decode_budget", "decode_budget"),
+            f"must be an integer >= sink_tokens + window + decode_interval = {sinks} + {window} "
+            f"+ {interval} = {sinks + window + interval} (got {budget})")
+
+
 class CompressionSpec(Mapping[str, Any]):
     """Validated, immutable compression settings for a server default or one request.
 
@@ -88,6 +116,8 @@ class CompressionSpec(Mapping[str, Any]):
         sink_tokens: leading tokens always kept.
         min_prompt_len: prompts shorter than this are not compressed.
         head_select: ``shared``, ``per_head``, or ``None`` for the policy's default.
+        decode_budget: tokens a request may hold while decoding (``None``: prompt only).
+        decode_interval: growth between decode-time compactions.
 
     Raises:
         CompressionConfigError: on construction with a bad value (names the field).
@@ -96,7 +126,9 @@ class CompressionSpec(Mapping[str, Any]):
     __slots__ = ("_values",)
 
     def __init__(self, **values: Any) -> None:
-        object.__setattr__(self, "_values", _check_values(values, {}))
+        checked = _check_values(values, {})
+        _check_decode_room(checked, {})
+        object.__setattr__(self, "_values", checked)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CompressionSpec:
@@ -174,6 +206,10 @@ class CompressionSpec(Mapping[str, Any]):
     def kept_tokens(self, prompt_len: int) -> int | None:
         """How many prompt tokens a request keeps, or ``None`` when it is not compressed.
 
+        With ``decode_budget`` set and neither ``ratio`` nor ``budget``, the prompt policy keeps
+        everything (``DEFAULT_RATIO`` does not apply): the decode budget alone bounds the request
+        (``compaction_target`` cuts a prompt of ``decode_budget + decode_interval`` or more).
+
         Deterministic in ``prompt_len`` and the spec, so the scheduler and the workers agree
         without a round trip. The sinks and the window are always kept, so a tiny ratio or budget
         keeps ``sink_tokens + window`` tokens; a budget at or above the prompt compresses nothing.
@@ -183,11 +219,34 @@ class CompressionSpec(Mapping[str, Any]):
         protected = min(self.sink_tokens + self.window, prompt_len)
         if self.budget is not None:
             kept = self.budget
+        elif self.ratio is None and self.decode_budget is not None:
+            return None  # decode_budget alone bounds the request; the prompt is not cut first
         else:
             ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
             kept = math.ceil(ratio * prompt_len - 1e-9)
         kept = max(kept, protected)
         return kept if kept < prompt_len else None
+
+    def compaction_target(self, physical_len: int, prompt_kept: int | None = None
+                          ) -> int | None:
+        """Tokens to keep when a request holds ``physical_len`` tokens, or ``None`` for none.
+
+        The one rule of decode-time compression, shared by the scheduler, the workers and the
+        reference: a request with ``decode_budget`` that holds (or, at the end of a prefill,
+        would keep) at least ``decode_budget + decode_interval`` tokens is compacted to
+        ``decode_budget``; otherwise the prompt policy's ``prompt_kept`` stands (``None`` on
+        decode steps).
+
+        Args:
+            physical_len: tokens in the paged cache after this step's forward.
+            prompt_kept: what prompt compression keeps on this step (prefill end only).
+        """
+        if not self.enabled or self.decode_budget is None:
+            return prompt_kept
+        held = physical_len if prompt_kept is None else prompt_kept
+        if held >= self.decode_budget + self.decode_interval:
+            return self.decode_budget
+        return prompt_kept
 
 
 def _validate_layer(values: Mapping[str, Any], name_of: dict[str, str]) -> dict[str, Any]:
@@ -207,12 +266,16 @@ def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpe
             allowed.
     """
     merged: dict[str, Any] = {}
+    names: Mapping[str, str] = {}
     for values, name_of in layers:
         checked = _validate_layer(values, name_of)
         if "ratio" in checked or "budget" in checked:
             merged.pop("ratio", None)
             merged.pop("budget", None)
         merged.update(checked)
+        if checked.keys() & DECODE_FIELDS:
+            names = name_of  # the layer that last touched the decode settings is named
+    _check_decode_room(merged, names)
     return CompressionSpec(**merged)
 
 

@@ -23,19 +23,27 @@ class CompactionPlan:
 
     Attributes:
         kept: tokens each layer keeps per KV head.
-        prompt_len: tokens in the source row (the prompt).
-        src_blocks: the request's original block ids (full prompt), in order.
+        source_len: tokens the request holds in its blocks after this step's forward (its
+            physical length: the prompt at the end of a prefill, the compacted prefix plus the
+            generated tokens on a decode step).
+        evicted: logical minus physical length after this compaction (cumulative).
+        src_blocks: the request's current block ids, in order.
         dst_blocks: ``cdiv(kept, block_size)`` block ids receiving the kept tokens.
         in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
         spec: the request's explicit settings (``CompressionSpec.explicit()``).
+        kind: ``prompt`` (end of the first prefill), ``decode`` (a decode step crossing
+            ``decode_budget + decode_interval``) or ``resumed`` (end of the re-prefill after a
+            preemption).
     """
 
     kept: int
-    prompt_len: int
+    source_len: int
+    evicted: int
     src_blocks: tuple[int, ...]
     dst_blocks: tuple[int, ...]
     in_place: bool
     spec: dict[str, Any]
+    kind: str = "prompt"
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,10 @@ class StepPlan:
 
     Attributes:
         compact: request id -> its compaction.
-        stash: request id -> window size, for requests in a non-final prefill chunk whose last
-            window queries the workers must keep across chunks.
+        stash: request id -> window size, for requests whose last ``window`` queries the
+            workers keep (in their query ring) from this step: prefill chunks of a request
+            that will be compressed with a policy that reads queries, and every step of a
+            decode-compressed one.
     """
 
     compact: dict[str, CompactionPlan] = field(default_factory=dict)

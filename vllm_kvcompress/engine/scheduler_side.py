@@ -44,12 +44,25 @@ class ManagerState:
     """What the compressed-KV manager adds to vLLM's full-attention manager.
 
     Attributes:
-        evicted: request id -> tokens evicted (logical length minus physical length).
+        evicted: request id -> tokens evicted (logical length minus physical length),
+            cumulative over the request's compactions.
         no_cache: request ids whose blocks must never be hashed into the prefix cache.
+        decoding: request id -> its spec, for requests with decode-time compression whose
+            (re-)prefill has completed: the decode steps check these only.
+        settled: preempted-and-resumed request ids whose re-prefill has been handled.
     """
 
     evicted: dict[str, int] = field(default_factory=dict)
     no_cache: set[str] = field(default_factory=set)
+    decoding: dict[str, CompressionSpec] = field(default_factory=dict)
+    settled: set[str] = field(default_factory=set)
+
+    def forget(self, request_id: str) -> None:
+        """The request's blocks are freed (finish, abort or preemption)."""
+        self.evicted.pop(request_id, None)
+        self.no_cache.discard(request_id)
+        self.decoding.pop(request_id, None)
+        self.settled.discard(request_id)
 
 
 def make_compressed_manager_class(base: type) -> type:
@@ -81,8 +94,7 @@ def make_compressed_manager_class(base: type) -> type:
 
         def pop_blocks_for_free(self, request_id: str) -> list:
             # The one exit for finish, abort and preemption: forget the request here.
-            self.kvc.evicted.pop(request_id, None)
-            self.kvc.no_cache.discard(request_id)
+            self.kvc.forget(request_id)
             return super().pop_blocks_for_free(request_id)
 
     return CompressedFullAttentionManager
@@ -135,26 +147,44 @@ class SchedulerCompression:
     def max_cache_hit_blocks(self, request: Any) -> int | None:
         """Most prefix-cache hit blocks a request may take, or ``None`` for no limit.
 
-        A request that will be compressed with a scoring policy needs its window's queries, which
-        exist only for tokens computed in this prefill, so the window is never taken from cache.
+        A request that will be compressed with a scoring policy (at the end of its prompt, or
+        later while decoding) needs its window's queries, which exist only for tokens computed
+        in this prefill, so the window is never taken from cache.
         """
         if request.num_output_tokens > 0:
             return None
         spec = self.request_spec(request)
-        if not spec.enabled or self.physical_kept(spec, request.num_prompt_tokens) is None:
+        if not spec.enabled:
             return None
+        if spec.decode_budget is None and \
+                self.physical_kept(spec, request.num_prompt_tokens) is None:
+            return None
+        if not self.needs_queries(spec):
+            return None
+        return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
+
+    @staticmethod
+    def needs_queries(spec: CompressionSpec) -> bool:
+        """Whether the spec's policy reads the window's queries (cached per spec)."""
         from ..policies.base import needs_queries
         from ..policies.registry import build_policy
 
-        if not needs_queries(build_policy(spec)):
-            return None
-        return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
+        policy = build_policy(spec)
+        return policy is not None and needs_queries(policy)
 
     def after_schedule(self, requests: dict[str, Any],
                        num_scheduled_tokens: dict[str, int]) -> StepPlan:
         """Plans this step's compactions and frees the replaced blocks (after planning every
         request, so no block freed here can become another request's destination in the same
-        step). Returns the message for the workers (falsy when there is nothing to do)."""
+        step). Returns the message for the workers (falsy when there is nothing to do).
+
+        Three moments compact a request: the end of its first prefill (the prompt policy, or
+        ``decode_budget`` if that is smaller), a decode step on which its physical length
+        reaches ``decode_budget + decode_interval`` (down to ``decode_budget``), and the end of
+        the re-prefill after a preemption (down to ``decode_budget``, so a request does not
+        regrow under the memory pressure that preempted it).
+        """
+        state = self.manager.kvc
         compact: dict[str, CompactionPlan] = {}
         stash: dict[str, int] = {}
         to_free: list[list[Any]] = []
@@ -163,34 +193,75 @@ class SchedulerCompression:
             if request is None:
                 continue
             after = request.num_computed_tokens
-            prompt_len = request.num_prompt_tokens
-            if after - n_new >= prompt_len:
-                continue  # decode step: the common case, kept cheap
-            if request.num_output_tokens > 0:
-                # Re-prefill after preemption (recompute): it keeps its full KV this time.
-                if after >= prompt_len:
-                    self.stats.skipped_resumed += 1
+            decoding = state.decoding.get(req_id)
+            if decoding is not None:
+                self._plan_decode_step(req_id, after, decoding, compact, stash, to_free)
                 continue
+            prompt_len = request.num_prompt_tokens
+            if after - n_new >= prompt_len and (not request.num_preemptions
+                                                or req_id in state.settled):
+                continue  # decode step without decode-time compression: the common case, cheap
+            resumed = request.num_output_tokens > 0
             spec = self.request_spec(request)
             if not spec.enabled:
+                state.settled.add(req_id)
                 continue
-            kept = self.physical_kept(spec, prompt_len)
-            if kept is None:
-                if after >= prompt_len:
+            end = request.num_tokens if resumed else prompt_len
+            if after < end:
+                if self._will_compress(spec, end, resumed) and self.needs_queries(spec):
+                    stash[req_id] = spec.window
+                continue
+            # This step completes the (re-)prefill.
+            state.settled.add(req_id)
+            if resumed:
+                prompt_kept = None
+                kept = spec.compaction_target(end)
+                if kept is None and spec.decode_budget is None:
+                    self.stats.skipped_resumed += 1
+            else:
+                prompt_kept = self.physical_kept(spec, prompt_len)
+                kept = spec.compaction_target(prompt_len, prompt_kept)
+                if kept is None:
                     self.stats.not_compressed_short += 1
-                continue
-            if after < prompt_len:
-                stash[req_id] = spec.window
-                continue
-            plan = self._move_to_compact_blocks(req_id, prompt_len, kept, spec, to_free)
-            if plan is not None:
-                compact[req_id] = plan
+            if spec.decode_budget is not None:
+                state.decoding[req_id] = spec
+                if self.needs_queries(spec):
+                    stash[req_id] = spec.window
+            if kept is not None:
+                kind = "resumed" if resumed else (
+                    "prompt" if kept == prompt_kept else "decode")
+                plan = self._move_to_compact_blocks(req_id, end, kept, spec, to_free, kind)
+                if plan is not None:
+                    compact[req_id] = plan
+                    if self.needs_queries(spec):
+                        stash[req_id] = spec.window
         for blocks in to_free:
             self.block_pool.free_blocks(reversed(blocks))
         return StepPlan(compact, stash)
 
-    def _move_to_compact_blocks(self, req_id: str, prompt_len: int, kept: int,
-                                spec: CompressionSpec, to_free: list[list[Any]]
+    def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
+        """Whether a request in a non-final prefill chunk may be compacted later (its window
+        queries are then kept)."""
+        if spec.decode_budget is not None:
+            return True
+        return not resumed and self.physical_kept(spec, end) is not None
+
+    def _plan_decode_step(self, req_id: str, after: int, spec: CompressionSpec,
+                          compact: dict[str, CompactionPlan], stash: dict[str, int],
+                          to_free: list[list[Any]]) -> None:
+        """A decode step of a decode-compressed request: compact when it reaches the limit."""
+        physical = after - self.manager.kvc.evicted.get(req_id, 0)
+        if self.needs_queries(spec):
+            stash[req_id] = spec.window
+        kept = spec.compaction_target(physical)
+        if kept is None:
+            return
+        plan = self._move_to_compact_blocks(req_id, physical, kept, spec, to_free, "decode")
+        if plan is not None:
+            compact[req_id] = plan
+
+    def _move_to_compact_blocks(self, req_id: str, source_len: int, kept: int,
+                                spec: CompressionSpec, to_free: list[list[Any]], kind: str
                                 ) -> CompactionPlan | None:
         manager = self.manager
         old = manager.req_to_blocks.get(req_id)
@@ -208,20 +279,27 @@ class SchedulerCompression:
             to_free_now = old[num_kept_blocks:]
             in_place = True
         else:
+            # A decode-compressed request tries again on its next step.
             self.stats.skipped_no_memory += 1
             return None
         manager.req_to_blocks[req_id] = list(fresh)
-        manager.kvc.evicted[req_id] = prompt_len - kept
+        evicted = manager.kvc.evicted.get(req_id, 0) + source_len - kept
+        manager.kvc.evicted[req_id] = evicted
         manager.kvc.no_cache.add(req_id)
         to_free.append(list(to_free_now))
-        self.stats.record(prompt_len, kept, blocks_freed=len(old) - num_kept_blocks)
-        logger.debug("vllm-kvcompress: %s keeps %d of %d prompt tokens, %d -> %d blocks%s",
-                     req_id, kept, prompt_len, len(old), num_kept_blocks,
+        freed = len(old) - num_kept_blocks
+        if kind == "prompt":
+            self.stats.record(source_len, kept, blocks_freed=freed)
+        else:
+            self.stats.record_decode(source_len, kept, blocks_freed=freed,
+                                     resumed=kind == "resumed")
+        logger.debug("vllm-kvcompress: %s (%s) keeps %d of %d tokens, %d -> %d blocks%s",
+                     req_id, kind, kept, source_len, len(old), num_kept_blocks,
                      " (in place)" if in_place else "")
-        return CompactionPlan(kept=kept, prompt_len=prompt_len,
+        return CompactionPlan(kept=kept, source_len=source_len, evicted=evicted,
                               src_blocks=tuple(block.block_id for block in old),
                               dst_blocks=tuple(block.block_id for block in fresh),
-                              in_place=in_place, spec=spec.explicit())
+                              in_place=in_place, spec=spec.explicit(), kind=kind)
 
 
 def install_scheduler_compression(scheduler: Any) -> None:

@@ -35,6 +35,12 @@ class CompressionStats:
         skipped_resumed: re-prefills after preemption, which keep their full KV.
         not_compressed_short: requests with a policy whose prompt was too short to compress.
         failed: requests finished with an error because their compaction raised.
+        decode_compactions: compactions on decode steps and at the end of re-prefills
+            (decode-time compression), counted per compaction, not per request.
+        decode_tokens_evicted: tokens evicted by those compactions.
+        decode_blocks_freed: blocks those compactions returned to the pool.
+        resumed_recompressed: re-prefills after preemption compacted back to their
+            ``decode_budget`` (included in ``decode_compactions``).
         ratio_bucket_counts: histogram counts per ``RATIO_BUCKETS`` bound (not cumulative).
         ratio_sum: sum of kept ratios (for the histogram's ``_sum``).
         path: where ``flush`` writes; ``None`` keeps the counters in memory only.
@@ -48,6 +54,10 @@ class CompressionStats:
     skipped_resumed: int = 0
     not_compressed_short: int = 0
     failed: int = 0
+    decode_compactions: int = 0
+    decode_tokens_evicted: int = 0
+    decode_blocks_freed: int = 0
+    resumed_recompressed: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
     ratio_sum: float = 0.0
     path: str | None = None
@@ -62,6 +72,15 @@ class CompressionStats:
         self.ratio_sum += ratio
         bucket = next(i for i, bound in enumerate(RATIO_BUCKETS) if ratio <= bound)
         self.ratio_bucket_counts[bucket] += 1
+        self.flush()
+
+    def record_decode(self, source_len: int, kept: int, blocks_freed: int, resumed: bool
+                      ) -> None:
+        """Counts one decode-time compaction (``resumed``: at the end of a re-prefill)."""
+        self.decode_compactions += 1
+        self.decode_tokens_evicted += source_len - kept
+        self.decode_blocks_freed += blocks_freed
+        self.resumed_recompressed += int(resumed)
         self.flush()
 
     def record_failed(self, count: int) -> None:
@@ -109,6 +128,15 @@ class StatsCollector:
             ("tokens_kept", stats.tokens_kept, "Prompt tokens kept after compression"),
             ("tokens_evicted", stats.tokens_evicted, "Prompt tokens evicted from the KV cache"),
             ("blocks_freed", stats.blocks_freed, "KV blocks returned to the pool"),
+            ("decode_compactions", stats.decode_compactions,
+             "Decode-time compactions (a request crossed decode_budget + decode_interval, or "
+             "its re-prefill after preemption ended)"),
+            ("decode_tokens_evicted", stats.decode_tokens_evicted,
+             "Tokens evicted by decode-time compactions"),
+            ("decode_blocks_freed", stats.decode_blocks_freed,
+             "KV blocks returned to the pool by decode-time compactions"),
+            ("resumed_recompressed", stats.resumed_recompressed,
+             "Re-prefills after preemption compacted back to their decode_budget"),
         ):
             yield CounterMetricFamily(f"vllm_kvcompress:{name}", doc, value=value)
         skipped = CounterMetricFamily("vllm_kvcompress:requests_not_compressed",

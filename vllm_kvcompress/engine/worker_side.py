@@ -46,6 +46,7 @@ from ..policies.rotary import find_vllm_rotary
 from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
 from .messages import WorkerReport, plan_of
+from .query_ring import QueryRing
 
 logger = logging.getLogger("vllm.kvcompress")
 
@@ -78,8 +79,11 @@ class CompactionTask:
         spec: its resolved settings.
         policy: the policy object built from ``spec``.
         kept: tokens each layer keeps.
-        prompt_len: the prompt length ``L``.
-        src_blocks: ``[>= cdiv(L, block_size)]`` block ids holding the full prompt.
+        source_len: tokens the request holds before the compaction (``L``, physical).
+        logical_len: its logical length (``L`` plus tokens evicted earlier).
+        keep_queries: whether its query ring outlives this compaction (decode-time
+            compression scores again later).
+        src_blocks: ``[>= cdiv(L, block_size)]`` block ids holding its tokens.
         dst_blocks: ``[cdiv(kept, block_size)]`` block ids receiving the kept tokens.
         in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
         query_start: first row of this request's tokens in the step's flattened batch.
@@ -92,7 +96,9 @@ class CompactionTask:
     spec: CompressionSpec
     policy: KVPolicy
     kept: int
-    prompt_len: int
+    source_len: int
+    logical_len: int
+    keep_queries: bool
     src_blocks: torch.Tensor
     dst_blocks: torch.Tensor
     in_place: bool
@@ -100,16 +106,6 @@ class CompactionTask:
     query_end: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
     failed: bool = False
-
-
-@dataclass
-class StashTask:
-    """A request in a non-final prefill chunk whose window queries must be kept."""
-
-    req_id: str
-    window: int
-    query_start: int
-    query_end: int
 
 
 class WorkerCompression:
@@ -130,11 +126,14 @@ class WorkerCompression:
         self.kernels = kernels
         self.evicted: dict[str, int] = {}
         self.pending: dict[str, tuple[list[int], int]] = {}
-        self.stash: dict[str, dict[int, torch.Tensor]] = {}
+        #: The last ``window`` queries of requests that will be (or keep being) compressed.
+        self.queries = QueryRing(num_layers)
         self.compactions: list[CompactionTask] = []
-        self.stashes: list[StashTask] = []
         self.record = os.environ.get(RECORD_ENV, "0") not in ("", "0")
+        #: request id -> layer -> kept indices of its first compaction (``record``).
         self.kept_log: dict[str, dict[int, list[int]]] = {}
+        #: request id -> every compaction: ``{"kind", "source_len", "kept", "layers"}``.
+        self.compaction_log: dict[str, list[dict[str, Any]]] = {}
         #: Wall time spent scoring, selecting and compacting (for the overhead benchmark).
         self.compaction_seconds = 0.0
         #: Requests whose compaction raised this step; reported to the scheduler, which fails
@@ -153,14 +152,15 @@ class WorkerCompression:
     def begin_step(self, scheduler_output: Any, runner: Any) -> None:
         """Before vLLM updates its request states: forget ended requests, switch compacted
         requests to their destination blocks (before this step's new blocks are appended)."""
-        self.compactions, self.stashes = [], []
+        self.compactions = []
+        self.queries.plan([])
         ended = set(scheduler_output.finished_req_ids)
         ended |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         ended |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         for req_id in ended:
             self.evicted.pop(req_id, None)
             self.pending.pop(req_id, None)
-            self.stash.pop(req_id, None)
+            self.queries.release(req_id)
         for req_id, (blocks, evicted) in self.pending.items():
             state = runner.requests.get(req_id)
             if state is None:
@@ -194,15 +194,22 @@ class WorkerCompression:
             assert policy is not None
             self.compactions.append(CompactionTask(
                 req_id=req_id, spec=spec, policy=policy, kept=job.kept,
-                prompt_len=job.prompt_len,
+                source_len=job.source_len, logical_len=job.kept + job.evicted,
+                keep_queries=spec.decode_budget is not None,
                 src_blocks=torch.tensor(job.src_blocks, dtype=torch.int64),
                 dst_blocks=torch.tensor(job.dst_blocks, dtype=torch.int64),
                 in_place=job.in_place, query_start=int(starts[row]),
                 query_end=int(starts[row + 1])))
-            self.pending[req_id] = (list(job.dst_blocks), job.prompt_len - job.kept)
+            self.pending[req_id] = (list(job.dst_blocks), job.evicted)
+            if self.record:
+                self.compaction_log.setdefault(req_id, []).append(
+                    {"kind": job.kind, "source_len": job.source_len, "kept": job.kept,
+                     "layers": {}})
+        entries = []
         for req_id, window in plan.stash.items():
             row = batch.req_id_to_index[req_id]
-            self.stashes.append(StashTask(req_id, window, int(starts[row]), int(starts[row + 1])))
+            entries.append((req_id, window, int(starts[row]), int(starts[row + 1])))
+        self.queries.plan(entries)
 
     @staticmethod
     def _to_physical(runner: Any, evicted: np.ndarray, num_tokens: int) -> None:
@@ -220,7 +227,7 @@ class WorkerCompression:
 
     @property
     def has_layer_work(self) -> bool:
-        return bool(self.compactions or self.stashes)
+        return bool(self.compactions) or self.queries.has_writes
 
     def after_attention(self, layer_idx: int, query: torch.Tensor, kv_cache: torch.Tensor,
                         access: PagedCacheAccess, scale: float | None = None,
@@ -236,9 +243,7 @@ class WorkerCompression:
             softcap: the layer's logit soft-cap, 0 for none.
         """
         start = time.perf_counter()
-        for stash in self.stashes:
-            self._stash_queries(stash.req_id, layer_idx, query[stash.query_start:stash.query_end],
-                                stash.window)
+        self.queries.write(layer_idx, query)
         for task in self.compactions:
             try:
                 self._compact_layer(task, layer_idx, query, kv_cache, access, scale, softcap)
@@ -256,7 +261,7 @@ class WorkerCompression:
     def _fail(self, task: CompactionTask) -> None:
         task.failed = True
         self.pending.pop(task.req_id, None)
-        self.stash.pop(task.req_id, None)
+        self.queries.release(task.req_id)
         self.failed.add(task.req_id)
 
     def end_step(self) -> None:
@@ -302,25 +307,15 @@ class WorkerCompression:
                 self._tp = group
         return self._tp
 
-    def _stash_queries(self, req_id: str, layer_idx: int, queries: torch.Tensor,
-                       window: int) -> None:
-        per_layer = self.stash.setdefault(req_id, {})
-        previous = per_layer.get(layer_idx)
-        joined = queries if previous is None else torch.cat([previous, queries])
-        per_layer[layer_idx] = joined[-window:].clone()
-
-    def _window_queries(self, task: CompactionTask, layer_idx: int, query: torch.Tensor
-                        ) -> torch.Tensor:
+    def _window_queries(self, task: CompactionTask, layer_idx: int) -> torch.Tensor:
+        """``[num_q_heads, w, head_dim]`` the request's last ``window`` queries (this step's
+        included: the ring is written before any compaction of the layer)."""
         window = task.spec.window
-        own = query[task.query_start:task.query_end]
-        if own.shape[0] < window:
-            earlier = self.stash.get(task.req_id, {}).get(layer_idx)
-            if earlier is not None:
-                own = torch.cat([earlier, own])
-        if own.shape[0] < window:
-            raise RuntimeError(f"only {own.shape[0]} window queries for {task.req_id}, "
-                               f"need {window}")
-        return own[-window:].transpose(0, 1)  # [num_q_heads, w, head_dim]
+        kept = self.queries.read(task.req_id, layer_idx)
+        if kept is None or kept.shape[0] < window:
+            have = 0 if kept is None else kept.shape[0]
+            raise RuntimeError(f"only {have} window queries for {task.req_id}, need {window}")
+        return kept[-window:].transpose(0, 1)
 
     def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
                        kv_cache: torch.Tensor, access: PagedCacheAccess,
@@ -345,7 +340,7 @@ class WorkerCompression:
                 # Every rank joins, failed or not, so the collectives stay aligned; the flag
                 # makes a failure on any rank fail the request on all of them.
                 total = (scores.sum(dim=0) if scores is not None else
-                         torch.zeros(task.prompt_len, device=kv_cache.device))
+                         torch.zeros(task.source_len, device=kv_cache.device))
                 flag = torch.tensor([float(task.failed or error is not None)],
                                     device=total.device)
                 reduced = tp.all_reduce(torch.cat([total, flag]).to(tp.device))
@@ -388,7 +383,7 @@ class WorkerCompression:
                          dst_slots)
         elif layout is not None:
             # Per-head source slots [H, kept]: slot j of head h receives head h's j-th token.
-            src_slots = row_slots(task.src_blocks, task.prompt_len, block_size).to(
+            src_slots = row_slots(task.src_blocks, task.source_len, block_size).to(
                 kv_cache.device)[kept_on]
             if layout == "flash" and compaction == "cuda":
                 from ..kernels.cuda_ext import load
@@ -401,14 +396,15 @@ class WorkerCompression:
                               layout=layout)
         else:
             if keys is None:
-                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+                keys, values = access.read(kv_cache, task.src_blocks, task.source_len)
             # Gather (copies) before writing: destination may overlap the source (in place).
             index = kept_on.unsqueeze(-1).expand(-1, -1, keys.shape[-1])
             access.write(kv_cache, keys.gather(1, index), values.gather(1, index), dst_slots)
         if self.record:
-            self.kept_log.setdefault(task.req_id, {})[layer_idx] = kept_idx.tolist()
-        if layer_idx == self.num_layers - 1:
-            self.stash.pop(task.req_id, None)
+            self.kept_log.setdefault(task.req_id, {}).setdefault(layer_idx, kept_idx.tolist())
+            self.compaction_log[task.req_id][-1]["layers"][layer_idx] = kept_idx.tolist()
+        if layer_idx == self.num_layers - 1 and not task.keep_queries:
+            self.queries.release(task.req_id)
 
     def _kv_head_offset(self, local_heads: int) -> int:
         """Global index of this rank's first KV head (vLLM splits heads evenly, or replicates
@@ -433,7 +429,7 @@ class WorkerCompression:
         """
         inputs = task.policy.inputs
         want_attention = WINDOW_ATTENTION in inputs
-        queries = (self._window_queries(task, layer_idx, query)
+        queries = (self._window_queries(task, layer_idx)
                    if want_attention or QUERIES in inputs else None)
         keys = values = window_attention = kernels = None
         if layout is not None:
@@ -445,11 +441,11 @@ class WorkerCompression:
 
                 window_attention = paged_window_scores(
                     queries.contiguous(), kv_cache, task.src_blocks.to(kv_cache.device),
-                    task.prompt_len, layout=layout, scale=scale, softcap=softcap)
+                    task.source_len, layout=layout, scale=scale, softcap=softcap)
             if KEYS in inputs or VALUES in inputs:
-                keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+                keys, values = access.read(kv_cache, task.src_blocks, task.source_len)
         else:
-            keys, values = access.read(kv_cache, task.src_blocks, task.prompt_len)
+            keys, values = access.read(kv_cache, task.src_blocks, task.source_len)
             if want_attention:
                 window_attention = window_attention_scores(queries, keys, scale, softcap)
         model_data = None
@@ -468,14 +464,15 @@ class WorkerCompression:
                                  "embedding, and this model has none")
             rotary = self.rotary
         obs = LayerObservation(
-            seq_len=task.prompt_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
+            seq_len=task.source_len, budget=task.kept, sink_tokens=task.spec.sink_tokens,
             window=task.spec.window, layer_idx=layer_idx, num_layers=self.num_layers,
             num_kv_heads=kv_cache.shape[1], queries=queries,
             keys=keys if KEYS in inputs else None, values=values if VALUES in inputs else None,
             window_attention=window_attention, model_data=model_data, rotary=rotary,
             kernels=kernels,
             attn_scale=scale, attn_softcap=softcap,
-            kv_head_offset=self._kv_head_offset(kv_cache.shape[1]))
+            kv_head_offset=self._kv_head_offset(kv_cache.shape[1]),
+            logical_len=task.logical_len)
         return obs, keys, values
 
 

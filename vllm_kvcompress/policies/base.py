@@ -82,6 +82,9 @@ class LayerObservation:
         shared_total: ``[L]`` float32, the scores summed over ALL KV heads of the layer (every
             tensor-parallel rank), set by the engine under tensor parallelism; ``shared``
             selection then uses it instead of the local sum, so every rank keeps the same tokens.
+        logical_len: the sequence's logical length (positions ``0 .. logical_len-1`` seen so
+            far) when earlier compactions evicted tokens (decode time); ``None``: ``seq_len``.
+            The last ``window`` tokens always sit at positions ``logical_len - window ..``.
     """
 
     seq_len: int
@@ -102,6 +105,12 @@ class LayerObservation:
     attn_softcap: float = 0.0
     kv_head_offset: int = 0
     shared_total: torch.Tensor | None = None
+    logical_len: int | None = None
+
+    @property
+    def positions_end(self) -> int:
+        """One past the logical position of the last token (RoPE positions)."""
+        return self.seq_len if self.logical_len is None else self.logical_len
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.window < 0:
@@ -113,6 +122,8 @@ class LayerObservation:
                 f"{self.sink_tokens}, window={self.window}, budget={self.budget}, "
                 f"seq_len={self.seq_len}"
             )
+        if self.logical_len is not None and self.logical_len < self.seq_len:
+            raise ValueError(f"logical_len {self.logical_len} < seq_len {self.seq_len}")
         if not 0 <= self.layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {self.layer_idx} outside [0, {self.num_layers})")
         if self.num_kv_heads < 1:

@@ -65,13 +65,15 @@ class ExpectedAttention:
         num_q_heads, window, head_dim = queries.shape
         num_kv_heads, seq_len, _ = keys.shape
         device = keys.device
-        positions = torch.arange(seq_len - window, seq_len, device=device)
+        # Logical positions: after earlier evictions (decode time) they run past seq_len.
+        end = obs.positions_end
+        positions = torch.arange(end - window, end, device=device)
         pre_rope = rotary.rotate(queries, positions, inverse=True)  # [Hq, w, D]
         mean = pre_rope.mean(dim=1)  # [Hq, D]
         centered = pre_rope - mean[:, None, :]
         cov = centered.transpose(1, 2) @ centered / window  # [Hq, D, D]
-        first = min(seq_len, rotary.max_positions - 1)
-        last = min(seq_len + self.future_positions, rotary.max_positions)
+        first = min(end, rotary.max_positions - 1)
+        last = min(end + self.future_positions, rotary.max_positions)
         future = torch.arange(first, max(last, first + 1))
         rotation = rotary.mean_rotation(future).to(device)  # [D, D]
         mean = mean @ rotation.T

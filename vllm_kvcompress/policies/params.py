@@ -139,7 +139,7 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("policy", str, "none", "KV-cache compression policy applied after prefill.",
           choices=_policy_choices),
     Param("ratio", float, None, "Fraction of prompt tokens whose KV is kept (default 0.25 once "
-          "a policy is set). Exclusive with budget.", minimum=0, maximum=1,
+          "a policy is set, unless decode_budget is set). Exclusive with budget.", minimum=0, maximum=1,
           exclusive_minimum=True),
     Param("budget", int, None, "Number of prompt tokens whose KV is kept. Exclusive with ratio.",
           minimum=0),
@@ -150,6 +150,12 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("head_select", str, None, "Token selection per layer: shared (one token set for all KV "
           "heads, scores summed) or per_head (each KV head its own tokens, same count, same "
           "memory); default: the policy's own.", choices=HEAD_SELECT_MODES),
+    Param("decode_budget", int, None, "KV tokens a request may hold during decoding, prompt and "
+          "generated together: when its physical length reaches decode_budget + decode_interval, "
+          "the policy compacts it back to decode_budget (unset: only the prompt is compressed).",
+          minimum=1),
+    Param("decode_interval", int, 128, "Tokens a decode-compressed request grows by between two "
+          "compactions (compaction at decode_budget + decode_interval).", minimum=1),
     Param("merge", str, "off", "on: evicted tokens' values are folded (window-attention "
           "weighted) into their most similar kept token, per KV head (ZeroMerge-style).",
           choices=MERGE_MODES),
