@@ -118,3 +118,31 @@ def test_spec_is_hashable_comparable_and_round_trips() -> None:
     with pytest.raises(CompressionConfigError, match="kv_head_select: must be one of shared, "
                                                      "per_head"):
         resolve_request(a, {"kv_head_select": "all"})
+
+
+def test_decode_budget_settings_and_room_check() -> None:
+    from vllm_kvcompress.config import CompressionConfigError, resolve_request
+
+    server = CompressionSpec(policy="snapkv", window=16)
+    spec = resolve_request(server, {"kv_decode_budget": 100, "kv_decode_interval": 24})
+    assert (spec.decode_budget, spec.decode_interval) == (100, 24)
+    # decode_budget alone does not also cut the prompt by the default ratio.
+    assert spec.kept_tokens(1000) is None
+    assert spec.compaction_target(123) is None and spec.compaction_target(124) == 100
+    # End of a prefill: the prompt policy's count stands unless it reaches the limit.
+    ratio = spec.replace(ratio=0.5)
+    assert ratio.compaction_target(200, ratio.kept_tokens(200)) == 100
+    assert ratio.compaction_target(240, ratio.kept_tokens(240)) == 120
+    assert ratio.compaction_target(200, 110) == 110
+    assert CompressionSpec(policy="none", decode_budget=500).compaction_target(10_000) is None
+    # Room for sinks + window + interval, named as the user wrote it, with the numbers.
+    with pytest.raises(CompressionConfigError) as err:
+        resolve_request(server, {"kv_decode_budget": 40})
+    assert err.value.field == "kv_decode_budget" and "4 + 16 + 128 = 148" in str(err.value)
+    with pytest.raises(CompressionConfigError, match="decode_budget"):
+        CompressionSpec(policy="snapkv", decode_budget=10)
+    for bad in (0, -3, 2.5, "x"):
+        with pytest.raises(CompressionConfigError, match="kv_decode_budget"):
+            resolve_request(server, {"kv_decode_budget": bad})
+    with pytest.raises(CompressionConfigError, match="kv_decode_interval"):
+        resolve_request(server, {"kv_decode_budget": 500, "kv_decode_interval": 0})

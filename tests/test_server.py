@@ -58,6 +58,10 @@ BAD_XARGS = [
     ({"kv_merge": "yes"}, "kv_merge"),
     ({"kv_policy": "sagekv", "kv_sage_queries": 0}, "kv_sage_queries"),
     ({"kv_policy": "expected_attention", "kv_future_positions": 0}, "kv_future_positions"),
+    ({"kv_decode_budget": 0}, "kv_decode_budget"),
+    ({"kv_decode_interval": -1}, "kv_decode_interval"),
+    # No room for the sinks (4), the server's window (32) and the interval (128).
+    ({"kv_decode_budget": 150}, "kv_decode_budget"),
     ({"kv_policy": "qfilters"}, "kv_qfilters_path"),  # the policy needs its file
     ({"kv_policy": "qfilters", "kv_qfilters_path": "/nonexistent.safetensors"},
      "kv_qfilters_path"),
@@ -194,10 +198,42 @@ def test_metrics_show_blocks_freed_and_kv_usage_drop(server: LocalServer,
     assert metric_values(text, "vllm_kvcompress:kept_ratio_count")[0] >= 1
 
 
+def test_decode_budget_keeps_vllms_own_usage_gauge_flat(server: LocalServer,
+                                                        tiny_model: Path) -> None:
+    """A 300-token generation after a ~700-token prompt with decode_budget 128 + interval 32:
+    vLLM's own KV usage gauge, sampled while it decodes, never shows more than the request's
+    bound (cdiv(160, 32) + 1 = 6 blocks of the pool), and the decode counters move."""
+    import re
+
+    words = ("the secret number is 42 and the city is paris remember it well " * 70).split()
+    body = {"model": str(tiny_model), "prompt": " ".join(words[:700]), "max_tokens": 300,
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "vllm_xargs": {"kv_ratio": 1.0, "kv_decode_budget": 128, "kv_decode_interval": 32}}
+    before = server.metrics()
+    blocks = int(re.search(r'num_gpu_blocks="(\d+)"', before).group(1))
+    compactions_before = metric_values(before, "vllm_kvcompress:decode_compactions_total")[0]
+    samples = []
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True,
+                       timeout=300) as resp:
+        assert resp.status_code == 200
+        for number, _ in enumerate(resp.iter_lines()):
+            if number % 25 == 10:
+                samples.append(max(metric_values(server.metrics(),
+                                                 "vllm:kv_cache_usage_perc")))
+    print(f"usage samples while decoding: {samples} (bound {6 / blocks:.4f})")
+    assert len(samples) >= 8 and max(samples) <= 6 / blocks + 1e-9
+    after = server.metrics()
+    assert metric_values(after, "vllm_kvcompress:decode_compactions_total")[0] >= \
+        compactions_before + 5
+    assert metric_values(after, "vllm_kvcompress:decode_tokens_evicted_total")[0] > 0
+    assert metric_values(after, "vllm_kvcompress:decode_blocks_freed_total")[0] > 0
+
+
 KV_KEYS = ["kv_policy", "kv_ratio", "kv_budget", "kv_window", "kv_pool_kernel", "kv_chunk_size",
            "kv_reuse_layers", "kv_sink_tokens", "kv_min_prompt_len", "kv_head_select",
            "kv_chunk_grid", "kv_beta", "kv_merge", "kv_sage_queries", "kv_future_positions",
-           "kv_qfilters_path", "kv_bogus", "kv_", "not_ours"]
+           "kv_qfilters_path", "kv_decode_budget", "kv_decode_interval", "kv_bogus", "kv_",
+           "not_ours"]
 
 
 def xargs_strategy() -> Any:

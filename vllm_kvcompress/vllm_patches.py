@@ -208,7 +208,7 @@ def _patch_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .engine import worker_side
-    from .engine.gpu_modes import must_run_eager
+    from .engine.gpu_modes import excluding_graph_modes, graph_modes_to_exclude
 
     original_update = GPUModelRunner._update_states
     original_prepare = GPUModelRunner._prepare_inputs
@@ -233,8 +233,10 @@ def _patch_model_runner() -> None:
     def _determine_batch_execution_and_padding(self, *args: Any, **kwargs: Any) -> Any:
         result = original_dispatch(self, *args, **kwargs)
         state = getattr(self, "_kvcompress", None)
-        if state is not None and must_run_eager(state.has_layer_work, result[0]):
-            result = original_dispatch(self, *args, **{**kwargs, "force_eager": True})
+        exclude = graph_modes_to_exclude(state.has_layer_work, result[0]) if state else None
+        if exclude:
+            with excluding_graph_modes(self.cudagraph_dispatcher, exclude):
+                result = original_dispatch(self, *args, **kwargs)
         return result
 
     original_sample = GPUModelRunner.sample_tokens
@@ -337,7 +339,8 @@ MANIFEST: tuple[Patch, ...] = (
           "new blocks are appended; make seq_lens and the slot mapping physical (positions stay "
           "logical, so RoPE is unchanged) once, where the runner derives them; expose the step's "
           "compaction work to the attention hook only inside the model forward (cleared in "
-          "finally); never replay a full CUDA graph on a step with compaction work; agree on "
+          "finally); never replay a full CUDA graph on a step with layer work (dispatched "
+          "again without FULL: piecewise where captured, else eager); agree on "
           "failures across TP ranks and report them on the step's output", "0.32.x",
           _patch_model_runner),
     Patch("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",

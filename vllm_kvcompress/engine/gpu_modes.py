@@ -7,13 +7,23 @@ own types.
   block-table row whose original blocks were already freed. Where compression can run on a GPU,
   async scheduling is turned off, with one log line.
 * **Full CUDA graphs** (replayed for uniform decode batches, or any batch in ``FULL`` mode): a
-  replayed graph never calls the plugin's per-layer hook, so a step that carries compaction work
-  must not replay one; it is dispatched again with ``force_eager``. Piecewise graphs leave
-  attention (and the hook after it) outside the graph, so they are fine.
+  replayed graph never calls the plugin's per-layer hook, so a step that carries layer work
+  (a compaction, or query-ring writes of decode-compressed requests) must not replay one. It is
+  dispatched again with ``FULL`` excluded: vLLM's dispatcher then picks the step's PIECEWISE
+  graph where one was captured (``FULL_AND_PIECEWISE``, vLLM's default), whose attention - and
+  the hook after it - runs eagerly between the graph pieces, and eager mode otherwise.
+  Cost: such a step loses the full graph's launch savings (on decode batches typically a few
+  percent to ~20% of the step on small models; not measured here: no GPU). Steps without layer
+  work keep their full graph; a decode-compressed request with a key-only policy (``knorm``,
+  ``keydiff``, ``qfilters``, ``streamingllm``) brings layer work only on its compaction steps
+  (every ``decode_interval`` tokens), one reading queries on every step (its window's queries
+  must be recorded).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -32,13 +42,31 @@ def async_scheduling_override(is_cuda: bool, compression_possible: bool,
     return requested, None
 
 
-def must_run_eager(has_layer_work: bool, runtime_mode: Any) -> bool:
-    """Whether this step must be dispatched again with ``force_eager``.
+def graph_modes_to_exclude(has_layer_work: bool, runtime_mode: Any) -> frozenset[Any]:
+    """The CUDA-graph modes this step must be dispatched again without (empty: keep it).
 
     Args:
-        has_layer_work: the step carries compaction (or window-stash) work for the hook.
+        has_layer_work: the step carries compaction or query-ring work for the hook.
         runtime_mode: the ``CUDAGraphMode`` vLLM's dispatcher chose for the step.
     """
     from vllm.config import CUDAGraphMode
 
-    return has_layer_work and runtime_mode == CUDAGraphMode.FULL
+    if has_layer_work and runtime_mode == CUDAGraphMode.FULL:
+        return frozenset({CUDAGraphMode.FULL})
+    return frozenset()
+
+
+@contextlib.contextmanager
+def excluding_graph_modes(dispatcher: Any, modes: frozenset[Any]) -> Iterator[None]:
+    """While open, ``dispatcher.dispatch`` (vLLM's ``CudagraphDispatcher``) never returns one of
+    ``modes``: they are added to the ``invalid_modes`` it already takes. Restored on exit."""
+    original = dispatcher.dispatch
+
+    def dispatch(*args: Any, invalid_modes: Any = None, **kwargs: Any) -> Any:
+        return original(*args, invalid_modes=set(invalid_modes or ()) | set(modes), **kwargs)
+
+    dispatcher.dispatch = dispatch
+    try:
+        yield
+    finally:
+        del dispatcher.dispatch  # the class's method again

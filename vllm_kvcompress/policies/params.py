@@ -139,8 +139,8 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("policy", str, "none", "KV-cache compression policy applied after prefill.",
           choices=_policy_choices),
     Param("ratio", float, None, "Fraction of prompt tokens whose KV is kept (default 0.25 once "
-          "a policy is set, unless decode_budget is set). Exclusive with budget.", minimum=0, maximum=1,
-          exclusive_minimum=True),
+          "a policy is set, unless decode_budget is set). Exclusive with budget.", minimum=0,
+          maximum=1, exclusive_minimum=True),
     Param("budget", int, None, "Number of prompt tokens whose KV is kept. Exclusive with ratio.",
           minimum=0),
     Param("window", int, 32, "Observation window: the last N prompt tokens score the others and "
