@@ -124,9 +124,11 @@ def test_compaction_writes_the_policys_tokens_to_destination_slots(
     worker = WorkerCompression(num_layers=1, block_size=block_size)
     worker.record = True
     task = CompactionTask(req_id="r", spec=spec, policy=build_policy(spec), kept=kept,
-                          prompt_len=prompt_len, src_blocks=src, dst_blocks=dst,
-                          in_place=in_place, query_start=0, query_end=prompt_len)
+                          source_len=prompt_len, logical_len=prompt_len, keep_queries=False,
+                          src_blocks=src, dst_blocks=dst, in_place=in_place, query_start=0,
+                          query_end=prompt_len)
     worker.compactions = [task]
+    worker.queries.plan([("r", spec.window, 0, prompt_len)])
     worker.after_attention(0, query, cache, access)
 
     kept_idx = torch.tensor(worker.kept_log["r"][0])
@@ -171,8 +173,10 @@ def test_scoring_uses_the_layers_own_scale_and_softcap(
     worker = WorkerCompression(num_layers=1, block_size=block_size)
     worker.record = True
     worker.compactions = [CompactionTask(
-        req_id="r", spec=spec, policy=build_policy(spec), kept=kept, prompt_len=prompt_len,
-        src_blocks=src, dst_blocks=dst, in_place=False, query_start=0, query_end=prompt_len)]
+        req_id="r", spec=spec, policy=build_policy(spec), kept=kept, source_len=prompt_len,
+        logical_len=prompt_len, keep_queries=False, src_blocks=src, dst_blocks=dst,
+        in_place=False, query_start=0, query_end=prompt_len)]
+    worker.queries.plan([("r", spec.window, 0, prompt_len)])
     worker.after_attention(0, query, cache, FlashLayoutCache(), scale=0.5, softcap=2.0)
     got = torch.tensor(worker.kept_log["r"][0])
     want = policy_choice(0.5, 2.0)
@@ -184,40 +188,50 @@ def test_scoring_uses_the_layers_own_scale_and_softcap(
 
 
 def test_physical_remap_on_vllms_block_table() -> None:
-    """`_to_physical` on a fake runner built from a fake step (two requests, one compacted) and
-    vLLM's real BlockTable: seq_lens and the slot mapping become physical, positions stay
-    logical. This is the boundary every backend's metadata is built from."""
+    """vLLM's real MultiGroupBlockTable with the plugin's wrappers: rows added, condensed
+    (``move_row``), reordered (``swap_row``) and cleared carry their evicted counts with them,
+    and vLLM's own ``compute_slot_mapping`` receives physical positions (logical minus the
+    row's count) once; seq_lens become physical; positions stay logical (RoPE unchanged)."""
     from vllm.platforms import current_platform
-    from vllm.v1.worker.block_table import BlockTable
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
 
+    from vllm_kvcompress.engine.evicted_rows import EvictedRows
+    from vllm_kvcompress.vllm_patches import apply_all
+
+    apply_all()
     current_platform.register_triton_kernel_overrides()  # what the CPU worker does at start
     block_size = 32
-    table = BlockTable(block_size=block_size, max_num_reqs=4, max_num_blocks_per_req=16,
-                       max_num_batched_tokens=64, pin_memory=False, device=torch.device("cpu"),
-                       cp_kv_cache_interleave_size=1)
-    table.add_row([5, 9, 2], 0)      # compacted request: 70 kept of 300, decoding
-    table.add_row([7, 3, 11, 4], 1)  # uncompressed request: prefill chunk of 3 at 100..102
+    table = MultiGroupBlockTable(max_num_reqs=4, max_num_batched_tokens=64, pin_memory=False,
+                                 device=torch.device("cpu"), block_sizes=[block_size],
+                                 max_num_blocks=[16])
+    rows = EvictedRows(4)
+    table._kvcompress_evicted = rows
+    # Three requests; "a" (230 evicted) sits in row 2 until row 0 is freed and it moves down.
+    rows.by_request["a"] = 230
+    table.add_row(([8, 8],), 0)      # a request that leaves
+    table.add_row(([7, 3, 11, 4],), 1)
+    table.add_row(([5, 9, 2],), 2)
+    rows.added("gone", 0), rows.added("b", 1), rows.added("a", 2)
+    table.clear_row(0)
+    table.move_row(2, 0)             # condense: "a" now in row 0
+    table.swap_row(0, 1)             # reorder: "a" in row 1, "b" (uncompressed) in row 0
+    assert rows.rows[:3].tolist() == [0, 230, 0]
     table.commit_block_table(2)
-    logical_computed = np.array([300, 100])
-    scheduled = np.array([1, 3])
-    evicted = np.array([230, 0], dtype=np.int32)
+    logical_computed = np.array([100, 300])
+    scheduled = np.array([3, 1])     # "b": prefill chunk of 3 at 100..102; "a": one decode token
     req_indices = np.repeat(np.arange(2), scheduled)
     query_pos = np.concatenate([np.arange(n) for n in scheduled])
     positions = torch.from_numpy(logical_computed[req_indices] + query_pos)
-    runner = SimpleNamespace(
-        seq_lens=torch.from_numpy(logical_computed + scheduled).to(torch.int32),
-        optimistic_seq_lens_cpu=torch.from_numpy(logical_computed + scheduled).to(torch.int32),
-        positions=positions.clone(),
-        req_indices=SimpleNamespace(np=req_indices),
-        query_start_loc=SimpleNamespace(gpu=torch.tensor([0, 1, 4], dtype=torch.int32)),
-        input_batch=SimpleNamespace(block_table=table))
-    WorkerCompression._to_physical(runner, evicted, num_tokens=4)
-
-    assert runner.seq_lens.tolist() == [71, 103]
-    assert runner.optimistic_seq_lens_cpu.tolist() == [71, 103]
-    assert torch.equal(runner.positions, positions)  # RoPE positions untouched
-    physical = [70, 100, 101, 102]
-    rows = [[5, 9, 2], [7, 3, 11, 4]]
-    want = [rows[r][p // block_size] * block_size + p % block_size
+    logical = positions.clone()
+    table.compute_slot_mapping(2, torch.tensor([0, 3, 4], dtype=torch.int32), positions)
+    assert torch.equal(positions, logical)  # RoPE positions untouched
+    physical = [100, 101, 102, 70]
+    blocks = [[7, 3, 11, 4], [5, 9, 2]]
+    want = [blocks[r][p // block_size] * block_size + p % block_size
             for r, p in zip(req_indices, physical, strict=True)]
-    assert table.slot_mapping.gpu[:4].tolist() == want
+    assert table.block_tables[0].slot_mapping.gpu[:4].tolist() == want
+    seq_lens = torch.from_numpy(logical_computed + scheduled).to(torch.int32)
+    rows.to_physical_lengths(2, seq_lens)
+    assert seq_lens.tolist() == [103, 71]
+    table.clear_row(1)
+    assert not rows.any(4)

@@ -258,6 +258,54 @@ def _patch_model_runner() -> None:
     GPUModelRunner.sample_tokens = sample_tokens
 
 
+def _patch_block_table() -> None:
+    from vllm.v1.worker.block_table import MultiGroupBlockTable
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    def offsets(table: Any) -> Any:
+        return getattr(table, "_kvcompress_evicted", None)  # set by the worker state
+
+    original_add = InputBatch.add_request
+
+    def add_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        row = original_add(self, request, *args, **kwargs)
+        rows = offsets(self.block_table)
+        if rows is not None:
+            rows.added(request.req_id, row)
+        return row
+
+    original_clear = MultiGroupBlockTable.clear_row
+    original_move = MultiGroupBlockTable.move_row
+    original_swap = MultiGroupBlockTable.swap_row
+    original_slots = MultiGroupBlockTable.compute_slot_mapping
+
+    def clear_row(self, row_idx: int) -> None:
+        original_clear(self, row_idx)
+        if (rows := offsets(self)) is not None:
+            rows.cleared(row_idx)
+
+    def move_row(self, src: int, tgt: int) -> None:
+        original_move(self, src, tgt)
+        if (rows := offsets(self)) is not None:
+            rows.moved(src, tgt)
+
+    def swap_row(self, src: int, tgt: int) -> None:
+        original_swap(self, src, tgt)
+        if (rows := offsets(self)) is not None:
+            rows.swapped(src, tgt)
+
+    def compute_slot_mapping(self, num_reqs: int, query_start_loc: Any, positions: Any) -> None:
+        if (rows := offsets(self)) is not None:
+            positions = rows.physical_positions(num_reqs, query_start_loc, positions)
+        original_slots(self, num_reqs, query_start_loc, positions)
+
+    InputBatch.add_request = add_request
+    MultiGroupBlockTable.clear_row = clear_row
+    MultiGroupBlockTable.move_row = move_row
+    MultiGroupBlockTable.swap_row = swap_row
+    MultiGroupBlockTable.compute_slot_mapping = compute_slot_mapping
+
+
 def _compact_after_forward(impl_cls: type, access_for: Callable[[Any, Any], Any]) -> None:
     """Wraps an attention impl's ``forward`` so the layer is compacted right after it.
 
@@ -336,13 +384,20 @@ MANIFEST: tuple[Patch, ...] = (
     Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs/"
           "_model_forward/_determine_batch_execution_and_padding/sample_tokens",
           "worker (V1 runner, used on CPU): replace a compacted request's block-table row before "
-          "new blocks are appended; make seq_lens and the slot mapping physical (positions stay "
-          "logical, so RoPE is unchanged) once, where the runner derives them; expose the step's "
+          "new blocks are appended; make seq_lens physical (positions stay logical, so RoPE is "
+          "unchanged) where the runner derives them; expose the step's "
           "compaction work to the attention hook only inside the model forward (cleared in "
           "finally); never replay a full CUDA graph on a step with layer work (dispatched "
           "again without FULL: piecewise where captured, else eager); agree on "
           "failures across TP ranks and report them on the step's output", "0.32.x",
           _patch_model_runner),
+    Patch("vllm.v1.worker.block_table.MultiGroupBlockTable.clear_row/move_row/swap_row/"
+          "compute_slot_mapping + vllm.v1.worker.gpu_input_batch.InputBatch.add_request",
+          "keep each block-table row's evicted-token count next to the row as vLLM adds, "
+          "clears, condenses and reorders rows (no per-step pass over the batch), and feed "
+          "vLLM's own slot-mapping computation physical positions (logical minus evicted), "
+          "once per step; no-ops until the worker attaches its counts", "0.32.x",
+          _patch_block_table),
     Patch("vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl.forward",
           "after each layer's attention on the step that completes a prompt: score with the "
           "post-RoPE window queries, select, write the kept tokens to the fresh blocks",

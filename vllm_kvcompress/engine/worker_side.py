@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from ..config import CompressionSpec
@@ -45,6 +44,7 @@ from ..policies.registry import build_policy, model_data_hook
 from ..policies.rotary import find_vllm_rotary
 from ..policies.window_scoring import window_attention_scores
 from .cpu_paged_cache import row_slots
+from .evicted_rows import EvictedRows
 from .messages import WorkerReport, plan_of
 from .query_ring import QueryRing
 
@@ -117,14 +117,18 @@ class WorkerCompression:
         kernels: ``auto``/``torch``/``triton``/``cuda`` from the config, or ``None`` to follow
             ``VLLM_KVCOMPRESS_KERNELS`` (see ``kernels.dispatch``).
         total_kv_heads: KV heads of the model over all tensor-parallel ranks.
+        max_num_reqs: rows of the runner's input batch.
     """
 
     def __init__(self, num_layers: int, block_size: int, kernels: str | None = None,
-                 total_kv_heads: int | None = None) -> None:
+                 total_kv_heads: int | None = None, max_num_reqs: int = 1024) -> None:
         self.num_layers = num_layers
         self.block_size = block_size
         self.kernels = kernels
-        self.evicted: dict[str, int] = {}
+        #: Tokens evicted per request and per block-table row (attached to vLLM's table).
+        self.evicted_rows = EvictedRows(max_num_reqs)
+        #: Wall time of the per-step work outside the layers (step boundaries, remap).
+        self.step_seconds = 0.0
         self.pending: dict[str, tuple[list[int], int]] = {}
         #: The last ``window`` queries of requests that will be (or keep being) compressed.
         self.queries = QueryRing(num_layers)
@@ -152,13 +156,17 @@ class WorkerCompression:
     def begin_step(self, scheduler_output: Any, runner: Any) -> None:
         """Before vLLM updates its request states: forget ended requests, switch compacted
         requests to their destination blocks (before this step's new blocks are appended)."""
+        start = time.perf_counter()
         self.compactions = []
         self.queries.plan([])
+        tables = runner.input_batch.block_table
+        if getattr(tables, "_kvcompress_evicted", None) is not self.evicted_rows:
+            tables._kvcompress_evicted = self.evicted_rows  # a (re)built input batch
         ended = set(scheduler_output.finished_req_ids)
         ended |= set(getattr(scheduler_output, "preempted_req_ids", None) or ())
         ended |= set(scheduler_output.scheduled_cached_reqs.resumed_req_ids)
         for req_id in ended:
-            self.evicted.pop(req_id, None)
+            self.evicted_rows.forget(req_id)
             self.pending.pop(req_id, None)
             self.queries.release(req_id)
         for req_id, (blocks, evicted) in self.pending.items():
@@ -168,24 +176,27 @@ class WorkerCompression:
             state.block_ids[0][:] = blocks
             row = runner.input_batch.req_id_to_index.get(req_id)
             if row is not None:
-                table = runner.input_batch.block_table[0]
+                table = tables[0]
                 table.clear_row(row)
                 table.append_row(blocks, row)
-            self.evicted[req_id] = evicted
+            self.evicted_rows.set(req_id, row, evicted)
         self.pending.clear()
+        self.step_seconds += time.perf_counter() - start
 
     def after_prepare_inputs(self, scheduler_output: Any, runner: Any) -> None:
-        """Makes ``seq_lens`` and the slot mapping physical; lays out this step's tasks."""
+        """Makes ``seq_lens`` physical (vLLM's slot mapping already is: ``physical_positions``
+        fed it); lays out this step's tasks."""
+        start = time.perf_counter()
         batch = runner.input_batch
         num_reqs = batch.num_reqs
-        if self.evicted:
-            evicted = np.fromiter((self.evicted.get(r, 0) for r in batch.req_ids[:num_reqs]),
-                                  dtype=np.int32, count=num_reqs)
-            if evicted.any():
-                self._to_physical(runner, evicted, scheduler_output.total_num_scheduled_tokens)
+        self.evicted_rows.to_physical_lengths(num_reqs, runner.seq_lens,
+                                              runner.optimistic_seq_lens_cpu)
         plan = plan_of(scheduler_output)
-        if not plan:
-            return
+        if plan:
+            self._lay_out(plan, batch, runner)
+        self.step_seconds += time.perf_counter() - start
+
+    def _lay_out(self, plan: Any, batch: Any, runner: Any) -> None:
         starts = runner.query_start_loc.np
         for req_id, job in plan.compact.items():
             row = batch.req_id_to_index[req_id]
@@ -210,18 +221,6 @@ class WorkerCompression:
             row = batch.req_id_to_index[req_id]
             entries.append((req_id, window, int(starts[row]), int(starts[row + 1])))
         self.queries.plan(entries)
-
-    @staticmethod
-    def _to_physical(runner: Any, evicted: np.ndarray, num_tokens: int) -> None:
-        num_reqs = len(evicted)
-        evicted_t = torch.from_numpy(evicted)
-        runner.seq_lens[:num_reqs] -= evicted_t.to(runner.seq_lens.device)
-        runner.optimistic_seq_lens_cpu[:num_reqs] -= evicted_t
-        per_token = evicted[runner.req_indices.np[:num_tokens]].astype(np.int64)
-        physical = runner.positions[:num_tokens] - torch.from_numpy(per_token).to(
-            runner.positions.device)
-        runner.input_batch.block_table.compute_slot_mapping(
-            num_reqs, runner.query_start_loc.gpu[: num_reqs + 1], physical)
 
     # --- per layer ----------------------------------------------------------------------------
 
@@ -402,7 +401,9 @@ class WorkerCompression:
             access.write(kv_cache, keys.gather(1, index), values.gather(1, index), dst_slots)
         if self.record:
             self.kept_log.setdefault(task.req_id, {}).setdefault(layer_idx, kept_idx.tolist())
-            self.compaction_log[task.req_id][-1]["layers"][layer_idx] = kept_idx.tolist()
+            log = self.compaction_log.get(task.req_id)
+            if log:
+                log[-1]["layers"][layer_idx] = kept_idx.tolist()
         if layer_idx == self.num_layers - 1 and not task.keep_queries:
             self.queries.release(task.req_id)
 
@@ -505,7 +506,8 @@ def worker_state(runner: Any) -> Any:
         kernels = (runner.vllm_config.additional_config or {}).get(KERNELS_KEY)
         state = WorkerCompression(num_layers=len(runner.kv_caches),
                                   block_size=runner.cache_config.block_size, kernels=kernels,
-                                  total_kv_heads=runner.model_config.get_total_num_kv_heads())
+                                  total_kv_heads=runner.model_config.get_total_num_kv_heads(),
+                                  max_num_reqs=runner.input_batch.max_num_reqs)
         state.rotary = lambda: find_vllm_rotary(runner.get_model())
         runner._kvcompress = state
     return state
