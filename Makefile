@@ -5,7 +5,8 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models demo test test-fast lint soak clean kvpress-venv bench bench-eval \
-	bench-peer bench-merge bench-throughput bench-overhead results
+	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
+	results
 
 setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
 	@bash scripts/setup.sh
@@ -59,7 +60,8 @@ EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-pe
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
 PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1
-bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead results
+bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead bench-long-output \
+	bench-decode-quality results
 
 bench-eval: setup models/smollm2/config.json models/smollm2.qfilters.safetensors    ## ours: accuracy vs kept ratio, CIs, grid ablation
 	rm -rf runs/eval
@@ -88,6 +90,20 @@ OVERHEAD_ARGS ?= --reps 2 --ab-cycles 1 --policies chunkkv 'chunkkv[per_head]' t
 	'qfilters[per_head]' snapkv+merge
 bench-overhead: setup models/smollm2/config.json models/smollm2.qfilters.safetensors   ## plugin cost
 	$(PY) -m vllm_kvcompress.cli bench overhead --out runs/bench-overhead $(OVERHEAD_ARGS)
+
+# Decode-time compression (decode_budget): long generations under memory pressure (16 x 512-token
+# prompts, 2,048 output tokens, a pool for 4 full requests; plus vLLM's usage gauge for one
+# request alone and the plugin's per-step work at batch 64), and what it costs a long generation
+# (agreement with full KV over 256 / 1,024 tokens, long-range recall; budgets 512/1,024/2,048).
+LONG_OUTPUT_ARGS ?= --decode-budgets 512 --decode-policy snapkv
+bench-long-output: setup models/smollm2/config.json   ## decode-time compression vs none, long outputs
+	$(PY) -m vllm_kvcompress.cli bench throughput --workload long-output \
+		--out runs/bench-long-output $(LONG_OUTPUT_ARGS)
+
+DECODE_QUALITY_ARGS ?= --prompts 15 --max-tokens 1024 --decode-budgets 512 1024 2048
+bench-decode-quality: setup models/smollm2/config.json   ## decode-time compression: agreement, recall
+	$(PY) -m vllm_kvcompress.cli bench decode-quality --out runs/bench-decode-quality \
+		$(DECODE_QUALITY_ARGS)
 
 results: setup                ## docs/results.md (+ docs/img/results/) from runs/
 	$(PY) -m vllm_kvcompress.bench.results --runs runs --out docs/results.md

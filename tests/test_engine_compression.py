@@ -358,14 +358,16 @@ def test_abort_mid_decode_and_finish_leave_no_leak(llm: Any) -> None:
                                        "kv_policy": "chunkkv", "kv_ratio": 0.25}))
     for _ in range(6):  # prefill (3 steps) and a few decode steps
         llm.llm_engine.step()
-    assert runner._kvcompress.evicted  # compressed and decoding
+    rows = runner._kvcompress.evicted_rows
+    assert rows.by_request and rows.any(4)  # compressed and decoding
     llm.llm_engine.abort_request(["abort-0", "abort-2"])
     run_steps(llm)
     assert pool.get_num_free_blocks() == start_free
     # Workers learn of finished requests with the next step; after one, nothing is left.
     llm.generate([{"prompt_token_ids": prompt_ids(1, 10)}], SamplingParams(max_tokens=2),
                  use_tqdm=False)
-    assert not [r for r in runner._kvcompress.evicted if r.startswith("abort-")]
+    assert not [r for r in rows.by_request if r.startswith("abort-")]
+    assert not rows.any(len(rows.rows))  # every row's count went with its request
     assert not runner._kvcompress.pending
 
 
@@ -430,7 +432,8 @@ def test_preemption_recompute_and_tiny_pool_leave_no_leak(small_pool_llm: Any) -
     assert all(len(out) == 400 for out in outputs)
     assert pool.get_num_free_blocks() == start_free
     assert scheduler._kvcompress.stats.skipped_resumed > 0
-    assert len(runner._kvcompress.evicted) <= 1  # only the last finisher, dropped next step
+    # Only the last finisher's count remains (dropped on the next step).
+    assert len(runner._kvcompress.evicted_rows.by_request) <= 1
 
 
 def test_edge_cases_with_compression(llm: Any, reference: ReferenceModel) -> None:

@@ -563,6 +563,8 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
     (["--policies", "snapkv", "magic"], "--policies: unknown"),
     (["--ratios", "0.25", "1.0"], "--ratios"),
     (["--block-size", "16"], "--block-size"),
+    (["--workload", "long-output", "--decode-policy", "magic"], "--decode-policy"),
+    (["--workload", "long-output", "--decode-budgets", "512", "100"], "--decode-budgets"),
 ])
 def test_throughput_options_are_checked_before_the_engine(argv: list[str], message: str) -> None:
     from vllm_kvcompress.bench import throughput

@@ -7,8 +7,6 @@ covered here even though no GPU can run vLLM 0.32 in this project.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch

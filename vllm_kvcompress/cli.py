@@ -8,7 +8,8 @@ Usage::
     kvcompress calibrate models/smollm2 --out models/smollm2.qfilters.safetensors
     kvcompress bench overhead
     kvcompress bench kernels
-    kvcompress bench throughput
+    kvcompress bench throughput [--workload long-output]
+    kvcompress bench decode-quality
     kvcompress eval [--backend vllm|kvpress] [--limit N]
 """
 
@@ -86,7 +87,8 @@ def _cmd_policies(args: argparse.Namespace) -> int:
             print(describe(param))
         if info.model_data is not None:
             print(f"  model data: loaded from --kv-{info.model_data.param.replace('_', '-')}")
-    print("\nratio and budget unset mean the default ratio 0.25 once a policy is set.")
+    print("\nratio and budget unset mean the default ratio 0.25 once a policy is set (unless "
+          "decode_budget is set: then only the decode budget bounds the request).")
     return 0
 
 
@@ -122,8 +124,16 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
 def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     from .bench import throughput
 
+    stem = "long_output" if args.workload == "long-output" else "throughput"
     return _run_reported("kvcompress bench throughput", throughput, args,
-                         "throughput.json, throughput.csv, throughput.png")
+                         f"{stem}.json, {stem}.csv, {stem}.png")
+
+
+def _cmd_bench_decode_quality(args: argparse.Namespace) -> int:
+    from .bench import decode_quality
+
+    return _run_reported("kvcompress bench decode-quality", decode_quality, args,
+                         "decode_quality.json, decode_quality.csv, decode_quality.png")
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -172,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     throughput_bench.add_arguments(throughput)
     throughput.set_defaults(func=_cmd_bench_throughput)
+    quality = bench_sub.add_parser("decode-quality", help="long generations: agreement with "
+                                   "full KV and long-range recall per decode_budget")
+    from .bench import decode_quality as quality_bench
+
+    quality_bench.add_arguments(quality)
+    quality.set_defaults(func=_cmd_bench_decode_quality)
     evaluation = sub.add_parser("eval", help="long-context accuracy vs kept ratio (NIAH, "
                                 "variable tracking, SQuAD) through the engine or kvpress")
     from .eval import run as eval_run

@@ -563,10 +563,119 @@ def throughput_section(report: dict[str, Any], images: Path, run: Path) -> list[
     return [*lines, ""]
 
 
+def decode_section(long_output: dict[str, Any] | None, quality: dict[str, Any] | None,
+                   images: Path, runs: Path) -> list[str]:
+    """Decode-time compression: the long-output workload and the long-generation quality."""
+    lines = ["## Decode-time compression (long generations)", ""]
+    if long_output is None:
+        lines += ["_runs/bench-long-output/long_output.json is missing: run "
+                  "`make bench-long-output`._", ""]
+    else:
+        m, w = long_output["machine"], long_output["workload"]
+        lines += [f"Command: `{long_output['command']}` ({m['cpu']}, {m['cores']} cores, "
+                  f"{m['date']}). {w['requests']} requests of {w['prompt_len']} tokens, "
+                  f"{w['max_tokens']} output tokens each, arrive at once; the pool "
+                  f"({w['pool_blocks']} blocks of {w['block_size']}) holds "
+                  f"{w['pool_holds_full_requests']} uncompressed requests; decode_interval "
+                  f"{w['decode_interval']}. \"KV held\" is one request run alone, read from "
+                  "vLLM's own usage gauge (`kv_cache_manager.usage`, the value behind "
+                  "`vllm:kv_cache_usage_perc`) after every step.", "",
+                  "| configuration | tok/s | vs none | peak running | preemptions | TPOT p50 / "
+                  "p99 s | decode compactions | KV held alone, max blocks (gauge) | bound |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in long_output["rows"]:
+            name = "none" if not r["decode_budget"] else \
+                f"{r['policy']}, decode_budget {r['decode_budget']}"
+            lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | "
+                         f"{r['output_tokens_per_s_vs_none']:.2f}x | {r['peak_running']} | "
+                         f"{r['preemptions']} | {r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} | "
+                         f"{r['decode_compactions']} | {r['solo_max_blocks_by_gauge']} | "
+                         f"{r['block_bound']} |")
+        work = long_output["plugin_step_work"]
+        lines += ["", "Per-step plugin work on decode steps without compaction work, every "
+                  "request carrying evicted tokens (the worker's own timers around its step "
+                  "boundaries, the evicted-count remap and the per-layer hook, against the "
+                  "step's wall time; medians):", ""]
+        for name, label in (("prompt_compressed_knorm", "prompt-compressed (knorm, no query "
+                             "ring)"), ("decode_ring_snapkv", "decode-compressed (snapkv: its "
+                                        "query ring is written every step)")):
+            if name in work:
+                x = work[name]
+                lines.append(f"- {label}, batch {x['batch']}: {x['plugin_share_p50']:.2%} of a "
+                             f"{x['step_ms_p50']:.0f} ms step (remap alone "
+                             f"{x['remap_share_p50']:.3%}; worst step "
+                             f"{x['plugin_share_max']:.2%}; {x['steps_measured']} steps).")
+        path = _copy(runs / "bench-long-output" / "long_output.png", images, "long_output.png")
+        if path:
+            lines += ["", f"![long output]({path})"]
+        lines.append("")
+    if quality is None:
+        lines += ["_runs/bench-decode-quality/decode_quality.json is missing: run "
+                  "`make bench-decode-quality`._", ""]
+    else:
+        m, w = quality["machine"], quality["workload"]
+        lines += [f"Quality. Command: `{quality['command']}` ({m['cpu']}, {m['cores']} cores, "
+                  f"{m['date']}; {quality['model']}, {quality['dtype']}, greedy). "
+                  f"{w['prompts']} prompts of ~{w['prompt_tokens_median']:.0f} tokens (an essay "
+                  f"with a 7-digit number early on, depths {w['depths']}, and the instruction "
+                  "to write a long essay first and the number only at its end), "
+                  f"{w['max_tokens']} generated tokens, policy {w['policy']}, decode_interval "
+                  f"{w['decode_interval']}. Agreement is with the full-KV output of the same "
+                  "prompt: `prefix` = common prefix / n, `positional` = equal tokens at equal "
+                  "positions / n. Recall: the number appears in the output; late recall: it "
+                  "appears at generated token 256 or later (after a long preamble).", "",
+                  "| configuration | prefix@256 | positional@256 | prefix@1024 | "
+                  "positional@1024 | recall | late recall | recall - full KV (paired) | "
+                  "answer at token (median) |", "|---|---|---|---|---|---|---|---|---:|"]
+        for r in quality["rows"]:
+            name = "full KV" if not r["decode_budget"] else \
+                f"decode_budget {r['decode_budget']}"
+            cells = " | ".join(_ci(r[n], [r[f"{n}_low"], r[f"{n}_high"]]) for n in (
+                "prefix@256", "positional@256", "prefix@1024", "positional@1024", "recall",
+                "late_recall", "recall_minus_full"))
+            lines.append(f"| {name} | {cells} | {r['answer_position_median']} |")
+        path = _copy(runs / "bench-decode-quality" / "decode_quality.png", images,
+                     "decode_quality.png")
+        if path:
+            lines += ["", f"![decode quality]({path})"]
+        lines.append("")
+    return lines
+
+
+def decode_targets(long_output: dict[str, Any] | None) -> list[str]:
+    """The decode-time issue's targets (rows of the targets table)."""
+    if long_output is None:
+        return []
+    lines = []
+    base = long_output["rows"][0]
+    for r in long_output["rows"][1:]:
+        name = f"{r['policy']}, decode_budget {r['decode_budget']}"
+        lines.append(f"| KV held by a decode-compressed request <= cdiv(budget + interval, "
+                     f"block) blocks, vLLM's usage gauge ({name}; runs/bench-long-output) | "
+                     f"{r['solo_max_blocks_by_gauge']} blocks (bound {r['block_bound']}) | "
+                     f"{'yes' if r['held_within_bound'] else '**no**'} |")
+        ratio = r["output_tokens_per_s_vs_none"]
+        lines.append(f"| long-output tok/s >= 1.5x none ({name}) | {ratio:.2f}x | "
+                     f"{'yes' if ratio >= 1.5 else '**no**'} |")
+        if base["preemptions"]:
+            lines.append(f"| 0 preemptions where none has {base['preemptions']} ({name}) | "
+                         f"{r['preemptions']} | {'yes' if r['preemptions'] == 0 else '**no**'} "
+                         "|")
+    x = long_output["plugin_step_work"].get("prompt_compressed_knorm")
+    if x is not None:
+        lines.append(f"| plugin per-step work (remap included) < 1% of a decode step without "
+                     f"compaction work, every request carrying evicted tokens, batch "
+                     f"{x['batch']} | {x['plugin_share_p50']:.2%} | "
+                     f"{'yes' if x['plugin_share_p50'] < 0.01 else '**no**'} |")
+    return lines
+
+
 def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None,
-                    overhead: dict[str, Any] | None = None) -> list[str]:
+                    overhead: dict[str, Any] | None = None,
+                    long_output: dict[str, Any] | None = None) -> list[str]:
     """The issue's targets, one line each, with the measured value and the run it comes from."""
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += decode_targets(long_output)
     if overhead is not None:
         for policy, row in overhead["ttft"]["per_policy"].items():
             if policy == "none":
@@ -726,7 +835,13 @@ def build(runs: Path, out: Path) -> str:
         parts += overhead_section(overhead, images, path.parent)
     else:
         parts += [f"_{path} is missing: run `make bench-overhead`._", ""]
-    parts += targets_section(named, throughput, overhead)
+    reports = {}
+    for name, stem in (("bench-long-output", "long_output"),
+                       ("bench-decode-quality", "decode_quality")):
+        path = runs / name / f"{stem}.json"
+        reports[stem] = json.loads(path.read_text()) if path.exists() else None
+    parts += decode_section(reports["long_output"], reports["decode_quality"], images, runs)
+    parts += targets_section(named, throughput, overhead, reports["long_output"])
     text = "\n".join([*intro, *headline(named, throughput), *parts]).rstrip() + "\n"
     out.write_text(text)
     return text

@@ -79,10 +79,20 @@ def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, ma
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Fails before the engine starts, naming the option."""
+    """Fails before the engine starts, naming the option; fills the workload's defaults."""
     from ..policies.registry import policy_names
 
+    for key, value in WORKLOAD_DEFAULTS[args.workload].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     known = set(policy_names()) - {"none"}
+    if args.decode_policy not in known:
+        raise ValueError(f"--decode-policy: unknown {args.decode_policy!r}; allowed: "
+                         f"{', '.join(sorted(known))}")
+    small = [b for b in args.decode_budgets if b < 36 + args.decode_interval]
+    if small:
+        raise ValueError(f"--decode-budgets: {small} leave no room for the sinks (4), the "
+                         f"window (32) and --decode-interval ({args.decode_interval})")
     unknown = [p for p in args.policies if p not in known]
     if unknown:
         raise ValueError(f"--policies: unknown {unknown}; allowed: {', '.join(sorted(known))}")
@@ -96,6 +106,10 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every configuration in one engine; ``args`` already passed ``validate``."""
+    if args.workload == "long-output":
+        from . import long_output
+
+        return long_output.run(args)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,13 +187,37 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+#: Per workload: defaults of the options left unset on the command line.
+WORKLOAD_DEFAULTS = {
+    "prompt": {"out": "runs/bench-throughput", "requests": 32, "prompt_len": 1024,
+               "max_tokens": [16, 128]},
+    # The decode-time compression issue's workload: 512-token prompts, 2,048 output tokens.
+    "long-output": {"out": "runs/bench-long-output", "requests": 16, "prompt_len": 512,
+                    "max_tokens": [2048]},
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", choices=list(WORKLOAD_DEFAULTS), default="prompt",
+                        help="prompt: prompt-time compression, policies x ratios; long-output: "
+                             "decode-time compression (decode_budget) vs none on long "
+                             "generations (see bench/long_output.py)")
     parser.add_argument("--model", default="models/smollm2")
-    parser.add_argument("--out", default="runs/bench-throughput")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=1024)
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[16, 128],
-                        help="output lengths (short and long variants)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/bench-throughput, or "
+                             "runs/bench-long-output)")
+    parser.add_argument("--requests", type=int, default=None, help="default 32 (16)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="default 1024 (512)")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=None,
+                        help="output lengths (default 16 and 128; long-output: 2048)")
+    parser.add_argument("--decode-budgets", type=int, nargs="+", default=[512],
+                        help="long-output: decode_budget values compared with none")
+    parser.add_argument("--decode-interval", type=int, default=128,
+                        help="long-output: decode_interval")
+    parser.add_argument("--decode-policy", default="snapkv",
+                        help="long-output: the policy that compacts")
+    parser.add_argument("--remap-batch", type=int, default=64,
+                        help="long-output: batch of the per-step plugin-work measurement")
     parser.add_argument("--full-requests", type=int, default=4,
                         help="the KV pool holds this many uncompressed requests")
     parser.add_argument("--block-size", type=int, default=32,
@@ -190,6 +228,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def print_report(report: dict[str, Any]) -> None:
+    if report["workload"].get("kind") == "long-output":
+        from . import long_output
+
+        long_output.print_report(report)
+        return
     m = report["machine"]
     print(f"\n{report['model']} on {m['cpu']} ({m['cores']} cores), {m['date']}; "
           f"workload {report['workload']}")
@@ -208,4 +251,6 @@ def print_report(report: dict[str, Any]) -> None:
 if __name__ == "__main__":
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(cli)
-    print_report(run(cli.parse_args()))
+    parsed = cli.parse_args()
+    validate(parsed)
+    print_report(run(parsed))

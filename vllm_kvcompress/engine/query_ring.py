@@ -40,6 +40,11 @@ class RingWrite:
     positions: torch.Tensor
     capacity: int
 
+    @property
+    def flat(self) -> torch.Tensor:
+        """``[n]`` each row's index into the pool viewed as ``[capacity * window, Hq, D]``."""
+        return self.slots * self.window + self.positions
+
 
 class QueryRing:
     """Rings of queries for the requests of one worker.
@@ -59,6 +64,8 @@ class QueryRing:
         self._free: dict[int, list[int]] = {}
         self._used: dict[int, int] = {}
         self._writes: list[RingWrite] = []
+        self._device_indices: tuple[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] | \
+            None = None
 
     # --- per step ---------------------------------------------------------------------------
 
@@ -81,6 +88,7 @@ class QueryRing:
                 slots.append(slot)
                 positions.append((count + row - start) % window)
             self._count[req_id] = count + end - start
+        self._device_indices = None
         self._writes = [
             RingWrite(window, torch.tensor(rows, dtype=torch.int64),
                       torch.tensor(slots, dtype=torch.int64),
@@ -98,11 +106,10 @@ class QueryRing:
             layer_idx: the attention layer.
             query: ``[num_tokens, Hq, D]`` the step's post-RoPE queries of that layer.
         """
-        for write in self._writes:
+        for write, (rows, flat) in zip(self._writes, self._indices(query.device), strict=True):
             pool = self._pool(write.window, layer_idx, query, write.capacity)
-            rows = write.rows.to(query.device)
-            pool[write.slots.to(pool.device), write.positions.to(pool.device)] = \
-                query[rows].to(pool.dtype)
+            # One index_copy_ per layer: the cheapest scatter (no advanced-index assignment).
+            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, query.index_select(0, rows))
 
     # --- per request ------------------------------------------------------------------------
 
@@ -160,6 +167,13 @@ class QueryRing:
         self._slot[req_id] = (window, slot)
         self._count[req_id] = 0
         return slot
+
+    def _indices(self, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This step's (rows, flat pool index) per write, on ``device`` (moved once a step)."""
+        if self._device_indices is None or self._device_indices[0] != device:
+            self._device_indices = (device, [(w.rows.to(device), w.flat.to(device))
+                                             for w in self._writes])
+        return self._device_indices[1]
 
     def _pool(self, window: int, layer_idx: int, query: torch.Tensor, capacity: int
               ) -> torch.Tensor:
