@@ -3,7 +3,9 @@
 Starts a real `vllm serve` on 127.0.0.1 with a deployment YAML (configs/chunkkv.yaml), sends the
 same ~3k-token needle-in-a-haystack chat request through the OpenAI client once with the server's
 policy and once with `vllm_xargs: {"kv_policy": "none"}`, prints both answers and the KV figures
-the engine reports, then stops the server. It never claims compression that did not happen.
+the engine reports; then generates a long answer with decode-time compression (`kv_decode_budget`)
+and once without, printing vLLM's own KV usage gauge as they go (flat vs growing), then stops the
+server. It never claims compression that did not happen.
 """
 
 from __future__ import annotations
@@ -80,6 +82,29 @@ def ask(client: OpenAI, server: LocalServer, model: str, messages: list[dict[str
                   delta={k: after[k] - before[k] for k in COUNTERS})
 
 
+def long_generation(client: OpenAI, server: LocalServer, model: str, xargs: dict[str, object],
+                    max_tokens: int, every: int) -> tuple[list[tuple[int, float]], float]:
+    """A long streamed generation; vLLM's KV usage gauge read every ``every`` tokens.
+
+    Returns:
+        ``[(generated tokens, usage)]`` and the decode-time compactions it caused.
+    """
+    before = sum(metric_values(server.metrics(), "vllm_kvcompress:decode_compactions_total"))
+    stream = client.chat.completions.create(
+        model=model, max_tokens=max_tokens, temperature=0.0, stream=True,
+        messages=[{"role": "user", "content": "Write a very long story about a lighthouse "
+                   "keeper who collects old maps. Describe every map in detail."}],
+        extra_body={"ignore_eos": True, "vllm_xargs": xargs})
+    samples, count = [], 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            count += 1
+            if count % every == 0:
+                samples.append((count, counters(server)["usage"]))
+    after = sum(metric_values(server.metrics(), "vllm_kvcompress:decode_compactions_total"))
+    return samples, after - before
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2")
@@ -87,6 +112,8 @@ def main() -> int:
     parser.add_argument("--chars", type=int, default=12000, help="haystack size in characters")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth, 0..1")
     parser.add_argument("--log", type=Path, default=Path("runs/demo-server.log"))
+    parser.add_argument("--long-tokens", type=int, default=1024,
+                        help="length of the long generation (decode-time compression)")
     args = parser.parse_args()
 
     spec = deployment_spec(args.config)
@@ -105,6 +132,14 @@ def main() -> int:
                 ("same context again, per-request kv_policy=none", {"kv_policy": "none"})]
         answers = [(label, ask(client, server, args.model, prompt.messages(), xargs))
                    for label, xargs in runs]
+        decode_xargs = {"kv_policy": "snapkv", "kv_ratio": 1.0, "kv_decode_budget": 256,
+                        "kv_decode_interval": 64}
+        print(f"Long generation ({args.long_tokens} tokens) with {decode_xargs} ...",
+              flush=True)
+        flat, compactions = long_generation(client, server, args.model, decode_xargs,
+                                            args.long_tokens, every=args.long_tokens // 8)
+        grow, _ = long_generation(client, server, args.model, {"kv_policy": "none"},
+                                  args.long_tokens, every=args.long_tokens // 8)
         log = args.log.read_text(errors="replace")
 
     print(f"Needle: magic number {prompt.answer} at depth {prompt.depth:.0%}\n")
@@ -123,6 +158,12 @@ def main() -> int:
         else:
             print("  KV     : full KV cache (not compressed)")
         print(f"  vLLM KV usage while decoding: {answer.usage_decoding:.2%} of the pool")
+    print(f"\n[long generation: vLLM KV usage (vllm:kv_cache_usage_perc) every "
+          f"{args.long_tokens // 8} tokens]")
+    print("  tokens generated : " + " ".join(f"{n:>7}" for n, _ in flat))
+    print("  decode_budget 256: " + " ".join(f"{u:>7.3%}" for _, u in flat) +
+          f"   ({compactions:.0f} decode-time compactions)")
+    print("  kv_policy none   : " + " ".join(f"{u:>7.3%}" for _, u in grow))
     if "KV eviction in the engine: active" not in log:
         print("\nNOTE: the server reported that KV eviction is NOT active on this platform "
               "(see the log);\nrequests ran with their full KV cache.")
