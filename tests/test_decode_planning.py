@@ -40,7 +40,7 @@ class FakePool:
 def planner(pool: FakePool, **server: object) -> SchedulerCompression:
     manager = SimpleNamespace(req_to_blocks={}, kvc=ManagerState())
     return SchedulerCompression(CompressionSpec(**server), manager, pool, BLOCK, num_layers=2,
-                                stats=CompressionStats())
+                                stats=CompressionStats(), query_bytes=1000)
 
 
 def request(req_id: str, prompt: int, xargs: dict | None = None) -> SimpleNamespace:
@@ -89,6 +89,10 @@ def test_decode_steps_compact_at_the_limit_and_evicted_accumulates() -> None:
     assert plan.stats.decode_compactions == 2 and plan.stats.decode_tokens_evicted == 48
     assert len(plan.manager.req_to_blocks["r"]) + len(pool.free) == 64  # nothing leaked
     assert "r" in plan.manager.kvc.no_cache
+    assert plan.stats.query_ring_bytes == 16 * 1000  # window x bytes per kept query
+    plan.manager.kvc.forget("r")  # finished: its ring goes with it
+    step(plan, request("other", 10), 10)
+    assert plan.stats.query_ring_bytes == 0
 
 
 def test_prompt_at_the_limit_is_cut_to_the_budget_and_prompt_ratio_stands_below() -> None:
@@ -110,6 +114,7 @@ def test_key_only_policy_records_no_queries_and_takes_full_cache_hits() -> None:
     req = request("k", 90, {**DECODE, "kv_policy": "knorm"})
     assert plan.max_cache_hit_blocks(req) is None
     assert not step(plan, req, 90).stash
+    assert plan.stats.query_ring_bytes == 0  # key-only: no ring
     query_reader = request("q", 90, DECODE)
     # decode_budget alone (prompt not cut): the window is still recomputed for later scoring.
     assert plan.max_cache_hit_blocks(query_reader) == (90 - 16) // BLOCK

@@ -43,6 +43,12 @@ METHOD_CASES = [
      "kv_merge": "on"},
     {"kv_policy": "qfilters", "kv_ratio": 0.3, "kv_window": 16, "kv_head_select": "per_head",
      "kv_qfilters_path": "<tiny_qfilters>"},
+    # Decode-time compression: cut to 100 when the prefill ends, then every 8 generated tokens
+    # (the query ring per rank; shared selection all-reduced at every compaction).
+    {"kv_policy": "snapkv", "kv_window": 16, "kv_decode_budget": 100, "kv_decode_interval": 8,
+     "kv_head_select": "shared"},
+    {"kv_policy": "chunkkv", "kv_window": 16, "kv_decode_budget": 100, "kv_decode_interval": 8,
+     "kv_head_select": "per_head"},
 ]
 MAX_TOKENS = 17
 
@@ -102,6 +108,15 @@ def test_tp2_keeps_tp1s_tokens_and_output(tiny_model: Path, cases: list[dict[str
                 assert heads[0] != heads[1]
             else:
                 assert heads[0] == heads[1]
+        if "kv_decode_budget" in case:
+            # Every decode-time compaction, not just the first: ranks together keep TP=1's.
+            (ref_all,) = one["compactions"]
+            all0, all1 = two["compactions"]
+            assert len(ref_all[rid1]) >= 3
+            for mine, zero, first in zip(ref_all[rid1], all0[rid2], all1[rid2], strict=True):
+                assert (zero["source_len"], zero["kept"]) == (mine["source_len"], mine["kept"])
+                for layer, heads in mine["layers"].items():
+                    assert [*zero["layers"][layer], *first["layers"][layer]] == heads, case
 
 
 def test_fault_on_rank_one_fails_that_request_alone(tiny_model: Path,

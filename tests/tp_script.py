@@ -53,6 +53,10 @@ def kept_log(worker: Any) -> dict[str, Any]:
     return worker.model_runner._kvcompress.kept_log
 
 
+def compaction_log(worker: Any) -> dict[str, Any]:
+    return worker.model_runner._kvcompress.compaction_log
+
+
 def main() -> None:
     from vllm import LLM, SamplingParams
 
@@ -66,6 +70,7 @@ def main() -> None:
                                         ignore_eos=True, extra_args=x) for x in cfg["cases"]],
                         use_tqdm=False)
     logs = llm.collective_rpc(kept_log)
+    every = llm.collective_rpc(compaction_log)
     stats = llm.llm_engine.engine_core.engine_core.scheduler._kvcompress.stats
     per_rank = []
     for log in logs:
@@ -76,6 +81,8 @@ def main() -> None:
         "finish": [o.outputs[0].finish_reason for o in outs],
         "ids": [o.request_id for o in outs],
         "kept": per_rank,
+        "compactions": [{out.request_id: log[key] for out in outs for key in log
+                         if key.rsplit("-", 1)[0] == out.request_id} for log in every],
         "blocks_freed": stats.blocks_freed,
         "free_before": free_before,
         "free_after": pool.get_num_free_blocks(),

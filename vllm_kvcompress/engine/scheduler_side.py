@@ -50,12 +50,15 @@ class ManagerState:
         decoding: request id -> its spec, for requests with decode-time compression whose
             (re-)prefill has completed: the decode steps check these only.
         settled: preempted-and-resumed request ids whose re-prefill has been handled.
+        ring_queries: request id -> queries per layer its workers keep (its ``window``), for
+            decode-compressed requests with a query-reading policy (the query ring's memory).
     """
 
     evicted: dict[str, int] = field(default_factory=dict)
     no_cache: set[str] = field(default_factory=set)
     decoding: dict[str, CompressionSpec] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
+    ring_queries: dict[str, int] = field(default_factory=dict)
 
     def forget(self, request_id: str) -> None:
         """The request's blocks are freed (finish, abort or preemption)."""
@@ -63,6 +66,7 @@ class ManagerState:
         self.no_cache.discard(request_id)
         self.decoding.pop(request_id, None)
         self.settled.discard(request_id)
+        self.ring_queries.pop(request_id, None)
 
 
 def make_compressed_manager_class(base: type) -> type:
@@ -110,16 +114,21 @@ class SchedulerCompression:
         block_size: tokens per block.
         num_layers: attention layers of the model (for per-layer budgets).
         stats: counters shared with the metrics exporter.
+        query_bytes: bytes one kept query takes in every layer, all tensor-parallel ranks
+            together (``num_layers * num_q_heads * head_size * dtype size``), for the query
+            ring's reported memory.
     """
 
     def __init__(self, server_spec: CompressionSpec, manager: Any, block_pool: Any,
-                 block_size: int, num_layers: int, stats: CompressionStats) -> None:
+                 block_size: int, num_layers: int, stats: CompressionStats,
+                 query_bytes: int = 0) -> None:
         self.server_spec = server_spec
         self.manager = manager
         self.block_pool = block_pool
         self.block_size = block_size
         self.num_layers = num_layers
         self.stats = stats
+        self.query_bytes = query_bytes
 
     def physical_kept(self, spec: CompressionSpec, prompt_len: int) -> int | None:
         """Tokens every layer keeps in the paged cache (the largest layer budget)."""
@@ -227,6 +236,7 @@ class SchedulerCompression:
                 state.decoding[req_id] = spec
                 if self.needs_queries(spec):
                     stash[req_id] = spec.window
+                    state.ring_queries[req_id] = spec.window
             if kept is not None:
                 kind = "resumed" if resumed else (
                     "prompt" if kept == prompt_kept else "decode")
@@ -237,6 +247,10 @@ class SchedulerCompression:
                         stash[req_id] = spec.window
         for blocks in to_free:
             self.block_pool.free_blocks(reversed(blocks))
+        ring_bytes = sum(state.ring_queries.values()) * self.query_bytes
+        if ring_bytes != self.stats.query_ring_bytes:
+            self.stats.query_ring_bytes = ring_bytes
+            self.stats.flush()
         return StepPlan(compact, stash)
 
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
@@ -335,7 +349,11 @@ def install_scheduler_compression(scheduler: Any) -> None:
     stats = CompressionStats(path=runtime.get("stats_path"))
     stats.flush()
     num_layers = len(scheduler.kv_cache_config.kv_cache_groups[0].layer_names)
+    model = vllm_config.model_config
+    query_bytes = (num_layers * model.model_arch_config.total_num_attention_heads
+                   * model.get_head_size()
+                   * model.dtype.itemsize)
     scheduler._kvcompress = SchedulerCompression(
         spec, manager, scheduler.kv_cache_manager.block_pool, scheduler.block_size, num_layers,
-        stats)
+        stats, query_bytes)
     scheduler.kv_cache_manager._kvcompress_hit_cap = scheduler._kvcompress.max_cache_hit_blocks

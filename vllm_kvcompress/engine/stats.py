@@ -41,6 +41,8 @@ class CompressionStats:
         decode_blocks_freed: blocks those compactions returned to the pool.
         resumed_recompressed: re-prefills after preemption compacted back to their
             ``decode_budget`` (included in ``decode_compactions``).
+        query_ring_bytes: memory the workers hold now for decode-compressed requests' last
+            ``window`` queries (a gauge, all ranks together).
         ratio_bucket_counts: histogram counts per ``RATIO_BUCKETS`` bound (not cumulative).
         ratio_sum: sum of kept ratios (for the histogram's ``_sum``).
         path: where ``flush`` writes; ``None`` keeps the counters in memory only.
@@ -58,6 +60,7 @@ class CompressionStats:
     decode_tokens_evicted: int = 0
     decode_blocks_freed: int = 0
     resumed_recompressed: int = 0
+    query_ring_bytes: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
     ratio_sum: float = 0.0
     path: str | None = None
@@ -120,7 +123,11 @@ class StatsCollector:
         self.path = path
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
         stats = read_stats(self.path)
         for name, value, doc in (
@@ -146,6 +153,9 @@ class StatsCollector:
         skipped.add_metric(["resumed_after_preemption"], stats.skipped_resumed)
         skipped.add_metric(["prompt_too_short"], stats.not_compressed_short)
         yield skipped
+        yield GaugeMetricFamily("vllm_kvcompress:query_ring_bytes",
+                                "Memory held for decode-compressed requests' window queries",
+                                value=stats.query_ring_bytes)
         yield CounterMetricFamily("vllm_kvcompress:requests_failed",
                                   "Requests finished with an error because compaction raised",
                                   value=stats.failed)

@@ -1,16 +1,20 @@
 """Worker side: compact each layer's kept tokens, then run on physical lengths.
 
-Step N (the step that completes a compressed request's prompt), for each attention layer, right
-after the layer's own attention (so this step's logits use the full prompt, as a reference model
-would): read the layer's keys/values of the prompt from the paged cache, score them with the
-window queries (post-RoPE), select ``kept`` indices with the request's policy, and write the kept
-tokens into the destination blocks' first ``kept`` slots.
+Step N (a step that compacts a request: the one completing its prompt, or, with
+``decode_budget``, a decode step or re-prefill that reaches the limit), for each attention layer,
+right after the layer's own attention (so this step's logits use the full KV, as a reference model
+would): record the step's queries of the requests that need them (the query ring), read the
+layer's keys/values of the request's current tokens from the paged cache, score them with the
+last ``window`` queries (post-RoPE), select ``kept`` indices with the request's policy, and write
+the kept tokens into the destination blocks' first ``kept`` slots.
 
-Step N+1 onwards: the request's block-table row is replaced by the destination blocks and
-``seq_lens`` / the slot mapping use physical lengths (logical minus evicted), while positions stay
-logical, so RoPE is unchanged and no attention backend needs a mask.
+Step N+1 onwards: the request's block-table row is replaced by the destination blocks and the
+row's evicted count (cumulative) makes ``seq_lens`` and vLLM's slot mapping physical (logical
+minus evicted), while positions stay logical, so RoPE is unchanged and no attention backend needs
+a mask.
 
-Nothing here runs on a step without compression work beyond one dictionary check per layer.
+A step without layer work costs the hook one check per layer; the remap costs one vectorised
+check per step when no row carries evicted tokens.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ class WorkerCompression:
         self.queries.write(layer_idx, query)
         for task in self.compactions:
             try:
-                self._compact_layer(task, layer_idx, query, kv_cache, access, scale, softcap)
+                self._compact_layer(task, layer_idx, kv_cache, access, scale, softcap)
             except Exception:
                 # One request's failure must not take the engine (and every other request)
                 # down: keep its old block-table row and report it. Under tensor parallelism
@@ -316,7 +320,7 @@ class WorkerCompression:
             raise RuntimeError(f"only {have} window queries for {task.req_id}, need {window}")
         return kept[-window:].transpose(0, 1)
 
-    def _compact_layer(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
+    def _compact_layer(self, task: CompactionTask, layer_idx: int,
                        kv_cache: torch.Tensor, access: PagedCacheAccess,
                        scale: float | None = None, softcap: float = 0.0) -> None:
         num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -329,7 +333,7 @@ class WorkerCompression:
             obs = scores = error = None
             if not task.failed:
                 try:
-                    obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access,
+                    obs, keys, values = self._observe(task, layer_idx, kv_cache, access,
                                                       layout, scale, softcap)
                     scores = task.policy.score(obs).float()
                 except Exception as err:
@@ -372,7 +376,7 @@ class WorkerCompression:
             # The kept slots' values absorb this layer's evicted tokens (its own keys, values
             # and window attention, also on a layer that reuses another's selection).
             if obs is None or obs.layer_idx != layer_idx:
-                obs, keys, values = self._observe(task, layer_idx, query, kv_cache, access,
+                obs, keys, values = self._observe(task, layer_idx, kv_cache, access,
                                                   layout, scale, softcap)
             merged_values = merging(obs, kept_on)
         if merged_values is not None:
@@ -418,7 +422,7 @@ class WorkerCompression:
             return tp.rank_in_group * local_heads
         return tp.rank_in_group * total // tp.world_size
 
-    def _observe(self, task: CompactionTask, layer_idx: int, query: torch.Tensor,
+    def _observe(self, task: CompactionTask, layer_idx: int,
                  kv_cache: torch.Tensor, access: PagedCacheAccess, layout: str | None,
                  scale: float | None, softcap: float
                  ) -> tuple[LayerObservation, torch.Tensor | None, torch.Tensor | None]:
