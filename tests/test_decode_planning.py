@@ -90,8 +90,7 @@ def test_decode_steps_compact_at_the_limit_and_evicted_accumulates() -> None:
     assert len(plan.manager.req_to_blocks["r"]) + len(pool.free) == 64  # nothing leaked
     assert "r" in plan.manager.kvc.no_cache
     assert plan.stats.query_ring_bytes == 16 * 1000  # window x bytes per kept query
-    plan.manager.kvc.forget("r")  # finished: its ring goes with it
-    step(plan, request("other", 10), 10)
+    plan.manager.kvc.forget("r")  # finished: its ring goes with it, reported at once
     assert plan.stats.query_ring_bytes == 0
 
 

@@ -216,14 +216,19 @@ def test_decode_budget_keeps_vllms_own_usage_gauge_flat(server: LocalServer,
     with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True,
                        timeout=300) as resp:
         assert resp.status_code == 200
+        ring = []
         for number, _ in enumerate(resp.iter_lines()):
             if number % 25 == 10:
-                samples.append(max(metric_values(server.metrics(),
-                                                 "vllm:kv_cache_usage_perc")))
+                text = server.metrics()
+                samples.append(max(metric_values(text, "vllm:kv_cache_usage_perc")))
+                ring.append(metric_values(text, "vllm_kvcompress:query_ring_bytes")[0])
     # vLLM's usage is used / (blocks - 1): the null block is never handed out.
     print(f"usage samples while decoding: {samples} (bound {6 / (blocks - 1):.6f})")
     assert len(samples) >= 8 and max(samples) <= 6 / (blocks - 1) + 1e-9
+    # The server's chunkkv reads queries: 32 per layer kept while it decodes, then released.
+    assert min(ring) > 0
     after = server.metrics()
+    assert metric_values(after, "vllm_kvcompress:query_ring_bytes") == [0.0]
     assert metric_values(after, "vllm_kvcompress:decode_compactions_total")[0] >= \
         compactions_before + 5
     assert metric_values(after, "vllm_kvcompress:decode_tokens_evicted_total")[0] > 0

@@ -25,6 +25,7 @@ and never hashes its blocks (their content no longer matches the token hashes).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,8 @@ class ManagerState:
     decoding: dict[str, CompressionSpec] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     ring_queries: dict[str, int] = field(default_factory=dict)
+    #: Called when ``ring_queries`` loses a request (the planner reports the new total).
+    on_ring_change: Callable[[], None] | None = None
 
     def forget(self, request_id: str) -> None:
         """The request's blocks are freed (finish, abort or preemption)."""
@@ -66,7 +69,8 @@ class ManagerState:
         self.no_cache.discard(request_id)
         self.decoding.pop(request_id, None)
         self.settled.discard(request_id)
-        self.ring_queries.pop(request_id, None)
+        if self.ring_queries.pop(request_id, None) is not None and self.on_ring_change:
+            self.on_ring_change()
 
 
 def make_compressed_manager_class(base: type) -> type:
@@ -129,6 +133,14 @@ class SchedulerCompression:
         self.num_layers = num_layers
         self.stats = stats
         self.query_bytes = query_bytes
+        manager.kvc.on_ring_change = self.report_ring
+
+    def report_ring(self) -> None:
+        """Publishes the query ring's memory (``query_ring_bytes``) when it changed."""
+        ring_bytes = sum(self.manager.kvc.ring_queries.values()) * self.query_bytes
+        if ring_bytes != self.stats.query_ring_bytes:
+            self.stats.query_ring_bytes = ring_bytes
+            self.stats.flush()
 
     def physical_kept(self, spec: CompressionSpec, prompt_len: int) -> int | None:
         """Tokens every layer keeps in the paged cache (the largest layer budget)."""
@@ -247,10 +259,7 @@ class SchedulerCompression:
                         stash[req_id] = spec.window
         for blocks in to_free:
             self.block_pool.free_blocks(reversed(blocks))
-        ring_bytes = sum(state.ring_queries.values()) * self.query_bytes
-        if ring_bytes != self.stats.query_ring_bytes:
-            self.stats.query_ring_bytes = ring_bytes
-            self.stats.flush()
+        self.report_ring()
         return StepPlan(compact, stash)
 
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
