@@ -86,12 +86,13 @@ def run_steps(llm: Any, requests: list[tuple[str, list[int], dict[str, Any] | No
                 del abort[out.request_id]
         for internal, blocks in manager.req_to_blocks.items():
             outer = internal.rsplit("-", 1)[0]
-            spec = manager.kvc.decoding.get(internal)
+            track = manager.kvc.decoding.get(internal)
             # While decoding: a (re-)prefill holds all its tokens until it completes.
-            if outer in bounds and spec is not None:
+            if outer in bounds and track is not None:
                 most[outer] = max(most.get(outer, 0), len(blocks))
                 request = scheduler.requests[internal]
                 held = request.num_computed_tokens - manager.kvc.evicted.get(internal, 0)
+                spec = track.spec
                 assert held < spec.decode_budget + spec.decode_interval, (outer, held)
     for req_id, bound in bounds.items():
         assert most.get(req_id, 0) <= bound, (req_id, most.get(req_id), bound)

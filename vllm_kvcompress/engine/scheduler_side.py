@@ -40,6 +40,21 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass(frozen=True)
+class DecodeTrack:
+    """What a decode step of a decode-compressed request needs, resolved once.
+
+    Attributes:
+        spec: the request's settings (for the compaction plan).
+        limit: ``decode_budget + decode_interval``: compact when the request holds this many.
+        window: queries its workers keep per layer (0 for a key-only policy: no ring).
+    """
+
+    spec: CompressionSpec
+    limit: int
+    window: int
+
+
 @dataclass
 class ManagerState:
     """What the compressed-KV manager adds to vLLM's full-attention manager.
@@ -48,8 +63,9 @@ class ManagerState:
         evicted: request id -> tokens evicted (logical length minus physical length),
             cumulative over the request's compactions.
         no_cache: request ids whose blocks must never be hashed into the prefix cache.
-        decoding: request id -> its spec, for requests with decode-time compression whose
-            (re-)prefill has completed: the decode steps check these only.
+        decoding: request id -> its ``DecodeTrack``, for requests with decode-time
+            compression whose (re-)prefill has completed: the decode steps check these only,
+            with plain integers (no spec lookups per step).
         settled: preempted-and-resumed request ids whose re-prefill has been handled.
         ring_queries: request id -> queries per layer its workers keep (its ``window``), for
             decode-compressed requests with a query-reading policy (the query ring's memory).
@@ -57,7 +73,7 @@ class ManagerState:
 
     evicted: dict[str, int] = field(default_factory=dict)
     no_cache: set[str] = field(default_factory=set)
-    decoding: dict[str, CompressionSpec] = field(default_factory=dict)
+    decoding: dict[str, DecodeTrack] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     ring_queries: dict[str, int] = field(default_factory=dict)
     #: Called when ``ring_queries`` loses a request (the planner reports the new total).
@@ -245,10 +261,12 @@ class SchedulerCompression:
                 if kept is None:
                     self.stats.not_compressed_short += 1
             if spec.decode_budget is not None:
-                state.decoding[req_id] = spec
-                if self.needs_queries(spec):
-                    stash[req_id] = spec.window
-                    state.ring_queries[req_id] = spec.window
+                window = spec.window if self.needs_queries(spec) else 0
+                state.decoding[req_id] = DecodeTrack(
+                    spec, spec.decode_budget + spec.decode_interval, window)
+                if window:
+                    stash[req_id] = window
+                    state.ring_queries[req_id] = window
             if kept is not None:
                 kind = "resumed" if resumed else (
                     "prompt" if kept == prompt_kept else "decode")
@@ -269,17 +287,19 @@ class SchedulerCompression:
             return True
         return not resumed and self.physical_kept(spec, end) is not None
 
-    def _plan_decode_step(self, req_id: str, after: int, spec: CompressionSpec,
+    def _plan_decode_step(self, req_id: str, after: int, track: DecodeTrack,
                           compact: dict[str, CompactionPlan], stash: dict[str, int],
                           to_free: list[list[Any]]) -> None:
-        """A decode step of a decode-compressed request: compact when it reaches the limit."""
+        """A decode step of a decode-compressed request: compact when it reaches the limit
+        (``compaction_target``'s decode rule, on the integers resolved in ``track``)."""
         physical = after - self.manager.kvc.evicted.get(req_id, 0)
-        if self.needs_queries(spec):
-            stash[req_id] = spec.window
-        kept = spec.compaction_target(physical)
-        if kept is None:
+        if track.window:
+            stash[req_id] = track.window
+        if physical < track.limit:
             return
-        plan = self._move_to_compact_blocks(req_id, physical, kept, spec, to_free, "decode")
+        spec = track.spec
+        plan = self._move_to_compact_blocks(req_id, physical, spec.decode_budget, spec, to_free,
+                                            "decode")
         if plan is not None:
             compact[req_id] = plan
 
