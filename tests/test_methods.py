@@ -234,7 +234,7 @@ def test_qfilters_file_checks(tmp_path: Path) -> None:
 def test_registry_defaults_inputs_and_prefix_cache_cap(tmp_path: Path) -> None:
     """Key-only methods need no window recompute, so a prefix-cache hit is not capped for them;
     the attention-based ones are capped before their window."""
-    from vllm_kvcompress.engine.scheduler_side import SchedulerCompression
+    from vllm_kvcompress.engine.scheduler_side import ManagerState, SchedulerCompression
     from vllm_kvcompress.engine.stats import CompressionStats
 
     path = tmp_path / "f.safetensors"
@@ -251,8 +251,8 @@ def test_registry_defaults_inputs_and_prefix_cache_cap(tmp_path: Path) -> None:
         policy = build_policy(spec)
         assert policy.head_select == default_mode[name]
         assert needs_queries(policy) == (name not in key_only), name
-        planner = SchedulerCompression(spec, SimpleNamespace(), None, block_size=32,
-                                       num_layers=2, stats=CompressionStats())
+        planner = SchedulerCompression(spec, SimpleNamespace(kvc=ManagerState()), None,
+                                       block_size=32, num_layers=2, stats=CompressionStats())
         request = SimpleNamespace(request_id="r", num_prompt_tokens=1000, num_output_tokens=0,
                                   sampling_params=None)
         cap = planner.max_cache_hit_blocks(request)
