@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .artifacts import machine, pyplot, write_json_csv
 from .overhead import essay_prompts
+from .throughput import drive
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,53 +54,29 @@ def xargs_of(policy: str, budget: int | None, interval: int) -> dict[str, Any]:
 
 def run_workload(llm: Any, prompts: list[list[int]], xargs: dict[str, Any], max_tokens: int,
                  tag: str, trace: bool = False) -> dict[str, Any]:
-    """All requests at once, stepped until idle.
+    """All requests at once, stepped until idle (``throughput.drive``).
 
     Returns:
-        The figures of one configuration; with ``trace``, also ``usage_blocks``: the blocks in
-        use (vLLM's usage gauge times the pool size) after every step.
+        The figures of one configuration, plus the peak of vLLM's KV usage and the decode-time
+        compactions; with ``trace``, also ``usage_blocks``: the blocks in use (vLLM's usage
+        gauge times the pool's usable blocks) after every step.
     """
-    from vllm import SamplingParams
-
-    engine = llm.llm_engine
     scheduler, _ = engine_parts(llm)
     pool_blocks = scheduler.kv_cache_manager.block_pool.num_gpu_blocks
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            extra_args=xargs)
     stats = scheduler._kvcompress.stats if scheduler._kvcompress else None
     compactions_before = stats.decode_compactions if stats else 0
-    ids = [f"{tag}-{i}" for i in range(len(prompts))]
-    start = time.perf_counter()
-    for req_id, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(req_id, {"prompt_token_ids": prompt}, params)
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
-    peak, peak_usage, usage_blocks = 0, 0.0, []
-    preemptions: dict[str, int] = {}
-    while engine.has_unfinished_requests():
-        outputs = engine.step()
-        now = time.perf_counter()
-        for out in outputs:
-            if out.outputs and out.outputs[0].token_ids and out.request_id not in first:
-                first[out.request_id] = now
-            if out.finished:
-                done[out.request_id] = (now, len(out.outputs[0].token_ids))
-        peak = max(peak, len(scheduler.running))
-        usage = scheduler.kv_cache_manager.usage
-        peak_usage = max(peak_usage, usage)
+    usage_blocks: list[int] = []
+    peak_usage = [0.0]
+
+    def observe(sched: Any) -> None:
+        usage = sched.kv_cache_manager.usage
+        peak_usage[0] = max(peak_usage[0], usage)
         if trace:
             usage_blocks.append(round(usage * (pool_blocks - 1)))  # the null block excluded
-        for req_id, request in scheduler.requests.items():
-            preemptions[req_id] = request.num_preemptions
-    elapsed = time.perf_counter() - start
-    tpot = [(done[i][0] - first[i]) / max(done[i][1] - 1, 1) for i in ids]
-    out_tokens = sum(done[i][1] for i in ids)
-    row = {"requests": len(ids), "seconds": elapsed, "output_tokens_per_s": out_tokens / elapsed,
-           "peak_running": peak, "preemptions": sum(preemptions.values()),
-           "peak_kv_usage": peak_usage,
-           "decode_compactions": (stats.decode_compactions if stats else 0) - compactions_before,
-           "tpot_p50_s": statistics.median(tpot),
-           "tpot_p99_s": sorted(tpot)[min(len(tpot) - 1, round(0.99 * (len(tpot) - 1)))]}
+
+    result = drive(llm, prompts, xargs, max_tokens, tag, after_step=observe)
+    row = {**result.figures(), "peak_kv_usage": peak_usage[0],
+           "decode_compactions": (stats.decode_compactions if stats else 0) - compactions_before}
     if trace:
         row["usage_blocks"] = usage_blocks
     return row

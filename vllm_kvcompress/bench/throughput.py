@@ -14,6 +14,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +38,57 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, max_tokens: int,
-               tag: str) -> dict[str, Any]:
-    """All requests at once; steps until idle; returns the figures of one configuration."""
+@dataclass
+class Drive:
+    """What stepping an engine until idle observed (``drive``).
+
+    Attributes:
+        ids: the request ids, in submission order.
+        start: ``perf_counter`` when the requests were added.
+        seconds: wall time until the engine was idle.
+        first: request id -> time of its first token.
+        done: request id -> (finish time, output tokens).
+        peak_running: most requests running after any step.
+        preemptions: preemptions summed over requests.
+    """
+
+    ids: list[str]
+    start: float
+    seconds: float
+    first: dict[str, float]
+    done: dict[str, tuple[float, int]]
+    peak_running: int
+    preemptions: int
+
+    def figures(self) -> dict[str, Any]:
+        """The latency/throughput figures every configuration reports."""
+        ttft = [self.first[i] - self.start for i in self.ids]
+        tpot = [(self.done[i][0] - self.first[i]) / max(self.done[i][1] - 1, 1)
+                for i in self.ids]
+        out_tokens = sum(self.done[i][1] for i in self.ids)
+        return {"requests": len(self.ids), "seconds": self.seconds,
+                "requests_per_s": len(self.ids) / self.seconds,
+                "output_tokens_per_s": out_tokens / self.seconds,
+                "peak_running": self.peak_running, "preemptions": self.preemptions,
+                "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+                "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99)}
+
+
+def drive(llm: Any, prompts: list[list[int]], xargs: dict[str, Any], max_tokens: int,
+          tag: str, after_step: Callable[[Any], None] | None = None) -> Drive:
+    """Adds every prompt at once (greedy, ``ignore_eos``) and steps the engine until idle.
+
+    Args:
+        after_step: called with the scheduler after every step (extra observations).
+    """
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     scheduler = engine.engine_core.engine_core.scheduler
-    xargs = {"kv_policy": policy} if policy == "none" else {"kv_policy": policy,
-                                                             "kv_ratio": ratio}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                             extra_args=xargs)
     start = time.perf_counter()
-    ids = [f"{tag}-{policy}-{ratio}-{i}" for i in range(len(prompts))]
+    ids = [f"{tag}-{i}" for i in range(len(prompts))]
     for req_id, prompt in zip(ids, prompts, strict=True):
         engine.add_request(req_id, {"prompt_token_ids": prompt}, params)
     first: dict[str, float] = {}
@@ -66,16 +106,19 @@ def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, ma
         peak = max(peak, len(scheduler.running))
         for req_id, request in scheduler.requests.items():
             preemptions[req_id] = request.num_preemptions
-    elapsed = time.perf_counter() - start
-    ttft = [first[i] - start for i in ids]
-    tpot = [(done[i][0] - first[i]) / max(done[i][1] - 1, 1) for i in ids]
-    out_tokens = sum(done[i][1] for i in ids)
-    return {"policy": policy, "ratio": ratio, "max_tokens": max_tokens,
-            "requests": len(ids), "seconds": elapsed,
-            "requests_per_s": len(ids) / elapsed, "output_tokens_per_s": out_tokens / elapsed,
-            "peak_running": peak, "preemptions": sum(preemptions.values()),
-            "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
-            "tpot_p50_s": percentile(tpot, 0.5), "tpot_p99_s": percentile(tpot, 0.99)}
+        if after_step is not None:
+            after_step(scheduler)
+    return Drive(ids, start, time.perf_counter() - start, first, done, peak,
+                 sum(preemptions.values()))
+
+
+def run_config(llm: Any, prompts: list[list[int]], policy: str, ratio: float, max_tokens: int,
+               tag: str) -> dict[str, Any]:
+    """All requests at once; steps until idle; returns the figures of one configuration."""
+    xargs = {"kv_policy": policy} if policy == "none" else {"kv_policy": policy,
+                                                             "kv_ratio": ratio}
+    result = drive(llm, prompts, xargs, max_tokens, f"{tag}-{policy}-{ratio}")
+    return {"policy": policy, "ratio": ratio, "max_tokens": max_tokens, **result.figures()}
 
 
 def validate(args: argparse.Namespace) -> None:
