@@ -20,6 +20,11 @@ content changes); otherwise it keeps its full KV for now (counted as skipped).
 
 After compression the request's manager allocates by *physical* length (logical minus evicted)
 and never hashes its blocks (their content no longer matches the token hashes).
+
+Decode-time compression (``decode_budget``): the same move, on a decode step whose physical
+length reaches ``decode_budget + decode_interval`` (source: the request's current blocks and
+length, kept: ``decode_budget``) and at the end of a re-prefill after preemption; evicted counts
+accumulate. ``CompressionSpec.compaction_target`` is the rule.
 """
 
 from __future__ import annotations
