@@ -56,7 +56,7 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
 	--tasks niah_single niah_multikey niah_multivalue niah_multiturn \
 	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
-	expected_attention qfilters --head-select default --ratios 1.0 0.25 0.1
+	expected_attention qfilters --head-select default --ratios 1.0 0.5 0.25 0.1 0.05
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
 PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1

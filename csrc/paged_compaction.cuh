@@ -10,19 +10,22 @@
 
 namespace kvcompress {
 
-// One CUDA block per (token, head); threads stride over the lane in 16-byte words when the
-// lane and the base addresses allow it, element by element otherwise.
+// Grid (cdiv(n, blockDim.y), heads): each row of threads (threadIdx.y) moves one token's lane
+// of head blockIdx.y, striding over it in 16-byte words when the lane and the base addresses
+// allow it, element by element otherwise. A bf16 lane of head_dim 128 is 32 words, one word per
+// thread of a 32-wide row (one block per (token, head) left most threads of a block idle).
 template <typename scalar_t>
 __global__ void copy_lanes_kernel(const scalar_t* __restrict__ src_base,
                                   scalar_t* __restrict__ dst_base,
                                   const int64_t* __restrict__ src_slots,
                                   const int64_t* __restrict__ dst_slots,
-                                  int64_t src_slots_stride_head,
+                                  int64_t src_slots_stride_head, int64_t n,
                                   int64_t src_stride_block, int64_t src_stride_head,
                                   int64_t src_stride_token, int64_t dst_stride_block,
                                   int64_t dst_stride_head, int64_t dst_stride_token,
                                   int block_size, int lane) {
-  const int64_t token = blockIdx.x;
+  const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (token >= n) return;
   const int64_t head = blockIdx.y;
   // src_slots == nullptr: source is a dense [n, heads, lane] staging buffer (token-major).
   const int64_t s = src_slots ? src_slots[head * src_slots_stride_head + token] : token;

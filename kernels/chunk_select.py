@@ -30,7 +30,10 @@ def _chunk_means_kernel(S, Means, n, n_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.
         idx = chunks * CHUNK + i
         acc += tl.load(S + idx, mask=ok & (idx < n), other=0.0)
     size = tl.minimum(n - chunks * CHUNK, CHUNK).to(tl.float32)
-    tl.store(Means + chunks, acc / size, mask=ok)
+    # IEEE round-to-nearest division: Triton's `/` on float32 compiles to the approximate
+    # div.full.f32 on NVIDIA GPUs (up to 2 ulp off), which broke bit-identity with the
+    # reference's means there (seen on an H200; the CPU interpreter divides exactly).
+    tl.store(Means + chunks, tl.math.div_rn(acc, size), mask=ok)
 
 
 @triton.jit

@@ -128,9 +128,14 @@ def _kv_strides(cache: torch.Tensor, layout: str) -> tuple[int, int, int, int, i
     return 1, block_size, block_size * head_dim, head_dim, 1
 
 
-def _check(cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch.Tensor, layout: str,
-           block_t: int) -> str:
-    """Validates the inputs of ``compact_paged``; returns the canonical layout name."""
+def check_compaction_inputs(cache: torch.Tensor, src_slots: torch.Tensor,
+                            dst_slots: torch.Tensor, layout: str, block_t: int = 32) -> str:
+    """Validates the inputs of ``compact_paged`` (this module's and the CUDA C++ one's); returns
+    the canonical layout name.
+
+    Raises:
+        ValueError: names the argument and what it must be.
+    """
     layout = LAYOUT_ALIASES.get(layout, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {sorted([*LAYOUTS, *LAYOUT_ALIASES])}, "
@@ -191,7 +196,7 @@ def compact_paged(cache: torch.Tensor, src_slots: torch.Tensor, dst_slots: torch
     Raises:
         ValueError: layout, shapes, dtypes, devices, strides or slot range do not fit.
     """
-    layout = _check(cache, src_slots, dst_slots, layout, block_t)
+    layout = check_compaction_inputs(cache, src_slots, dst_slots, layout, block_t)
     n = dst_slots.shape[0]
     if n == 0:
         return

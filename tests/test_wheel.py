@@ -143,8 +143,8 @@ def test_source_checkout_finds_csrc() -> None:
 
     if Path(cuda_ext.__file__).resolve().is_relative_to(REPO):  # editable / source checkout
         assert cuda_ext.CSRC == REPO / "csrc"
-    assert (cuda_ext.CSRC / "paged_compaction.cu").is_file()
-    assert (cuda_ext.CSRC / "paged_compaction.cuh").is_file()
+    for name in (*cuda_ext.SOURCES, "paged_compaction.cuh", "paged_compaction_launch.h"):
+        assert (cuda_ext.CSRC / name).is_file(), name
 
 
 def test_wheel_has_every_module_and_the_cuda_sources(installed: Installed) -> None:
@@ -152,6 +152,8 @@ def test_wheel_has_every_module_and_the_cuda_sources(installed: Installed) -> No
     expected = {"vllm_kvcompress/eval/run.py", "vllm_kvcompress/cli.py",
                 "vllm_kvcompress/kernels/cuda_ext.py", "vllm_kvcompress/kernels/compaction.py",
                 "vllm_kvcompress/csrc/paged_compaction.cu",
+                "vllm_kvcompress/csrc/paged_compaction_binding.cpp",
+                "vllm_kvcompress/csrc/paged_compaction_launch.h",
                 "vllm_kvcompress/csrc/paged_compaction.cuh"}
     # Every Python file of the package and of kernels/ (shipped as vllm_kvcompress.kernels).
     for src, dest in ((REPO / "vllm_kvcompress", "vllm_kvcompress"),
@@ -159,7 +161,7 @@ def test_wheel_has_every_module_and_the_cuda_sources(installed: Installed) -> No
         expected |= {f"{dest}/{p.relative_to(src).as_posix()}" for p in src.rglob("*.py")
                      if "__pycache__" not in p.parts}
     expected |= {f"vllm_kvcompress/csrc/{p.name}" for p in (REPO / "csrc").iterdir()
-                 if p.suffix in (".cu", ".cuh")}
+                 if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
     assert expected - names == set()
     # Nothing else at the top level (no stray `kernels` or `csrc` package).
     top = {n.split("/")[0] for n in names}
@@ -212,7 +214,8 @@ def test_installed_package_is_the_wheel_copy(installed: Installed) -> None:
         assert probe[key].startswith(site + "/"), (key, probe[key])
         assert not Path(probe[key]).resolve().is_relative_to(REPO), (key, probe[key])
     assert probe["csrc"] == f"{site}/vllm_kvcompress/csrc"
-    assert {"paged_compaction.cu", "paged_compaction.cuh"} <= set(probe["sources"])
+    assert {"paged_compaction.cu", "paged_compaction.cuh", "paged_compaction_binding.cpp",
+            "paged_compaction_launch.h"} <= set(probe["sources"])
     ours = [p for p in probe["plugins"] if p[1].startswith("vllm_kvcompress")]
     assert len(ours) == 1 and ours[0][2].startswith(site + "/"), probe["plugins"]
     assert probe["vllm"].startswith("0.32"), probe["vllm"]

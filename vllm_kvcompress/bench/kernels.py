@@ -9,10 +9,11 @@ FLASH_ATTN layout (bf16, block size 16 on GPU, 128 on CPU), times:
 * two baselines measured in the same run: a plain copy of the same bytes (the device's copy
   bandwidth) and the layer's causal prefill attention (``scaled_dot_product_attention``).
 
-Implementations: the torch reference everywhere; the Triton kernels where a CUDA device exists.
-Reports time per layer and per request (x layers), compaction GB/s vs copy GB/s, scoring as a
-share of prefill attention, and the speed-up of Triton over torch. Writes ``kernels.json``,
-``kernels.csv`` and ``kernels.png``.
+Implementations: the torch reference everywhere; the Triton kernels where a CUDA device exists;
+``cuda`` where the CUDA C++ compaction (``csrc/``) builds (that row times the C++ compaction with
+Triton's scoring and selection). Reports time per layer and per request (x layers), compaction
+GB/s vs copy GB/s, scoring as a share of prefill attention, and the speed-up over torch. Writes
+``kernels.json``, ``kernels.csv`` and ``kernels.png``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .artifacts import machine, pyplot, write_json_csv
 from .shapes import MODEL_SHAPES, ModelShape
 
 RATIO, WINDOW, CHUNK, SINKS = 0.25, 32, 10, 4
+CUDA_CALLS_PER_SAMPLE = 10
 
 
 def _sync(device: torch.device) -> None:
@@ -43,15 +45,22 @@ def _sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs after one warm-up."""
+    """Median seconds per call of ``fn`` over ``reps`` samples after one warm-up.
+
+    On CUDA a sample is ``CUDA_CALLS_PER_SAMPLE`` back-to-back calls and one synchronisation,
+    divided by the calls: a host sync per call would add its own ~10 us to kernels that take a
+    few microseconds (the engine launches them back to back too). On CPU one call per sample.
+    """
+    calls = CUDA_CALLS_PER_SAMPLE if device.type == "cuda" else 1
     fn()
     _sync(device)
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         _sync(device)
-        samples.append(time.perf_counter() - start)
+        samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 
 
@@ -83,10 +92,13 @@ def bench_case(shape: ModelShape, seq_len: int, device: torch.device, reps: int,
     copy_s = timed(lambda: out.copy_(blob), device, reps)
     q_full = torch.randn(1, shape.num_q_heads, seq_len, shape.head_dim, generator=gen).to(
         dtype).to(device)
-    k_full = keys.unsqueeze(0).contiguous()
-    v_full = values.unsqueeze(0).contiguous()
+    # K/V expanded to the query heads rather than ``enable_gqa``: a backend without GQA support
+    # would fall back to the math path, which materialises [heads, L, L] (a terabyte at 128k).
+    group = shape.num_q_heads // shape.num_kv_heads
+    k_full = keys.repeat_interleave(group, dim=0).unsqueeze(0)
+    v_full = values.repeat_interleave(group, dim=0).unsqueeze(0)
     attention_s = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-        q_full, k_full, v_full, is_causal=True, enable_gqa=True), device, reps)
+        q_full, k_full, v_full, is_causal=True), device, reps)
     rows = []
     for impl in impls:
         if impl == "torch":
@@ -112,8 +124,14 @@ def bench_case(shape: ModelShape, seq_len: int, device: torch.device, reps: int,
                 return chunk_select(scores, kept, SINKS, WINDOW, CHUNK,
                                     aggregate=chunk_means_triton, order=stable_descending_order)
 
-            def compact() -> None:
-                compact_paged(cache, src_slots, dst_slots, in_place=False)
+            if impl == "cuda":
+                from ..kernels.cuda_ext import compact_paged as compact_paged_cuda
+
+                def compact() -> None:
+                    compact_paged_cuda(cache, src_slots, dst_slots, in_place=False)
+            else:
+                def compact() -> None:
+                    compact_paged(cache, src_slots, dst_slots, in_place=False)
         score_s = timed(score, device, reps)
         select_s = timed(select, device, reps)
         compact_s = timed(compact, device, reps)
@@ -138,20 +156,32 @@ def bench_case(shape: ModelShape, seq_len: int, device: torch.device, reps: int,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    impls = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    impls = ["torch"]
+    if device.type == "cuda":
+        from ..kernels.cuda_ext import load
+
+        impls += ["triton", "cuda"] if load() is not None else ["triton"]
     lengths = args.lengths or ([4096, 16384, 65536, 131072] if device.type == "cuda"
                                else [4096, 8192])
     shapes = [MODEL_SHAPES[name] for name in args.models]
     rows: list[dict[str, Any]] = []
     cases = [(s, n) for s in shapes for n in lengths]
+    failed = []
     for shape, seq_len in tqdm(cases, desc=f"kernel benchmark on {device.type}"):
-        rows += bench_case(shape, seq_len, device, args.reps, impls)
+        try:
+            rows += bench_case(shape, seq_len, device, args.reps, impls)
+        except torch.OutOfMemoryError as err:  # one case too big must not lose the others
+            failed.append(f"{shape.name} @ {seq_len}: out of memory ({str(err)[:80]})")
+            print(f"kvcompress bench kernels: {failed[-1]}", file=sys.stderr)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     info = machine()
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     report = {"machine": info, "command": "kvcompress " + " ".join(sys.argv[1:]),
               "device": device.type,
               "ratio": RATIO, "window": WINDOW, "chunk_size": CHUNK, "rows": rows,
+              "failed": failed,
               "note": None if device.type == "cuda" else
               "no CUDA device: torch reference only; Triton kernels are not timed on CPU"}
     out = Path(args.out)
@@ -173,7 +203,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     axes[0].set(xscale="log", yscale="log", xlabel="prompt tokens",
                 ylabel="score + select + compact, ms / layer")
     axes[1].axhline(5, color="red", linestyle="--", label="target 5%")
-    axes[1].set(xscale="log", xlabel="prompt tokens", ylabel="scoring / prefill attention, %")
+    axes[1].set(xscale="log", yscale="log", xlabel="prompt tokens",
+                ylabel="scoring / prefill attention, %")
     for ax in axes:
         ax.legend(fontsize=7)
     m = report["machine"]

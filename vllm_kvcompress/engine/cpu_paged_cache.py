@@ -165,5 +165,5 @@ class CpuAttnCache:
 
 def row_slots(block_ids: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
     """Physical slots of the first ``num_tokens`` positions of a block row, ``[num_tokens]``."""
-    positions = torch.arange(num_tokens, dtype=torch.int64)
+    positions = torch.arange(num_tokens, dtype=torch.int64, device=block_ids.device)
     return block_ids.to(torch.int64)[positions // block_size] * block_size + positions % block_size

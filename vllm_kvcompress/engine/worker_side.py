@@ -389,9 +389,9 @@ class WorkerCompression:
             src_slots = row_slots(task.src_blocks, task.source_len, block_size).to(
                 kv_cache.device)[kept_on]
             if layout == "flash" and compaction == "cuda":
-                from ..kernels.cuda_ext import load
+                from ..kernels.cuda_ext import compact_paged as compact_paged_cuda
 
-                load().compact_paged(kv_cache, src_slots, dst_slots, task.in_place)
+                compact_paged_cuda(kv_cache, src_slots, dst_slots, task.in_place)
             else:
                 from ..kernels.compaction import compact_paged
 
