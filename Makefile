@@ -41,17 +41,18 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # `make bench`: the measured study behind docs/results.md. Every step writes JSON/CSV/PNG under
 # runs/; `make results` turns them into docs/results.md. One prompt set (runs/eval) serves the
 # accuracy questions: ours (bench-eval: the ten methods, each in its default selection mode, at
-# kept ratios 0.25 and 0.1 plus full KV) and kvpress on the same prompts (bench-peer, which also
-# runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k, 4
+# kept ratios 0.5, 0.25, 0.1 and 0.05 plus full KV) and kvpress on the same prompts (bench-peer,
+# which also runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k, 4
 # prompts per cell. bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's
 # MergingPress, on the same needle prompts. bench-overhead: TTFT share per method at 4k.
-# Time measured here 2026-11-25 (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
-# running side by side on the 2 cores): bench-eval 33 min (840 requests), bench-peer 54 min
-# (840 records), bench-merge ~35 min, bench-overhead ~20 min (OVERHEAD_ARGS below: the new
-# methods, 2 repetitions; all 15 configurations x 3: ~45 min), bench-throughput ~18 min. Run one
-# after the other that is up to 2 h 40 min (less: each ran here with the other core busy, e.g.
-# the 4k prefill took ~36 s alone and up to ~60 s side by side). Kept ratios 0.5 and 0.05 double
-# the eval's share: EVAL_ARGS="... --ratios 1.0 0.5 0.25 0.1 0.05" (~3 h 30 min here).
+# Time measured here (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer running side by
+# side on the 2 cores): at ratios 0.25/0.1 (2026-11-25) bench-eval 33 min (840 requests) and
+# bench-peer 54 min; ratios 0.5/0.05 added on 2026-11-26 as a resumed run (same prompts): TIME_R2.
+# bench-merge ~35 min, bench-overhead ~20 min for its TTFT part (OVERHEAD_ARGS) plus ~15 min per
+# A/B cycle, bench-throughput ~18 min, bench-long-output ~1 h 45 min, bench-decode-quality
+# ~20 min (10 prompts). Run one after the other that is about 6 h here. The A/B part of
+# bench-overhead needs an otherwise idle machine; re-run it alone with
+# `make bench-overhead OVERHEAD_ARGS="--ab-only --ab-cycles 2"` (keeps the TTFT table).
 # The *_ARGS variables are the study's settings; override them for a bigger one.
 EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
 	--tasks niah_single niah_multikey niah_multivalue niah_multiturn \

@@ -634,3 +634,41 @@ def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
     assert ("| snapkv | 0.25 | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 1.000 [1.000, 1.000] | "
             "0.50 [") in merge
     assert "| 0.000 [0.000, 0.000] | 0.500 [" in merge
+
+
+def test_overhead_ab_only_replaces_the_ab_and_keeps_the_ttft_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench overhead --ab-only``: only the none-vs-disabled processes run (alternating), their
+    medians replace the report's A/B, the TTFT table stays; refused without a report."""
+    import argparse
+
+    from vllm_kvcompress.bench import overhead
+
+    ran: list[bool] = []
+
+    def fake_worker(config: dict[str, object], disabled: bool) -> dict[str, object]:
+        assert config["mode"] == "throughput"  # never the TTFT worker
+        ran.append(disabled)
+        return {"output_tokens_per_s": [10.0, 12.0] if disabled else [9.9, 11.7]}
+
+    monkeypatch.setattr(overhead, "_run_worker", fake_worker)
+    cli = argparse.ArgumentParser()
+    overhead.add_arguments(cli)
+    args = cli.parse_args(["--out", str(tmp_path), "--ab-only", "--ab-cycles", "2"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        overhead.run(args)
+    ttft = {"prompt_len": 4096, "kv_ratio": 0.25, "per_policy": {
+        "none": {"median_ttft_s": 10.0, "median_compaction_s": 0.0, "ttft_vs_none": 1.0,
+                 "compaction_share_of_ttft": 0.0}}, "raw": []}
+    (tmp_path / "overhead.json").write_text(json.dumps({
+        "machine": {"cpu": "cpu", "cores": 2, "date": "before"}, "command": "first",
+        "dtype": "float32", "throughput": None, "ttft": ttft}))
+    report = overhead.run(args)
+    assert ran == [True, False, True, False]
+    tp = report["throughput"]
+    assert tp["median_disabled"] == 11.0 and tp["median_none"] == 10.8
+    assert tp["ratio_none_vs_disabled"] == pytest.approx(10.8 / 11.0)
+    assert tp["command"] and tp["machine"]["cores"] >= 1
+    saved = json.loads((tmp_path / "overhead.json").read_text())
+    assert saved["ttft"] == ttft and saved["command"] == "first"
+    assert (tmp_path / "overhead.png").is_file() and (tmp_path / "overhead.csv").is_file()

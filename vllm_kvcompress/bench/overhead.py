@@ -114,14 +114,9 @@ def _run_worker(config: dict[str, Any], disabled: bool) -> dict[str, Any]:
     return json.loads(proc.stdout.split("RESULT=", 1)[1].splitlines()[0])
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    policies = list(dict.fromkeys(["none", *args.policies]))
-    if "qfilters[per_head]" in policies and not Path(args.qfilters).is_file():
-        print(f"kvcompress bench overhead: no {args.qfilters} (make models): qfilters skipped",
-              file=sys.stderr)
-        policies.remove("qfilters[per_head]")
+def _none_vs_disabled(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Output tokens/s of policy ``none`` vs the plugin disabled, separate processes run A/B;
+    ``None`` for ``--ab-cycles 0``."""
     throughput_cfg = {"model": args.model, "mode": "throughput", "batch": args.batch,
                       "prompt_len": args.batch_prompt_len, "max_tokens": args.max_tokens,
                       "rounds": args.rounds, "xargs": {"kv_policy": "none"},
@@ -131,6 +126,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for mode in tqdm(order, desc="throughput A/B (processes)"):
         result = _run_worker(throughput_cfg, disabled=mode == "disabled")
         rates[mode] += result["output_tokens_per_s"]
+    if not (rates["disabled"] and rates["none"]):
+        return None
+    return {
+        "output_tokens_per_s": rates,
+        "median_disabled": statistics.median(rates["disabled"]),
+        "median_none": statistics.median(rates["none"]),
+        "ratio_none_vs_disabled": statistics.median(rates["none"])
+        / statistics.median(rates["disabled"]),
+        "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens")},
+    }
+
+
+def _update_ab(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """``--ab-only``: re-runs the A/B part alone (it needs an otherwise idle machine, the TTFT
+    shares do not) and replaces it in the report already in ``out``, recording when and how."""
+    path = out / "overhead.json"
+    if not path.is_file():
+        raise SystemExit(f"kvcompress bench overhead: --ab-only updates {path}, which does not "
+                         "exist; run without --ab-only first")
+    if args.ab_cycles < 1:
+        raise SystemExit("kvcompress bench overhead: --ab-only needs --ab-cycles >= 1")
+    report = json.loads(path.read_text())
+    report["throughput"] = _none_vs_disabled(args)
+    report["throughput"].update(machine=machine(), command=" ".join(sys.argv))
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ab_only:
+        report = _update_ab(args, out)
+        _write(report, out)
+        return report
+    policies = list(dict.fromkeys(["none", *args.policies]))
+    if "qfilters[per_head]" in policies and not Path(args.qfilters).is_file():
+        print(f"kvcompress bench overhead: no {args.qfilters} (make models): qfilters skipped",
+              file=sys.stderr)
+        policies.remove("qfilters[per_head]")
+    throughput = _none_vs_disabled(args)
     ttft_cfg = {"model": args.model, "mode": "ttft", "reps": args.reps,
                 "prompt_len": args.prompt_len, "policies": policies, "dtype": args.dtype,
                 "qfilters": args.qfilters}
@@ -147,16 +182,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for row in ttft.values():
         row["ttft_vs_none"] = row["median_ttft_s"] / base
         row["compaction_share_of_ttft"] = row["median_compaction_s"] / row["median_ttft_s"]
-    throughput = None
-    if rates["disabled"] and rates["none"]:  # --ab-cycles 0 skips the A/B part
-        throughput = {
-            "output_tokens_per_s": rates,
-            "median_disabled": statistics.median(rates["disabled"]),
-            "median_none": statistics.median(rates["none"]),
-            "ratio_none_vs_disabled": statistics.median(rates["none"])
-            / statistics.median(rates["disabled"]),
-            "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens")},
-        }
     report = {
         "machine": machine(),
         "command": " ".join(sys.argv),
@@ -165,6 +190,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "raw": rows},
         "dtype": args.dtype,
     }
+    _write(report, out)
+    return report
+
+
+def _write(report: dict[str, Any], out: Path) -> None:
+    """``overhead.json``, ``overhead.csv`` and ``overhead.png`` in ``out``."""
+    throughput, ttft = report["throughput"], report["ttft"]["per_policy"]
     (out / "overhead.json").write_text(json.dumps(report, indent=2))
     with (out / "overhead.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
@@ -178,7 +210,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for key, value in row.items():
                 writer.writerow([key, policy, f"{value:.4f}"])
     _plot(report, out / "overhead.png")
-    return report
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -220,6 +251,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per process")
     parser.add_argument("--ab-cycles", type=int, default=2, help="A/B process pairs (0 skips "
                         "the none-vs-disabled throughput part)")
+    parser.add_argument("--ab-only", action="store_true",
+                        help="run only the none-vs-disabled A/B and replace it in the report "
+                        "already in --out (keeps its TTFT table); for a re-run on an idle "
+                        "machine")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES[1:]), choices=POLICIES,
                         help="TTFT configurations (none always runs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

@@ -430,6 +430,9 @@ def overhead_section(report: dict[str, Any], images: Path, run: Path) -> list[st
         lines += ["", f"Policy `none` vs plugin disabled (output tokens/s, median of separate "
                   f"processes run A/B): {tp['median_none']:.1f} vs {tp['median_disabled']:.1f}, "
                   f"ratio {tp['ratio_none_vs_disabled']:.3f} (target >= 0.98)."]
+        if "command" in tp:  # re-run alone (--ab-only) on an otherwise idle machine
+            lines[-1] += (f" Re-run alone: `{tp['command']}` ({tp['machine'].get('date', '?')}"
+                          f", {len(tp['output_tokens_per_s']['none'])} rounds per side).")
     path = _copy(run / "overhead.png", images, "overhead.png")
     if path:
         lines += ["", f"![overhead]({path})"]
