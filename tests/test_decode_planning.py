@@ -147,3 +147,25 @@ def test_untracked_requests_cost_nothing_and_none_is_never_planned() -> None:
     for _ in range(200):
         assert not step(plan, req, 1)
     assert not plan.manager.kvc.decoding and plan.manager.kvc.evicted == {}
+
+
+def test_prompt_only_compaction_skipped_for_memory_releases_the_query_ring() -> None:
+    """A prompt-only request's workers record window queries over its prefill chunks; when the
+    compaction at the prompt's end is skipped (no memory, blocks shared), the plan tells them to
+    drop those queries at once. A compacted one keeps them for this step's scoring."""
+    pool = FakePool(16)
+    plan = planner(pool)
+    req = request("p", 100, {"kv_policy": "snapkv", "kv_window": 16, "kv_ratio": 0.25})
+    first = step(plan, req, 64)
+    assert first.stash == {"p": 16} and not first.release  # a chunk: queries recorded
+    for block in plan.manager.req_to_blocks["p"]:
+        block.ref_cnt = 2  # shared through a prefix hit: no in-place compaction either
+    pool.free = pool.free[:1]  # not enough for the 2 fresh blocks of 25 kept tokens
+    last = step(plan, req, 36)
+    assert not last.compact and last.release == ("p",) and "p" not in last.stash
+    assert plan.stats.skipped_no_memory == 1
+    roomy = planner(FakePool(16))
+    other = request("q", 100, {"kv_policy": "snapkv", "kv_window": 16, "kv_ratio": 0.25})
+    step(roomy, other, 64)
+    done = step(roomy, other, 36)
+    assert "q" in done.compact and done.stash == {"q": 16} and not done.release

@@ -22,7 +22,7 @@ def test_plan_and_report_ride_in_declared_fields_and_pickle() -> None:
                                               src_blocks=(5, 9, 2),
                                               dst_blocks=(7, 8, 1), in_place=False,
                                               spec={"policy": "snapkv"})},
-        stash={"b": 32})
+        stash={"b": 32}, release=("c",))
     fields = {f.name: f.default for f in dataclasses.fields(SchedulerOutput)}
     output = SchedulerOutput(**{name: default for name, default in fields.items()
                                 if default is not dataclasses.MISSING} |
@@ -38,6 +38,7 @@ def test_plan_and_report_ride_in_declared_fields_and_pickle() -> None:
         ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0}), report)
     assert messages.report_of(pickle.loads(pickle.dumps(runner_output))) == report
     assert not messages.StepPlan() and messages.plan_of(object()) is None
+    assert messages.StepPlan(release=("c",))  # a release alone is work for the workers
 
 
 class Pool:

@@ -56,13 +56,17 @@ class StepPlan:
             workers keep (in their query ring) from this step: prefill chunks of a request
             that will be compressed with a policy that reads queries, and every step of a
             decode-compressed one.
+        release: request ids whose query ring the workers drop now: a prompt-only request
+            whose prefill ended without a compaction (skipped for lack of memory), so its
+            recorded window queries will never be read.
     """
 
     compact: dict[str, CompactionPlan] = field(default_factory=dict)
     stash: dict[str, int] = field(default_factory=dict)
+    release: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.compact or self.stash)
+        return bool(self.compact or self.stash or self.release)
 
 
 @dataclass(frozen=True)

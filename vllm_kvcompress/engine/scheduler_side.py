@@ -229,6 +229,7 @@ class SchedulerCompression:
         state = self.manager.kvc
         compact: dict[str, CompactionPlan] = {}
         stash: dict[str, int] = {}
+        release: list[str] = []
         to_free: list[list[Any]] = []
         for req_id, n_new in num_scheduled_tokens.items():
             request = requests.get(req_id)
@@ -280,10 +281,15 @@ class SchedulerCompression:
                     compact[req_id] = plan
                     if self.needs_queries(spec):
                         stash[req_id] = spec.window
+                elif spec.decode_budget is None and self.needs_queries(spec):
+                    # Prompt-only and skipped for lack of memory: nothing will read the window
+                    # queries its earlier chunks recorded; the workers drop them now rather than
+                    # when the request finishes.
+                    release.append(req_id)
         for blocks in to_free:
             self.block_pool.free_blocks(reversed(blocks))
         self.report_ring()
-        return StepPlan(compact, stash)
+        return StepPlan(compact, stash, tuple(release))
 
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
         """Whether a request in a non-final prefill chunk may be compacted later (its window

@@ -220,6 +220,8 @@ class WorkerCompression:
                 self.compaction_log.setdefault(req_id, []).append(
                     {"kind": job.kind, "source_len": job.source_len, "kept": job.kept,
                      "layers": {}})
+        for req_id in plan.release:
+            self.queries.release(req_id)
         entries = []
         for req_id, window in plan.stash.items():
             row = batch.req_id_to_index[req_id]
