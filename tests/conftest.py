@@ -38,3 +38,11 @@ def tiny_qfilters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("qfilters") / "tiny-qfilters.safetensors"
     calibrate(tiny_model, out, sequences=2, seq_len=256, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path) -> object:
+    """The plain-transformers reference (``kv_reference.ReferenceModel``) of the tiny model."""
+    from kv_reference import ReferenceModel
+
+    return ReferenceModel(tiny_model)

@@ -18,7 +18,13 @@ from typing import Any
 
 import pytest
 from kv_reference import CompressedGeneration, ReferenceModel
-from test_engine_compression import BLOCK, ENGINE, engine_internals, prompt_ids, request_spec
+from test_engine_compression import (
+    BLOCK,
+    engine_internals,
+    prompt_ids,
+    recording_llm,
+    request_spec,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -31,19 +37,9 @@ def cdiv(a: int, b: int) -> int:
 
 @pytest.fixture(scope="module")
 def llm(tiny_model: Path) -> Iterator[Any]:
-    import os
-
-    from vllm import LLM
-
-    os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
-    engine = LLM(model=str(tiny_model), num_gpu_blocks_override=256, **ENGINE)
+    engine = recording_llm(tiny_model, num_blocks=256)
     yield engine
     del engine
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path) -> ReferenceModel:
-    return ReferenceModel(tiny_model)
 
 
 def internal_id(log: dict[str, Any], request_id: str) -> str:
@@ -183,10 +179,7 @@ def test_abort_mid_generation_and_finish_free_every_block(llm: Any) -> None:
 @pytest.fixture(scope="module")
 def tiny_pool_llm(tiny_model: Path, llm: Any) -> Iterator[Any]:
     """A pool of 40 blocks: 6 long generations of 150 + 300 tokens outgrow it unless bounded."""
-    from vllm import LLM
-
-    engine = LLM(model=str(tiny_model), num_gpu_blocks_override=40,
-                 **{**ENGINE, "max_num_batched_tokens": 512})
+    engine = recording_llm(tiny_model, num_blocks=40, max_num_batched_tokens=512)
     yield engine
     del engine
 

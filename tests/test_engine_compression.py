@@ -59,17 +59,18 @@ def kept_log(runner: Any, request_id: str) -> dict[int, list[list[int]]]:
 
 @pytest.fixture(scope="module")
 def llm(tiny_model: Path) -> Iterator[Any]:
-    from vllm import LLM
-
-    os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
-    engine = LLM(model=str(tiny_model), num_gpu_blocks_override=512, **ENGINE)
+    engine = recording_llm(tiny_model, num_blocks=512)
     yield engine
     del engine
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_model: Path) -> ReferenceModel:
-    return ReferenceModel(tiny_model)
+def recording_llm(model: Path, num_blocks: int, **overrides: Any) -> Any:
+    """An in-process engine over ``model`` with ``ENGINE``'s settings and a pool of
+    ``num_blocks`` blocks, whose workers record every compaction's kept indices."""
+    from vllm import LLM
+
+    os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
+    return LLM(model=str(model), num_gpu_blocks_override=num_blocks, **{**ENGINE, **overrides})
 
 
 #: Placeholder for the tiny model's calibrated Q-Filters file (a session fixture).

@@ -570,78 +570,87 @@ def decode_section(long_output: dict[str, Any] | None, quality: dict[str, Any] |
                    images: Path, runs: Path) -> list[str]:
     """Decode-time compression: the long-output workload and the long-generation quality."""
     lines = ["## Decode-time compression (long generations)", ""]
-    if long_output is None:
-        lines += ["_runs/bench-long-output/long_output.json is missing: run "
-                  "`make bench-long-output`._", ""]
-    else:
-        m, w = long_output["machine"], long_output["workload"]
-        lines += [f"Command: `{long_output['command']}` ({m['cpu']}, {m['cores']} cores, "
-                  f"{m['date']}). {w['requests']} requests of {w['prompt_len']} tokens, "
-                  f"{w['max_tokens']} output tokens each, arrive at once; the pool "
-                  f"({w['pool_blocks']} blocks of {w['block_size']}) holds "
-                  f"{w['pool_holds_full_requests']} uncompressed requests; decode_interval "
-                  f"{w['decode_interval']}. \"KV held\" is one request run alone, read from "
-                  "vLLM's own usage gauge (`kv_cache_manager.usage`, the value behind "
-                  "`vllm:kv_cache_usage_perc`) after every step.", "",
-                  "| configuration | tok/s | vs none | peak running | preemptions | TPOT p50 / "
-                  "p99 s | decode compactions | KV held alone, max blocks (gauge) | bound |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in long_output["rows"]:
-            name = "none" if not r["decode_budget"] else \
-                f"{r['policy']}, decode_budget {r['decode_budget']}"
-            lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | "
-                         f"{r['output_tokens_per_s_vs_none']:.2f}x | {r['peak_running']} | "
-                         f"{r['preemptions']} | {r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} | "
-                         f"{r['decode_compactions']} | {r['solo_max_blocks_by_gauge']} | "
-                         f"{r['block_bound']} |")
-        work = long_output["plugin_step_work"]
-        lines += ["", "Per-step plugin work on decode steps without compaction work, every "
-                  "request carrying evicted tokens (the worker's own timers around its step "
-                  "boundaries, the evicted-count remap and the per-layer hook, against the "
-                  "step's wall time; medians):", ""]
-        for name, label in (("prompt_compressed_knorm", "prompt-compressed (knorm, no query "
-                             "ring)"), ("decode_ring_snapkv", "decode-compressed (snapkv: its "
-                                        "query ring is written every step)")):
-            if name in work:
-                x = work[name]
-                lines.append(f"- {label}, batch {x['batch']}: {x['plugin_share_p50']:.2%} of a "
-                             f"{x['step_ms_p50']:.0f} ms step (remap alone "
-                             f"{x['remap_share_p50']:.3%}; worst step "
-                             f"{x['plugin_share_max']:.2%}; {x['steps_measured']} steps).")
-        path = _copy(runs / "bench-long-output" / "long_output.png", images, "long_output.png")
-        if path:
-            lines += ["", f"![long output]({path})"]
-        lines.append("")
-    if quality is None:
-        lines += ["_runs/bench-decode-quality/decode_quality.json is missing: run "
-                  "`make bench-decode-quality`._", ""]
-    else:
-        m, w = quality["machine"], quality["workload"]
-        lines += [f"Quality. Command: `{quality['command']}` ({m['cpu']}, {m['cores']} cores, "
-                  f"{m['date']}; {quality['model']}, {quality['dtype']}, greedy). "
-                  f"{w['prompts']} prompts of ~{w['prompt_tokens_median']:.0f} tokens (an essay "
-                  f"with a 7-digit number early on, depths {w['depths']}, and the instruction "
-                  "to write a long essay first and the number only at its end), "
-                  f"{w['max_tokens']} generated tokens, policy {w['policy']}, decode_interval "
-                  f"{w['decode_interval']}. Agreement is with the full-KV output of the same "
-                  "prompt: `prefix` = common prefix / n, `positional` = equal tokens at equal "
-                  "positions / n. Recall: the number appears in the output; late recall: it "
-                  "appears at generated token 256 or later (after a long preamble).", "",
-                  "| configuration | prefix@256 | positional@256 | prefix@1024 | "
-                  "positional@1024 | recall | late recall | recall - full KV (paired) | "
-                  "answer at token (median) |", "|---|---|---|---|---|---|---|---|---:|"]
-        for r in quality["rows"]:
-            name = "full KV" if not r["decode_budget"] else \
-                f"decode_budget {r['decode_budget']}"
-            cells = " | ".join(_ci(r[n], [r[f"{n}_low"], r[f"{n}_high"]]) for n in (
-                "prefix@256", "positional@256", "prefix@1024", "positional@1024", "recall",
-                "late_recall", "recall_minus_full"))
-            lines.append(f"| {name} | {cells} | {r['answer_position_median']} |")
-        path = _copy(runs / "bench-decode-quality" / "decode_quality.png", images,
-                     "decode_quality.png")
-        if path:
-            lines += ["", f"![decode quality]({path})"]
-        lines.append("")
+    for report, name, target, part in (
+            (long_output, "bench-long-output/long_output.json", "bench-long-output",
+             _long_output_lines),
+            (quality, "bench-decode-quality/decode_quality.json", "bench-decode-quality",
+             _decode_quality_lines)):
+        if report is None:
+            lines += [f"_runs/{name} is missing: run `make {target}`._", ""]
+        else:
+            lines += [*part(report, images, runs), ""]
+    return lines
+
+
+def _long_output_lines(long_output: dict[str, Any], images: Path, runs: Path) -> list[str]:
+    """The long-output workload's table, per-step plugin work and plot."""
+    m, w = long_output["machine"], long_output["workload"]
+    lines = [f"Command: `{long_output['command']}` ({m['cpu']}, {m['cores']} cores, "
+             f"{m['date']}). {w['requests']} requests of {w['prompt_len']} tokens, "
+             f"{w['max_tokens']} output tokens each, arrive at once; the pool "
+             f"({w['pool_blocks']} blocks of {w['block_size']}) holds "
+             f"{w['pool_holds_full_requests']} uncompressed requests; decode_interval "
+             f"{w['decode_interval']}. \"KV held\" is one request run alone, read from "
+             "vLLM's own usage gauge (`kv_cache_manager.usage`, the value behind "
+             "`vllm:kv_cache_usage_perc`) after every step.", "",
+             "| configuration | tok/s | vs none | peak running | preemptions | TPOT p50 / "
+             "p99 s | decode compactions | KV held alone, max blocks (gauge) | bound |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in long_output["rows"]:
+        name = "none" if not r["decode_budget"] else \
+            f"{r['policy']}, decode_budget {r['decode_budget']}"
+        lines.append(f"| {name} | {r['output_tokens_per_s']:.1f} | "
+                     f"{r['output_tokens_per_s_vs_none']:.2f}x | {r['peak_running']} | "
+                     f"{r['preemptions']} | {r['tpot_p50_s']:.3f} / {r['tpot_p99_s']:.3f} | "
+                     f"{r['decode_compactions']} | {r['solo_max_blocks_by_gauge']} | "
+                     f"{r['block_bound']} |")
+    work = long_output["plugin_step_work"]
+    lines += ["", "Per-step plugin work on decode steps without compaction work, every "
+              "request carrying evicted tokens (the worker's own timers around its step "
+              "boundaries, the evicted-count remap and the per-layer hook, against the "
+              "step's wall time; medians):", ""]
+    for name, label in (("prompt_compressed_knorm", "prompt-compressed (knorm, no query "
+                         "ring)"), ("decode_ring_snapkv", "decode-compressed (snapkv: its "
+                                    "query ring is written every step)")):
+        if name in work:
+            x = work[name]
+            lines.append(f"- {label}, batch {x['batch']}: {x['plugin_share_p50']:.2%} of a "
+                         f"{x['step_ms_p50']:.0f} ms step (remap alone "
+                         f"{x['remap_share_p50']:.3%}; worst step "
+                         f"{x['plugin_share_max']:.2%}; {x['steps_measured']} steps).")
+    path = _copy(runs / "bench-long-output" / "long_output.png", images, "long_output.png")
+    if path:
+        lines += ["", f"![long output]({path})"]
+    return lines
+
+
+def _decode_quality_lines(quality: dict[str, Any], images: Path, runs: Path) -> list[str]:
+    """The long-generation quality table (agreement with full KV, recall) and plot."""
+    m, w = quality["machine"], quality["workload"]
+    lines = [f"Quality. Command: `{quality['command']}` ({m['cpu']}, {m['cores']} cores, "
+             f"{m['date']}; {quality['model']}, {quality['dtype']}, greedy). "
+             f"{w['prompts']} prompts of ~{w['prompt_tokens_median']:.0f} tokens (an essay "
+             f"with a 7-digit number early on, depths {w['depths']}, and the instruction "
+             "to write a long essay first and the number only at its end), "
+             f"{w['max_tokens']} generated tokens, policy {w['policy']}, decode_interval "
+             f"{w['decode_interval']}. Agreement is with the full-KV output of the same "
+             "prompt: `prefix` = common prefix / n, `positional` = equal tokens at equal "
+             "positions / n. Recall: the number appears in the output; late recall: it "
+             "appears at generated token 256 or later (after a long preamble).", "",
+             "| configuration | prefix@256 | positional@256 | prefix@1024 | "
+             "positional@1024 | recall | late recall | recall - full KV (paired) | "
+             "answer at token (median) |", "|---|---|---|---|---|---|---|---|---:|"]
+    for r in quality["rows"]:
+        name = "full KV" if not r["decode_budget"] else \
+            f"decode_budget {r['decode_budget']}"
+        cells = " | ".join(_ci(r[n], [r[f"{n}_low"], r[f"{n}_high"]]) for n in (
+            "prefix@256", "positional@256", "prefix@1024", "positional@1024", "recall",
+            "late_recall", "recall_minus_full"))
+        lines.append(f"| {name} | {cells} | {r['answer_position_median']} |")
+    path = _copy(runs / "bench-decode-quality" / "decode_quality.png", images,
+                 "decode_quality.png")
+    if path:
+        lines += ["", f"![decode quality]({path})"]
     return lines
 
 
