@@ -153,9 +153,11 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
     device = scores.device
     start, end = middle_range(seq_len, sink_tokens, window)
     protected = protected_mask(seq_len, sink_tokens, window, device)
-    free = budget - int(protected.sum())
+    # Everything outside the middle is protected: counted without reading the mask back (on a
+    # GPU every host read of a device value is a synchronisation).
+    free = budget - (seq_len - (end - start))
     if free < 0 or budget > seq_len:
-        raise ValueError(f"budget {budget} outside [{int(protected.sum())}, {seq_len}]")
+        raise ValueError(f"budget {budget} outside [{seq_len - (end - start)}, {seq_len}]")
     middle = scores[start:end].float()
     n_mid = end - start
     # Tokens of the first grid chunk that lie before the middle (sinks): padded with zeros, which
@@ -172,16 +174,26 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
     n_chunks = means.shape[0]
     chunk_id = (torch.arange(n_mid, device=device) + lead) // chunk_size
     ranked = order(means)
-    # Whole chunks while they fit: the cumulative size of the ranked chunks decides.
+    # Whole chunks while they fit: the cumulative size of the ranked chunks decides (sizes are
+    # positive, so the fitting chunks are a prefix of the ranking).
     cum = torch.cumsum(sizes[ranked], dim=0)
-    n_whole = int((cum <= free).sum())
+    fits = cum <= free
     keep_chunk = torch.zeros(n_chunks, dtype=torch.bool, device=device)
-    keep_chunk[ranked[:n_whole]] = True
+    keep_chunk[ranked] = fits
     kept_mid = keep_chunk[chunk_id]
-    remainder = free - int(cum[n_whole - 1]) if n_whole else free
+    if n_chunks == 0:
+        return protected.nonzero().squeeze(1)
+    # One host read for the two numbers the trimmed chunk needs: the tokens the whole chunks
+    # hold and the next-best chunk (float64 holds both exactly).
+    n_whole = fits.sum()
+    held = torch.where(n_whole > 0, cum[(n_whole - 1).clamp(min=0)], torch.zeros_like(cum[0]))
+    held_tokens, boundary = torch.stack([
+        held.to(torch.float64), ranked[n_whole.clamp(max=n_chunks - 1)].to(torch.float64)
+    ]).tolist()
+    boundary = int(boundary)
+    remainder = free - int(held_tokens)
     if remainder > 0:
         # Trim the next-best chunk to its best tokens so the budget is exact.
-        boundary = int(ranked[n_whole])
         lo = max(boundary * chunk_size - lead, 0)
         hi = min((boundary + 1) * chunk_size - lead, n_mid)
         best = torch.argsort(middle[lo:hi], descending=True, stable=True)[:remainder]
