@@ -672,3 +672,35 @@ def test_overhead_ab_only_replaces_the_ab_and_keeps_the_ttft_table(
     saved = json.loads((tmp_path / "overhead.json").read_text())
     assert saved["ttft"] == ttft and saved["command"] == "first"
     assert (tmp_path / "overhead.png").is_file() and (tmp_path / "overhead.csv").is_file()
+
+
+def test_resumed_eval_records_the_runs_whose_rows_it_keeps(
+        tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run resumed in a folder (same prompts and parameters, new ratios) keeps the earlier
+    rows and records which runs made them; the results page names them. ``--fresh`` clears the
+    record with the rows."""
+    from vllm_kvcompress.bench.results import _settings_line
+    from vllm_kvcompress.eval import engine_backend
+
+    def fake_engine(samples: list, configs: list, params: dict, model: str, out: Path,
+                    **kwargs: Any) -> None:
+        with out.open("a") as fh:  # one row per call, as a resumed run appends
+            fh.write(json.dumps({"configs": len(configs)}) + "\n")
+
+    monkeypatch.setattr(engine_backend, "run", fake_engine)
+    monkeypatch.setattr(eval_run, "report", lambda out, resamples: {})
+    common = dict(model=str(tiny_model), out=str(tmp_path), tasks=["niah_single"],
+                  lengths=[1024], depths=[0.0], samples_per_cell=1, policies=["snapkv"])
+    settings_path = tmp_path / "settings-vllm.json"
+    eval_run.run(_args(**common, ratios=[1.0, 0.25]))
+    first = json.loads(settings_path.read_text())
+    assert "resumed_from" not in first
+    eval_run.run(_args(**common, ratios=[1.0, 0.5, 0.25]))
+    second = json.loads(settings_path.read_text())
+    assert second["resumed_from"] == [{"command": first["command"],
+                                       "date": first["machine"]["date"]}]
+    assert len((tmp_path / "predictions-vllm.jsonl").read_text().splitlines()) == 2
+    assert "; resumed, keeping the rows of `" in _settings_line(second)
+    eval_run.run(_args(**common, ratios=[1.0, 0.5], fresh=True))
+    assert "resumed_from" not in json.loads(settings_path.read_text())
+    assert len((tmp_path / "predictions-vllm.jsonl").read_text().splitlines()) == 1

@@ -118,9 +118,14 @@ def _copy(src: Path, images: Path, name: str) -> str | None:
 def _settings_line(settings: dict[str, Any]) -> str:
     m = settings.get("machine", {})
     per_cell = settings.get("samples_per_cell", settings.get("per_cell", "?"))
-    return (f"`{settings.get('command', '?')}` ({settings.get('samples', '?')} prompts, "
+    line = (f"`{settings.get('command', '?')}` ({settings.get('samples', '?')} prompts, "
             f"{per_cell} per task, length and depth, {m.get('cpu', '?')}, "
             f"{m.get('cores', '?')} cores, {m.get('date', '?')})")
+    earlier = settings.get("resumed_from", [])
+    if earlier:  # a resumed run: its folder already held rows of these earlier runs
+        line += "; resumed, keeping the rows of " + "; ".join(
+            f"`{run.get('command', '?')}` ({run.get('date', '?')})" for run in earlier)
+    return line
 
 
 ScoreKey = tuple[str, str, float, str, str, int]  # backend, policy, ratio, mode, variant, turn

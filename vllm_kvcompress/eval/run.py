@@ -275,6 +275,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"kvcompress eval: starting {predictions} afresh "
                   f"({'--fresh' if args.fresh else 'settings changed'})", file=sys.stderr)
             predictions.unlink()
+        elif predictions.exists():
+            # Resumed: the rows already there came from earlier runs; say which and when.
+            previous = json.loads(settings_path.read_text())
+            settings["resumed_from"] = [*previous.get("resumed_from", []), {
+                "command": previous.get("command"),
+                "date": previous.get("machine", {}).get("date")}]
         if args.backend == "vllm":
             from . import engine_backend
 
