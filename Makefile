@@ -60,7 +60,9 @@ EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-pe
 	expected_attention qfilters --head-select default --ratios 1.0 0.5 0.25 0.1 0.05
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
 PEER_ARGS ?=
-THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1
+# float32: this AMD EPYC has no native bf16 (oneDNN's fallback is several times slower).
+THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1 \
+	--dtype float32
 bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead bench-long-output \
 	bench-decode-quality results
 

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if prompt_len // 2 < 36 + prompt_len // 4:
         raise ValueError("--prompt-len: the long-output workload needs >= 160 tokens")
     llm = LLM(model=args.model, max_model_len=prompt_len + max_tokens, enforce_eager=True,
-              seed=0, enable_prefix_caching=False, block_size=block,
+              seed=0, dtype=args.dtype, enable_prefix_caching=False, block_size=block,
               max_num_seqs=max(64, args.remap_batch), max_num_batched_tokens=4096,
               num_gpu_blocks_override=args.full_requests * per_request + 1)
     prompts = essay_prompts(args.model, batch, prompt_len)
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # policy (ring writes every step; compacted once at the end of the prefill, the next
         # compaction is further away than the 48 steps measured).
         wide = LLM(model=args.model, max_model_len=prompt_len + 64, enforce_eager=True, seed=0,
-                   enable_prefix_caching=False, block_size=block,
+                   dtype=args.dtype, enable_prefix_caching=False, block_size=block,
                    max_num_seqs=args.remap_batch, max_num_batched_tokens=8192,
                    num_gpu_blocks_override=args.remap_batch * cdiv(prompt_len + 64, block) + 1)
         remap_prompts = prompts[:args.remap_batch]

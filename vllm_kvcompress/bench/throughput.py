@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     block = args.block_size
     per_request = -(-(args.prompt_len + max(args.max_tokens)) // block)
     llm = LLM(model=args.model, max_model_len=args.prompt_len + max(args.max_tokens),
-              enforce_eager=True, seed=0,
+              enforce_eager=True, seed=0, dtype=args.dtype,
               enable_prefix_caching=False, block_size=block, max_num_seqs=64,
               num_gpu_blocks_override=args.full_requests * per_request + 1)
     prompts = essay_prompts(args.model, args.requests, args.prompt_len)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["peak_goal"] = 0.9 * base["peak_running"] / row["ratio"]
         row["peak_goal_met"] = row["peak_running"] >= row["peak_goal"]
     report = {"machine": machine(), "command": "kvcompress " + " ".join(sys.argv[1:]),
-              "model": args.model,
+              "model": args.model, "dtype": args.dtype,
               "workload": {"requests": args.requests, "prompt_len": args.prompt_len,
                            "pool_holds_full_requests": args.full_requests,
                            "block_size": block}, "rows": rows}
@@ -265,6 +265,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the KV pool holds this many uncompressed requests")
     parser.add_argument("--block-size", type=int, default=32,
                         help="KV block size (CPU_ATTN needs a multiple of 32)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="model dtype (auto: the model's own, bf16 for SmolLM2; on CPUs "
+                        "without native bf16 float32 runs several times faster)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS),
                         help="kept ratios of every policy")
