@@ -41,7 +41,11 @@ Where the two implementations differ by design (same names, same ratios, same pr
   named `policy[per_head]` ran with `--head-select per_head` (each KV head its own tokens).
 - **Budget rounding and protected tokens.** kvpress keeps `int(L x ratio)` tokens (rounded down),
   sinks and window inside that budget; we keep `ceil(L x ratio)`, with `sink_tokens + window`
-  as a floor. Our SnapKV/ChunkKV also keep 4 sink tokens; kvpress's do not.
+  as a floor. Our SnapKV/ChunkKV also keep 4 sink tokens; kvpress's do not. Our key-only
+  methods (Knorm, KeyDiff, Q-Filters) keep the 4 sinks and the 32-token window before ranking;
+  kvpress's KnormPress, KeyDiffPress and QFilterPress rank every token. For Knorm at 0.5 this
+  is the one cell where ours is measurably below kvpress; run without that protection
+  (`--sink-tokens 0 --window 1`) ours is not (docs/ARCHITECTURE.md, Evaluation).
 - **ChunkKV.** Both score chunks of 10 tokens by their mean score; kvpress keeps whole chunks
   only (a little under the budget), we fill the budget exactly. Neither reuses indices across
   layers here (`reuse_layers=1`). Chunk boundaries differ: kvpress's chunks start at token 0 of
