@@ -42,16 +42,18 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # runs/; `make results` turns them into docs/results.md. One prompt set (runs/eval) serves the
 # accuracy questions: ours (bench-eval: the ten methods, each in its default selection mode, at
 # kept ratios 0.5, 0.25, 0.1 and 0.05 plus full KV) and kvpress on the same prompts (bench-peer,
-# which also runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at 1k, 4
-# prompts per cell. bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's
+# which also runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at
+# 1k, 4 prompts per cell. bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's
 # MergingPress, on the same needle prompts. bench-overhead: TTFT share per method at 4k.
 # Time measured here (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer running side by
 # side on the 2 cores): at ratios 0.25/0.1 (2026-11-25) bench-eval 33 min (840 requests) and
-# bench-peer 54 min; ratios 0.5/0.05 added on 2026-11-26 as a resumed run (same prompts): TIME_R2.
+# bench-peer 54 min; ratios 0.5/0.05 added on 2026-11-26 as a resumed run (same prompts):
+# bench-eval 32 min (800 requests), bench-peer 41 min (780 records), so ~1 h 10 min and ~1 h 35
+# min for all five ratios.
 # bench-merge ~35 min, bench-overhead ~20 min for its TTFT part (OVERHEAD_ARGS) plus ~15 min per
-# A/B cycle, bench-throughput ~18 min, bench-long-output ~1 h 45 min, bench-decode-quality
-# ~20 min (10 prompts). Run one after the other that is about 6 h here. The A/B part of
-# bench-overhead needs an otherwise idle machine; re-run it alone with
+# A/B cycle, bench-throughput 43 min (float32, 2026-11-26, idle), bench-long-output ~1 h 45 min,
+# bench-decode-quality ~20 min (10 prompts). Run one after the other that is about 7 h here. The
+# A/B part of bench-overhead needs an otherwise idle machine; re-run it alone with
 # `make bench-overhead OVERHEAD_ARGS="--ab-only --ab-cycles 2"` (keeps the TTFT table).
 # The *_ARGS variables are the study's settings; override them for a bigger one.
 EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
