@@ -149,7 +149,8 @@ def _update_ab(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         raise SystemExit("kvcompress bench overhead: --ab-only needs --ab-cycles >= 1")
     report = json.loads(path.read_text())
     report["throughput"] = _none_vs_disabled(args)
-    report["throughput"].update(machine=machine(), command=" ".join(sys.argv))
+    report["throughput"].update(machine=machine(),
+                                command="kvcompress " + " ".join(sys.argv[1:]))
     return report
 
 
