@@ -134,7 +134,8 @@ def _none_vs_disabled(args: argparse.Namespace) -> dict[str, Any] | None:
         "median_none": statistics.median(rates["none"]),
         "ratio_none_vs_disabled": statistics.median(rates["none"])
         / statistics.median(rates["disabled"]),
-        "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens")},
+        "workload": {k: throughput_cfg[k] for k in ("batch", "prompt_len", "max_tokens",
+                                                    "dtype")},
     }
 
 
