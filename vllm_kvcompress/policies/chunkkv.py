@@ -172,6 +172,8 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
         means[0] = means[0] * sizes[0] / first
         sizes[0] = first
     n_chunks = means.shape[0]
+    if n_chunks == 0:  # nothing droppable: the budget is the protected tokens (checked above)
+        return protected.nonzero().squeeze(1)
     chunk_id = (torch.arange(n_mid, device=device) + lead) // chunk_size
     ranked = order(means)
     # Whole chunks while they fit: the cumulative size of the ranked chunks decides (sizes are
@@ -181,8 +183,6 @@ def chunk_select(scores: torch.Tensor, budget: int, sink_tokens: int, window: in
     keep_chunk = torch.zeros(n_chunks, dtype=torch.bool, device=device)
     keep_chunk[ranked] = fits
     kept_mid = keep_chunk[chunk_id]
-    if n_chunks == 0:
-        return protected.nonzero().squeeze(1)
     # One host read for the two numbers the trimmed chunk needs: the tokens the whole chunks
     # hold and the next-best chunk (float64 holds both exactly).
     n_whole = fits.sum()
