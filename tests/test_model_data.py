@@ -125,13 +125,12 @@ def test_declared_path_parameter_generates_flag_and_keys(registered: None) -> No
 def test_vllm_serve_refuses_a_file_that_does_not_fit_in_one_line(
         registered: None, tiny_model: Path, files: dict[str, str]) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm_serve_parser import make_serve_parser
 
     from vllm_kvcompress import plugin
 
     plugin.register()
-    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    parser = make_serve_parser()
     for name, fragment in (("bad", "needs (4, 2, 64)"), ("junk", "not a torch tensor file")):
         args = parser.parse_args([str(tiny_model), "--kv-policy", "test-direction",
                                   "--kv-direction-file", files[name]])

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from vllm_serve_parser import make_serve_parser
 
 from vllm_kvcompress import deployment, plugin, server_config, vllm_patches
 from vllm_kvcompress.config import ADDITIONAL_CONFIG_KEY
@@ -20,10 +21,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 def serve_parser() -> argparse.ArgumentParser:
     """The real `vllm serve` argument parser, with the plugin registered."""
     plugin.register()
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser(prog="vllm serve"))
+    return make_serve_parser()
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +50,12 @@ def test_register_is_idempotent_and_patches_once() -> None:
     assert {p.target for p in vllm_patches.MANIFEST} == vllm_patches._applied
 
 
-def test_manifest_names_target_reason_and_version() -> None:
+def test_manifest_names_target_reason_and_hooks() -> None:
     for patch in vllm_patches.MANIFEST:
-        assert patch.target.startswith("vllm.") and patch.why and patch.vllm == "0.32.x"
+        assert patch.target.startswith("vllm.") and patch.why and patch.hooks
 
 
-@pytest.mark.parametrize("installed", ["0.31.2", "0.33.0", "1.0.0+cpu"])
+@pytest.mark.parametrize("installed", ["0.31.2", "0.34.0", "1.0.0+cpu"])
 def test_unsupported_vllm_exits_with_one_clear_line(monkeypatch: pytest.MonkeyPatch,
                                                      installed: str) -> None:
     monkeypatch.setattr(vllm_patches, "version", lambda name: installed)
@@ -65,11 +63,26 @@ def test_unsupported_vllm_exits_with_one_clear_line(monkeypatch: pytest.MonkeyPa
         vllm_patches.check_vllm_version()
     message = str(info.value.code)
     assert "\n" not in message
-    assert f"unsupported vLLM {installed}" in message and ">=0.32,<0.33" in message
+    assert f"unsupported vLLM {installed}" in message and ">=0.32,<0.34" in message
+    assert "0.33.x" in message and "docs/vllm-versions.md" in message
+
+
+@pytest.mark.parametrize("installed", ["0.34.0", "0.34.1rc1+cu130", "0.35.0"])
+def test_vllm_034_is_refused_naming_the_runner_rewrite(monkeypatch: pytest.MonkeyPatch,
+                                                       installed: str) -> None:
+    monkeypatch.setattr(vllm_patches, "version", lambda name: installed)
+    with pytest.raises(SystemExit) as info:
+        vllm_patches.check_vllm_version()
+    message = str(info.value.code)
+    assert "\n" not in message
+    assert "rewrote the model runner" in message and "not ported" in message
+    assert "no CPU build of 0.34" in message
+    assert "newest supported release is 0.33.x" in message
+    assert message.endswith("see docs/vllm-versions.md")
 
 
 def test_supported_versions_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    for installed in ("0.32.0", "0.32.0+cpu", "0.32.7"):
+    for installed in ("0.32.0", "0.32.0+cpu", "0.32.7", "0.33.0", "0.33.1+cu129", "0.33.0rc2"):
         monkeypatch.setattr(vllm_patches, "version", lambda name, v=installed: v)
         assert vllm_patches.check_vllm_version() == installed
 

@@ -185,7 +185,7 @@ def test_wheel_metadata(installed: Installed) -> None:
         if req.marker is None or "extra" not in str(req.marker):
             runtime[req.name.lower()] = req
     assert set(runtime) == {"vllm", "torch", "pyyaml"}, runtime
-    assert str(runtime["vllm"].specifier) in (">=0.32,<0.33", "<0.33,>=0.32")
+    assert str(runtime["vllm"].specifier) in (">=0.32,<0.34", "<0.34,>=0.32")
     # Unpinned: pip keeps the torch (and its triton) that the installed vLLM pins.
     assert not runtime["torch"].specifier
     assert "vllm_kvcompress.plugin:register" in entry_points
@@ -227,7 +227,7 @@ def test_installed_cli(installed: Installed) -> None:
     assert str(installed.python) in kvcompress.read_text()  # the venv's script, not .venv's
     helped = installed.run(kvcompress, "--help")
     assert "usage: kvcompress" in helped.stdout
-    for command in ("prepare-model", "policies", "bench", "eval"):
+    for command in ("prepare-model", "policies", "bench", "eval", "check-vllm"):
         assert command in helped.stdout
     listed = installed.run(kvcompress, "policies").stdout
     for policy in POLICIES:

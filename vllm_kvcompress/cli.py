@@ -11,6 +11,7 @@ Usage::
     kvcompress bench throughput [--workload long-output]
     kvcompress bench decode-quality
     kvcompress eval [--backend vllm|kvpress] [--limit N]
+    kvcompress check-vllm [VERSION ...] [--source DIR]
 """
 
 from __future__ import annotations
@@ -90,6 +91,29 @@ def _cmd_policies(args: argparse.Namespace) -> int:
     print("\nratio and budget unset mean the default ratio 0.25 once a policy is set (unless "
           "decode_budget is set: then only the decode budget bounds the request).")
     return 0
+
+
+def _cmd_check_vllm(args: argparse.Namespace) -> int:
+    from . import compat
+
+    if args.source:
+        root = Path(args.source)
+        if not (root / "vllm" / "__init__.py").is_file():
+            print(f"kvcompress check-vllm: --source: {root} holds no vllm/ package",
+                  file=sys.stderr)
+            return 2
+        reports = [compat.check_release(compat.ReleaseSources.from_directory(root), str(root))]
+    else:
+        reports = []
+        for release in args.versions:
+            try:
+                reports.append(compat.check_version(release, args.cache))
+            except compat.WheelDownloadError as err:
+                print(f"kvcompress check-vllm: {err}", file=sys.stderr)
+                return 2
+    for report in reports:
+        print("\n".join(report.lines(verbose=args.verbose)))
+    return 0 if all(report.ok for report in reports) else 1
 
 
 def _run_reported(label: str, module: Any, args: argparse.Namespace, wrote: str) -> int:
@@ -194,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_run.add_arguments(evaluation)
     evaluation.set_defaults(func=_cmd_eval)
+    from .vllm_patches import CHECKED_RELEASES
+
+    check = sub.add_parser("check-vllm", help="check the patch manifest against vLLM releases' "
+                           "own sources (wheels downloaded once, read with ast, never imported)")
+    check.add_argument("versions", nargs="*", default=list(CHECKED_RELEASES), metavar="VERSION",
+                       help="exact vLLM releases (default: "
+                            f"{' '.join(CHECKED_RELEASES)}, the supported ones)")
+    check.add_argument("--source", default=None, metavar="DIR",
+                       help="check the vllm/ package under DIR instead (site-packages, an "
+                            "extracted copy)")
+    check.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                       help="wheel cache (default: ~/.cache/vllm-kvcompress/wheels, env "
+                            "VLLM_KVCOMPRESS_WHEEL_CACHE)")
+    check.add_argument("-v", "--verbose", action="store_true", help="list matching entries too")
+    check.set_defaults(func=_cmd_check_vllm)
     return parser
 
 
