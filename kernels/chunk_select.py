@@ -22,14 +22,17 @@ from vllm_kvcompress.policies.chunkkv import chunk_select
 
 
 @triton.jit
-def _chunk_means_kernel(S, Means, n, n_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+def _chunk_means_kernel(S, Means, n, n_chunks, chunk, BLOCK_C: tl.constexpr):
+    # ``chunk`` is a runtime argument, not a constexpr: it comes from a request
+    # (kv_chunk_size), and a constexpr would compile a new kernel for every distinct value a
+    # client sends.
     chunks = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = chunks < n_chunks
     acc = tl.zeros([BLOCK_C], tl.float32)
-    for i in range(CHUNK):  # left to right, as the reference
-        idx = chunks * CHUNK + i
+    for i in range(chunk):  # left to right, as the reference
+        idx = chunks * chunk + i
         acc += tl.load(S + idx, mask=ok & (idx < n), other=0.0)
-    size = tl.minimum(n - chunks * CHUNK, CHUNK).to(tl.float32)
+    size = tl.minimum(n - chunks * chunk, chunk).to(tl.float32)
     # IEEE round-to-nearest division: Triton's `/` on float32 compiles to the approximate
     # div.full.f32 on NVIDIA GPUs (up to 2 ulp off), which broke bit-identity with the
     # reference's means there (seen on an H200; the CPU interpreter divides exactly).
@@ -64,7 +67,7 @@ def chunk_means_triton(scores: torch.Tensor, chunk_size: int, block_c: int = 128
     means = torch.empty(n_chunks, dtype=torch.float32, device=scores.device)
     if n_chunks:
         _chunk_means_kernel[(triton.cdiv(n_chunks, block_c),)](
-            scores.contiguous(), means, n, n_chunks, CHUNK=chunk_size, BLOCK_C=block_c)
+            scores.contiguous(), means, n, n_chunks, chunk_size, BLOCK_C=block_c)
     sizes = torch.full((n_chunks,), float(chunk_size), device=scores.device)
     if n_chunks:
         sizes[-1] = n - (n_chunks - 1) * chunk_size

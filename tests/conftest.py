@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,43 @@ def tiny_qfilters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("qfilters") / "tiny-qfilters.safetensors"
     calibrate(tiny_model, out, sequences=2, seq_len=256, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def allowed_dir(tiny_qfilters: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The served test model's allowed directory for per-request files: the tiny model's
+    Q-Filters (``tiny.safetensors``), filters of another model (``other-model.safetensors``),
+    a link leading out of the folder and a subfolder."""
+    import shutil
+
+    import torch
+
+    from vllm_kvcompress.policies.qfilters import save_filters
+
+    folder = tmp_path_factory.mktemp("allowed-files")
+    shutil.copy(tiny_qfilters, folder / "tiny.safetensors")
+    save_filters(folder / "other-model.safetensors", torch.randn(30, 3, 64), model="smollm2",
+                 num_q_heads=9, tokens=1)
+    outside = tmp_path_factory.mktemp("outside-files")
+    shutil.copy(tiny_qfilters, outside / "secret.safetensors")
+    os.symlink(outside / "secret.safetensors", folder / "link-out.safetensors")
+    (folder / "a-folder").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: Path, allowed_dir: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[object]:
+    """One real ``vllm serve`` of the tiny model with the chunkkv deployment and per-request
+    files allowed under ``allowed_dir`` (tests/test_server.py, tests/test_hostile_server.py)."""
+    from vllm_kvcompress.local_server import LocalServer
+
+    log = tmp_path_factory.mktemp("server") / "serve.log"
+    args = ["--config", str(REPO / "configs" / "chunkkv.yaml"), "--enforce-eager",
+            "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "8",
+            "--kv-allowed-file-dir", str(allowed_dir)]
+    with LocalServer(str(tiny_model), args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+from admitted import admitted_args
+
 from vllm_kvcompress.config import CompressionSpec
 from vllm_kvcompress.engine.scheduler_side import ManagerState, SchedulerCompression
 from vllm_kvcompress.engine.stats import CompressionStats
@@ -44,9 +46,10 @@ def planner(pool: FakePool, **server: object) -> SchedulerCompression:
 
 
 def request(req_id: str, prompt: int, xargs: dict | None = None) -> SimpleNamespace:
+    """A request as the engine core sees it: its kv_* keys admitted by a front end."""
     return SimpleNamespace(request_id=req_id, num_prompt_tokens=prompt, num_computed_tokens=0,
-                           num_output_tokens=0, num_preemptions=0,
-                           num_tokens=prompt, sampling_params=SimpleNamespace(extra_args=xargs))
+                           num_output_tokens=0, num_preemptions=0, num_tokens=prompt,
+                           sampling_params=SimpleNamespace(extra_args=admitted_args(xargs)))
 
 
 def step(plan: SchedulerCompression, req: SimpleNamespace, n_new: int) -> object:
@@ -169,3 +172,22 @@ def test_prompt_only_compaction_skipped_for_memory_releases_the_query_ring() -> 
     step(roomy, other, 64)
     done = step(roomy, other, 36)
     assert "q" in done.compact and done.stash == {"q": 16} and not done.release
+
+
+def test_resumed_decode_compressed_request_recomputes_its_window() -> None:
+    """A preempted decode-compressed request's re-prefill (prompt + outputs) may hit its old
+    uncompressed prompt blocks in the prefix cache; the hits stop short of its last ``window``
+    tokens so its query ring is full again when it next compacts. A prompt-only request is not
+    compressed again after a preemption: no cap."""
+    plan = planner(FakePool(64))
+    req = request("r", 90, DECODE)  # window 16
+    req.num_output_tokens, req.num_tokens = 30, 120
+    assert plan.max_cache_hit_blocks(req) == (120 - 16) // BLOCK
+    fresh = request("f", 90, DECODE)
+    assert plan.max_cache_hit_blocks(fresh) == (90 - 16) // BLOCK
+    prompt_only = request("p", 100, {"kv_policy": "snapkv", "kv_window": 16, "kv_ratio": 0.25})
+    prompt_only.num_output_tokens, prompt_only.num_tokens = 5, 105
+    assert plan.max_cache_hit_blocks(prompt_only) is None
+    keys_only = request("k", 90, {**DECODE, "kv_policy": "knorm"})
+    keys_only.num_output_tokens, keys_only.num_tokens = 30, 120
+    assert plan.max_cache_hit_blocks(keys_only) is None

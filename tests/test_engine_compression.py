@@ -58,8 +58,10 @@ def kept_log(runner: Any, request_id: str) -> dict[int, list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model: Path) -> Iterator[Any]:
-    engine = recording_llm(tiny_model, num_blocks=512)
+def llm(tiny_model: Path, tiny_qfilters: Path) -> Iterator[Any]:
+    # The operator allows requests to name the Q-Filters file's folder.
+    engine = recording_llm(tiny_model, num_blocks=512, additional_config={
+        "kvcompress": {"allowed_file_dir": str(tiny_qfilters.parent)}})
     yield engine
     del engine
 

@@ -99,13 +99,16 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def llm(registered: None, tiny_model: Path) -> Iterator[Any]:
+def llm(registered: None, tiny_model: Path, files: dict[str, str]) -> Iterator[Any]:
     import os
 
     from vllm import LLM
 
     os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
-    engine = LLM(model=str(tiny_model), **ENGINE)
+    # Requests may name files under the operator's directory only.
+    folder = str(Path(files["good"]).parent)
+    engine = LLM(model=str(tiny_model), additional_config={"kvcompress": {
+        "allowed_file_dir": folder}}, **ENGINE)
     yield engine
     del engine
 
@@ -115,11 +118,16 @@ def test_declared_path_parameter_generates_flag_and_keys(registered: None) -> No
 
     assert cli_names()["direction_file"] == "--kv-direction-file"
     assert request_names()["direction_file"] == "kv_direction_file"
-    from vllm_kvcompress.config import CompressionConfigError, CompressionSpec, resolve_request
+    from vllm_kvcompress.admission import Frontend, admit
+    from vllm_kvcompress.config import CompressionConfigError, CompressionSpec
 
-    with pytest.raises(CompressionConfigError, match=r"^kv_direction_file: must be the path "
-                                                     r"of an existing file \(got '/nope'\)"):
-        resolve_request(CompressionSpec(), {"kv_direction_file": "/nope"})
+    with pytest.raises(CompressionConfigError, match=r"^kv_direction_file: must be a file path "
+                                                     r"\(a string of at most 1024 characters\)"):
+        admit({"kv_direction_file": 7}, Frontend(CompressionSpec(), None, None))
+    with pytest.raises(CompressionConfigError, match=r"^kv_direction_file: no usable file of "
+                                                     r"that name \(per-request files are "
+                                                     r"disabled on this server"):
+        admit({"kv_direction_file": "/nope"}, Frontend(CompressionSpec(), None, None))
 
 
 def test_vllm_serve_refuses_a_file_that_does_not_fit_in_one_line(

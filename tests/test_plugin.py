@@ -180,7 +180,8 @@ def fake_config(**overrides: object) -> object:
                             is_multimodal_model=overrides.get("multimodal", False))
     return SimpleNamespace(model_config=model,
                            cache_config=SimpleNamespace(cache_dtype=overrides.get("dtype", "auto")),
-                           speculative_config=overrides.get("spec"))
+                           speculative_config=overrides.get("spec"),
+                           kv_transfer_config=overrides.get("connector"))
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
@@ -190,6 +191,7 @@ def fake_config(**overrides: object) -> object:
     ({"multimodal": True}, "multimodal"),
     ({"spec": object()}, "speculative decoding"),
     ({"dtype": "fp8_e4m3"}, "quantized KV cache"),
+    ({"connector": object()}, "KV connectors (kv_transfer_config)"),
 ])
 def test_unsupported_deployments_are_named(overrides: dict, fragment: str | None) -> None:
     plugin.register()
@@ -208,11 +210,11 @@ def test_policy_request_on_unsupported_deployment_is_a_400() -> None:
     refusing = server_config.Frontend(CompressionSpec(), shape, "pipeline parallelism (...)")
     with pytest.raises(VLLMValidationError, match=r"^kv_policy: compression is not available "
                                                   r"on this deployment: pipeline") as info:
-        server_config.raise_for_request({"kv_policy": "snapkv"}, refusing)
+        server_config.admit_request({"kv_policy": "snapkv"}, refusing)
     assert info.value.parameter == "vllm_xargs.kv_policy"
-    server_config.raise_for_request({"kv_policy": "none"}, refusing)  # fine
-    server_config.raise_for_request({"kv_policy": "snapkv"},
-                                    server_config.Frontend(CompressionSpec(), shape, None))
+    server_config.admit_request({"kv_policy": "none"}, refusing)  # fine
+    server_config.admit_request({"kv_policy": "snapkv"},
+                                server_config.Frontend(CompressionSpec(), shape, None))
 
 
 @pytest.mark.parametrize(("sizes", "fragment"), [

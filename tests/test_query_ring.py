@@ -61,3 +61,37 @@ def test_one_indexed_copy_per_layer_and_window() -> None:
     assert len(ring._writes) == 1 and ring._writes[0].rows.tolist() == list(range(64))
     ring.write(0, torch.randn(64, 3, 2))
     assert ring._pools[8][0].shape[0] >= 64
+
+
+def test_pools_of_window_sizes_no_request_uses_are_released() -> None:
+    """Many distinct window values, one after the other: memory follows the live requests and
+    returns to zero, instead of keeping a pool per value ever seen."""
+    ring = QueryRing(2)
+    peak = 0
+    for window in range(1, 200, 3):
+        ring.plan([(f"r{window}", window, 0, 5)])
+        ring.write(0, torch.randn(5, 3, 2))
+        ring.write(1, torch.randn(5, 3, 2))
+        peak = max(peak, ring.nbytes)
+        ring.release(f"r{window}")
+    ring.plan([])
+    assert ring.nbytes == 0 and not ring._pools
+    assert peak <= 2 * 4 * 199 * 3 * 2 * 4  # one window's pools at a time
+
+
+def test_a_failed_write_fails_only_that_window_sizes_requests() -> None:
+    """An allocation that fails (here: a pool that cannot be created) is returned as the
+    requests to fail; the other window size is written and reads back."""
+    ring = QueryRing(1)
+    ring.plan([("a", 4, 0, 2), ("b", 8, 2, 4)])
+    original = ring._pool
+
+    def failing(window: int, *args: object) -> torch.Tensor:
+        if window == 8:
+            raise RuntimeError("out of memory")
+        return original(window, *args)
+
+    ring._pool = failing  # type: ignore[method-assign]
+    query = torch.randn(4, 3, 2)
+    assert ring.write(0, query) == [("b",)]
+    assert torch.equal(ring.read("a", 0), query[0:2])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM = str(Path(sys.executable).with_name("vllm"))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    args = ["--config", str(REPO / "configs" / "chunkkv.yaml"), "--enforce-eager",
-            "--max-model-len", "1024", "--block-size", "32", "--max-num-seqs", "8"]
-    with LocalServer(str(tiny_model), args, log, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
-        yield srv
 
 
 def post(server: LocalServer, endpoint: str, tiny_model: Path, xargs: object,
@@ -106,20 +96,17 @@ def test_every_method_serves_through_vllm_xargs(server: LocalServer, tiny_model:
 
 
 def test_qfilters_file_checked_per_request(server: LocalServer, tiny_model: Path,
-                                           tiny_qfilters: Path, tmp_path: Path) -> None:
-    """The tiny model's own filters serve; filters of another shape are a 400 naming the key and
-    the shapes, before anything runs."""
-    import torch
-
-    from vllm_kvcompress.policies.qfilters import save_filters
-
-    good = {"kv_policy": "qfilters", "kv_qfilters_path": str(tiny_qfilters), "kv_window": 4,
-            "kv_sink_tokens": 1}
-    resp = post(server, "completions", tiny_model, good)
-    assert resp.status_code == 200, resp.text
-    wrong = tmp_path / "other-model.safetensors"
-    save_filters(wrong, torch.randn(30, 3, 64), model="smollm2", num_q_heads=9, tokens=1)
-    resp = post(server, "completions", tiny_model, {**good, "kv_qfilters_path": str(wrong)})
+                                           allowed_dir: Path) -> None:
+    """The tiny model's own filters (named relative to the operator's folder, or by their full
+    path inside it) serve; filters of another shape are a 400 naming the key and the shapes,
+    before anything runs."""
+    for name in ("tiny.safetensors", str(allowed_dir / "tiny.safetensors")):
+        good = {"kv_policy": "qfilters", "kv_qfilters_path": name, "kv_window": 4,
+                "kv_sink_tokens": 1}
+        resp = post(server, "completions", tiny_model, good)
+        assert resp.status_code == 200, resp.text
+    resp = post(server, "completions", tiny_model,
+                {**good, "kv_qfilters_path": "other-model.safetensors"})
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == "vllm_xargs.kv_qfilters_path"

@@ -60,7 +60,14 @@ def run(tiny_model: Path, tp: int, cases: list[dict[str, Any]],
            "VLLM_CPU_KVCACHE_SPACE": "1"}
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
-    config = {"model": str(tiny_model), "tp": tp, "engine": ENGINE, "cases": cases,
+    # The operator allows the Q-Filters file's folder and compactions every 8 tokens (clients
+    # get at least 16 by default).
+    qfilters = next((c["kv_qfilters_path"] for c in cases if "kv_qfilters_path" in c), None)
+    operator: dict[str, Any] = {"min_decode_interval": 8}
+    if qfilters is not None:
+        operator["allowed_file_dir"] = str(Path(qfilters).parent)
+    engine = {**ENGINE, "additional_config": {"kvcompress": operator}}
+    config = {"model": str(tiny_model), "tp": tp, "engine": engine, "cases": cases,
               "prompts": prompts, "max_tokens": MAX_TOKENS}
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(config)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)

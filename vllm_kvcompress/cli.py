@@ -65,13 +65,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_policies(args: argparse.Namespace) -> int:
+    from .admission import operator_params
     from .policies.base import needs_queries
     from .policies.params import COMMON_PARAMS
     from .policies.registry import NO_POLICY, build_policy, get_policy_info, policy_names
 
     def describe(param: Any) -> str:
+        limits = []
+        if param.bound is not None:
+            limits.append(f"at most the served model's {param.bound}")
+        if param.request_max is not None:
+            limits.append(f"requests at most {param.request_max} (--kv-max-"
+                          f"{param.name.replace('_', '-')})")
+        if param.request_min is not None:
+            limits.append(f"requests at least {param.request_min} (--kv-min-"
+                          f"{param.name.replace('_', '-')})")
+        extra = f" [{'; '.join(limits)}]" if limits else ""
         return (f"  {param.flag:<22} {param.request_key:<18} default {param.default!s:<12} "
-                f"{param.allowed()}: {param.help}")
+                f"{param.allowed()}{extra}: {param.help}")
 
     print("Every policy reads these settings (flag, vllm_xargs key, default, allowed):")
     for param in COMMON_PARAMS:
@@ -92,6 +103,11 @@ def _cmd_policies(args: argparse.Namespace) -> int:
             print(f"  model data: loaded from --kv-{info.model_data.param.replace('_', '-')}")
     print("\nratio and budget unset mean the default ratio 0.25 once a policy is set (unless "
           "decode_budget is set: then only the decode budget bounds the request).")
+    print("\nOperator settings (flag or kvcompress: YAML key; never a request key), what "
+          "clients may ask for (docs/SECURITY.md):")
+    for param in operator_params().values():
+        print(f"  {param.flag:<30} default {param.default!s:<8} {param.allowed()}: "
+              f"{param.help}")
     return 0
 
 

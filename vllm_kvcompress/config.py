@@ -17,7 +17,7 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .policies.params import Param
+from .policies.params import DECLARED, Bounds, Param
 from .policies.registry import NO_POLICY, all_params
 
 #: Kept ratio used when a policy is chosen but neither ratio nor budget is given.
@@ -45,12 +45,15 @@ class CompressionConfigError(ValueError):
         self.field = field
 
 
-def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str]) -> dict[str, Any]:
+def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str],
+                  bounds: Bounds = DECLARED) -> dict[str, Any]:
     """Validates one layer of settings against the declared parameters.
 
     Args:
         values: field -> value, only what the layer sets.
         name_of: field -> the name the user wrote (for messages); missing fields use the field.
+        bounds: the ranges on this deployment for this kind of caller (declared ranges when
+            no deployment is known).
 
     Raises:
         CompressionConfigError: unknown key, bad value, or ratio and budget together; the
@@ -66,10 +69,10 @@ def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str]) -> dict
             prefix = name_of.get("policy", "policy").removesuffix("policy")
             raise CompressionConfigError(prefix + key, f"unknown key; allowed keys: {allowed}")
         try:
-            checked[key] = param.check(value)
+            checked[key] = param.check(value, bounds)
         except ValueError as err:
             raise CompressionConfigError(name_of.get(key, key),
-                                         f"must be {err} (got {value!r})") from None
+                                         f"must be {err} (got {_shown(value)})") from None
     if checked.get("ratio") is not None and checked.get("budget") is not None:
         fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
         raise CompressionConfigError(fields, "give one of them, not both")
@@ -99,6 +102,13 @@ def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) ->
             name_of.get("decode_budget", "decode_budget"),
             f"must be an integer >= sink_tokens + window + decode_interval = {sinks} + {window} "
             f"+ {interval} = {sinks + window + interval} (got {budget})")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: at most 80 characters (a client's megabyte
+    string is not echoed back or logged)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class CompressionSpec(Mapping[str, Any]):
@@ -133,6 +143,16 @@ class CompressionSpec(Mapping[str, Any]):
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CompressionSpec:
         return cls(**dict(values))
+
+    @classmethod
+    def trusted(cls, values: Mapping[str, Any]) -> CompressionSpec:
+        """A spec from values this deployment already validated (``resolve``, admission),
+        without checking them again: the engine core and the workers receive specs only from
+        the front end's admission, so nothing user-controlled is parsed there and nothing there
+        touches a file or raises over a setting."""
+        spec = object.__new__(cls)
+        object.__setattr__(spec, "_values", dict(values))
+        return spec
 
     # --- attribute access -------------------------------------------------------------------
 
@@ -174,7 +194,8 @@ class CompressionSpec(Mapping[str, Any]):
         return f"CompressionSpec({items})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CompressionSpec.from_dict, (dict(self._values),))
+        # Specs cross to the engine core and the workers already validated (see trusted()).
+        return (CompressionSpec.trusted, (dict(self._values),))
 
     # --- views ------------------------------------------------------------------------------
 
@@ -249,17 +270,15 @@ class CompressionSpec(Mapping[str, Any]):
         return prompt_kept
 
 
-def _validate_layer(values: Mapping[str, Any], name_of: dict[str, str]) -> dict[str, Any]:
-    """Validates one layer alone (so errors name that layer's keys); returns the set fields."""
-    return _check_values(values, name_of)
-
-
-def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpec:
+def resolve(*layers: tuple[Mapping[str, Any], Mapping[str, str]]
+            | tuple[Mapping[str, Any], Mapping[str, str], Bounds]) -> CompressionSpec:
     """Merges layers (lowest precedence first) into one spec.
 
     Args:
-        layers: ``(values, name_of)`` pairs; ``values`` maps spec field -> value (only what that
-            layer sets); ``name_of`` maps field -> the name the user wrote, for error messages.
+        layers: ``(values, name_of)`` or ``(values, name_of, bounds)``; ``values`` maps spec
+            field -> value (only what that layer sets); ``name_of`` maps field -> the name the
+            user wrote, for error messages; ``bounds``: the ranges that layer's author may use
+            (declared ranges when absent).
 
     Raises:
         CompressionConfigError: a layer is invalid; the message names the field and what is
@@ -267,8 +286,8 @@ def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpe
     """
     merged: dict[str, Any] = {}
     names: Mapping[str, str] = {}
-    for values, name_of in layers:
-        checked = _validate_layer(values, name_of)
+    for values, name_of, *rest in layers:
+        checked = _check_values(values, name_of, *rest)
         if "ratio" in checked or "budget" in checked:
             merged.pop("ratio", None)
             merged.pop("budget", None)
@@ -276,7 +295,7 @@ def resolve(*layers: tuple[Mapping[str, Any], dict[str, str]]) -> CompressionSpe
         if checked.keys() & DECODE_FIELDS:
             names = name_of  # the layer that last touched the decode settings is named
     _check_decode_room(merged, names)
-    return CompressionSpec(**merged)
+    return CompressionSpec.trusted(merged)
 
 
 def request_names() -> dict[str, str]:
@@ -298,42 +317,40 @@ def request_values(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:
     """Picks the ``kv_*`` keys out of a request's ``extra_args`` (other keys belong to others).
 
     Raises:
-        CompressionConfigError: an unknown ``kv_*`` key.
+        CompressionConfigError: an unknown ``kv_*`` key (or a non-string key).
     """
     values: dict[str, Any] = {}
     params = all_params()
     for key, value in (extra_args or {}).items():
+        if not isinstance(key, str):
+            raise CompressionConfigError("vllm_xargs", "keys must be strings")
         if not key.startswith(REQUEST_PREFIX):
             continue
         field = key[len(REQUEST_PREFIX):]
         if field not in params:
             allowed = ", ".join(request_names().values())
-            raise CompressionConfigError(key, f"unknown key; allowed keys: {allowed}")
+            raise CompressionConfigError(_shown(key).strip("'\""),
+                                         f"unknown key; allowed keys: {allowed}")
         values[field] = value
     return values
 
 
-def validate_request(extra_args: Mapping[str, Any] | None) -> None:
-    """Checks a request's ``kv_*`` keys on their own, before any server default is known.
+def resolve_request(server: CompressionSpec, extra_args: Mapping[str, Any] | None,
+                    bounds: Bounds = DECLARED) -> CompressionSpec:
+    """The spec of one request: the server default overridden by its ``kv_*`` extra args.
 
-    Each layer is valid on its own and layers only replace fields, so a request that passes here
-    always resolves against any valid server default.
+    Args:
+        server: the server default.
+        extra_args: the request's ``extra_args`` (``vllm_xargs``).
+        bounds: the ranges clients may use on this deployment (``admission.RequestRules``).
 
     Raises:
         CompressionConfigError: an unknown ``kv_*`` key or a bad value; names the key.
     """
     values = request_values(extra_args)
-    if values:
-        _validate_layer(values, request_names())
-
-
-def resolve_request(server: CompressionSpec, extra_args: Mapping[str, Any] | None
-                    ) -> CompressionSpec:
-    """The spec of one request: the server default overridden by its ``kv_*`` extra args."""
-    values = request_values(extra_args)
     if not values:
         return server
-    return resolve((server.explicit(), {}), (values, request_names()))
+    return resolve((server.explicit(), {}), (values, request_names(), bounds))
 
 
 def check_model_data(spec: CompressionSpec, shape: Any, name_of: Mapping[str, str]) -> None:

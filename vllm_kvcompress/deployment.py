@@ -83,6 +83,10 @@ def deployment_unsupported_reason(vllm_config: Any) -> str | None:
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     if cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
         reasons.append(f"a quantized KV cache ({cache_dtype}) is not supported")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        # A connector (LMCache, P/D disaggregation, offloading) publishes blocks under their
+        # token hashes; a compacted request's blocks no longer hold those tokens.
+        reasons.append("KV connectors (kv_transfer_config) are not supported with compression")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding is not supported together with compression")
     if model.get_sliding_window() is not None or model.is_hybrid or model.is_attention_free:

@@ -17,16 +17,23 @@ from typing import Any
 
 import yaml
 
+from .admission import (
+    Frontend,
+    RequestRules,
+    admit,
+    check_operator_values,
+    is_admitted_by,
+    operator_params,
+    remember,
+    split_block,
+)
 from .config import (
     ADDITIONAL_CONFIG_KEY,
     CompressionConfigError,
     CompressionSpec,
     check_model_data,
     cli_names,
-    request_names,
     resolve,
-    resolve_request,
-    validate_request,
     yaml_names,
 )
 from .deployment import (
@@ -35,7 +42,7 @@ from .deployment import (
     model_shape,
     parallel_unsupported_reason,
 )
-from .policies.model_data import ModelShape
+from .policies.params import Bounds
 from .policies.registry import all_params, model_data_hook
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -55,13 +62,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "vllm-kvcompress",
         "KV-cache compression after prefill. Precedence: defaults < --kv-compress-config / "
         "the kvcompress: block of --config < --kv-* flags < per-request vllm_xargs kv_* keys.")
-    for param in all_params().values():
+    for param in [*all_params().values(), *operator_params().values()]:
         default = "" if param.default is None else f" (default: {param.default})"
         kwargs: dict[str, Any] = {"default": None, "help": param.help + default,
                                   "type": param.type if param.type in (int, float) else str,
                                   "dest": "kv_" + param.name}
         choices = param.allowed_choices()
-        if choices is not None:
+        if choices is not None and param.type is not list:
             kwargs["choices"] = choices
         group.add_argument(param.flag, **kwargs)
     group.add_argument("--kv-compress-config", default=None, metavar="FILE",
@@ -91,18 +98,51 @@ def _load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] | None
-                          ) -> CompressionSpec:
-    """Resolves the server default from config files, the JSON block and ``--kv-*`` flags."""
-    layers: list[tuple[dict[str, Any], dict[str, str]]] = []
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's compression default and the operator's rules for clients.
+
+    Attributes:
+        spec: the server default (every request without ``kv_*`` keys gets it).
+        controls: operator settings given explicitly (``admission.OPERATOR_PARAMS`` and the
+            generated ``max_<name>`` / ``min_<name>`` caps).
+    """
+
+    spec: CompressionSpec
+    controls: dict[str, Any]
+
+    def block(self) -> dict[str, Any]:
+        """The ``additional_config["kvcompress"]`` block that carries both to every process."""
+        return {**self.spec.as_dict(exclude_none=True), **self.controls}
+
+
+def _layer(block: dict[str, Any], source: str, bounds: Bounds
+           ) -> tuple[tuple[dict[str, Any], dict[str, str], Bounds], dict[str, Any]]:
+    """One config block as a spec layer and its validated operator settings."""
+    settings, controls = split_block(block)
+    names = yaml_names(source)
+    return (settings, names, bounds), check_operator_values(controls, lambda k: f"{source}:{k}")
+
+
+def server_settings_from_args(args: argparse.Namespace, additional: dict[str, Any] | None,
+                              bounds: Bounds | None = None) -> ServerSettings:
+    """Resolves the server default and the operator settings from config files, the JSON block
+    and ``--kv-*`` flags (``bounds``: the served model's limits, when known)."""
+    bounds = bounds or Bounds()
+    layers: list[tuple[dict[str, Any], dict[str, str], Bounds]] = []
+    controls: dict[str, Any] = {}
     block = (additional or {}).get(ADDITIONAL_CONFIG_KEY)
     if block is not None:
         if not isinstance(block, dict):
             raise CompressionConfigError("additional_config.kvcompress", "must be a mapping")
-        layers.append((block, yaml_names("additional_config.kvcompress")))
+        layer, more = _layer(block, "additional_config.kvcompress", bounds)
+        layers.append(layer)
+        controls.update(more)
     path = getattr(args, "kv_compress_config", None)
     if path:
-        layers.append((_load_yaml(path), yaml_names(path)))
+        layer, more = _layer(_load_yaml(path), path, bounds)
+        layers.append(layer)
+        controls.update(more)
     raw = getattr(args, "kvcompress", None)
     if raw:
         try:
@@ -111,11 +151,23 @@ def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] |
             raise CompressionConfigError("--kvcompress", f"not valid JSON: {err}") from None
         if not isinstance(block, dict):
             raise CompressionConfigError("--kvcompress", "must be a JSON object")
-        layers.append((block, yaml_names("kvcompress")))
+        layer, more = _layer(block, "kvcompress", bounds)
+        layers.append(layer)
+        controls.update(more)
     flags = {f: getattr(args, "kv_" + f) for f in all_params()
              if getattr(args, "kv_" + f, None) is not None}
-    layers.append((flags, cli_names()))
-    return resolve(*layers)
+    layers.append((flags, cli_names(), bounds))
+    operator_flags = {f: getattr(args, "kv_" + f) for f in operator_params()
+                      if getattr(args, "kv_" + f, None) is not None}
+    controls.update(check_operator_values(
+        operator_flags, lambda k: "--kv-" + k.replace("_", "-")))
+    return ServerSettings(resolve(*layers), controls)
+
+
+def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] | None
+                          ) -> CompressionSpec:
+    """The server default alone (see ``server_settings_from_args``)."""
+    return server_settings_from_args(args, additional).spec
 
 
 _stats_path: str | None = None
@@ -147,7 +199,18 @@ def engine_args_additional_config(engine_args: Any, args: argparse.Namespace) ->
             a server default policy on a parallel layout that cannot compress.
     """
     try:
-        spec = server_spec_from_args(args, engine_args.additional_config)
+        settings = server_settings_from_args(args, engine_args.additional_config)
+        spec = settings.spec
+        if spec.enabled or settings.controls:
+            # The served model's limits bound the server's own settings too (one line here,
+            # rather than a traceback when the engine config is built).
+            server_settings_from_args(args, engine_args.additional_config, deployment_bounds(
+                engine_args.create_model_config()))
+        if engine_args.kv_transfer_config is not None and spec.enabled:
+            raise SystemExit("vllm-kvcompress: compression disabled: KV connectors "
+                             "(--kv-transfer-config) are not supported with compression: "
+                             "compacted blocks would be shared under their original token "
+                             f"hashes (server default policy {spec.policy!r})")
         reason = parallel_unsupported_reason(
             engine_args.pipeline_parallel_size, engine_args.data_parallel_size,
             engine_args.decode_context_parallel_size,
@@ -161,7 +224,7 @@ def engine_args_additional_config(engine_args: Any, args: argparse.Namespace) ->
         raise SystemExit(f"vllm-kvcompress: invalid configuration: {err}") from None
     config = {
         **(engine_args.additional_config or {}),
-        ADDITIONAL_CONFIG_KEY: spec.as_dict(exclude_none=True),
+        ADDITIONAL_CONFIG_KEY: settings.block(),
         RUNTIME_KEY: {"stats_path": register_stats_collector()},
     }
     if getattr(args, "kv_kernels", None):
@@ -169,104 +232,135 @@ def engine_args_additional_config(engine_args: Any, args: argparse.Namespace) ->
     return config
 
 
-def server_spec(vllm_config: Any) -> CompressionSpec:
-    """The server default carried by ``vllm_config.additional_config`` in every process.
+def deployment_bounds(model_config: Any) -> Bounds:
+    """The served model's limits on every size setting (``Param.bound``)."""
+    return Bounds(deployment={"max_model_len": int(model_config.max_model_len),
+                              "num_layers": int(model_config.get_total_num_hidden_layers())})
+
+
+def server_settings(vllm_config: Any, bounds: Bounds | None = None) -> ServerSettings:
+    """The server default and operator settings carried by ``vllm_config.additional_config``
+    in every process.
 
     Raises:
         CompressionConfigError: the block is invalid (offline ``LLM(additional_config=...)``).
     """
     block = (getattr(vllm_config, "additional_config", None) or {}).get(ADDITIONAL_CONFIG_KEY)
     if block is None:
-        return CompressionSpec()
+        return ServerSettings(CompressionSpec(), {})
     if not isinstance(block, dict):
         raise CompressionConfigError("additional_config.kvcompress", "must be a mapping")
-    return resolve((block, yaml_names("additional_config.kvcompress")))
+    layer, controls = _layer(block, "additional_config.kvcompress", bounds or Bounds())
+    return ServerSettings(resolve(layer), controls)
 
 
-@dataclass(frozen=True)
-class Frontend:
-    """What this front end knows at startup, for checks made when a request's SamplingParams
-    is built (before a response, streaming included, starts).
+def server_spec(vllm_config: Any) -> CompressionSpec:
+    """The server default carried by ``vllm_config.additional_config`` in every process."""
+    return server_settings(vllm_config).spec
 
-    Attributes:
-        server: the server default spec.
-        shape: the served model's shape (per-model data).
-        unsupported: why this deployment cannot compress, or ``None``.
+
+def _server_file_results(spec: CompressionSpec, shape: Any) -> dict[str, str | None]:
+    """Loads and checks the server's own per-model data files (any that are set, whichever
+    policy reads them), once at startup, so requests choosing such a policy need no I/O.
+
+    Raises:
+        CompressionConfigError: the server default's own policy reads a file that does not fit.
     """
+    from .admission import _model_data_hooks
+    from .policies.model_data import load_model_data
 
-    server: CompressionSpec
-    shape: ModelShape
-    unsupported: str | None
+    check_model_data(spec, shape, yaml_names("additional_config.kvcompress"))
+    results: dict[str, str | None] = {}
+    for hook in _model_data_hooks():
+        path = spec[hook.param]
+        if path is None:
+            continue
+        try:
+            load_model_data(hook, path, shape)
+            results[path] = None
+        except ValueError as err:
+            results[path] = str(err)
+    return results
 
 
 def check_server_default(vllm_config: Any) -> None:
-    """Checks the server default (settings and per-model data) as soon as vLLM's config exists,
-    before any engine part is built, so a bad offline ``LLM(additional_config=...)`` fails
-    cleanly at construction.
+    """Checks the server default (settings within the model's limits, per-model data) as soon
+    as vLLM's config exists, before any engine part is built, so a bad offline
+    ``LLM(additional_config=...)`` fails cleanly at construction.
 
     Raises:
         CompressionConfigError: names the setting.
     """
-    spec = server_spec(vllm_config)
-    check_model_data(spec, model_shape(vllm_config.model_config),
+    settings = server_settings(vllm_config, deployment_bounds(vllm_config.model_config))
+    check_model_data(settings.spec, model_shape(vllm_config.model_config),
                      yaml_names("additional_config.kvcompress"))
+    if settings.spec.enabled and getattr(vllm_config, "kv_transfer_config", None) is not None:
+        raise CompressionConfigError(
+            "additional_config.kvcompress:policy", "compression cannot run with a KV connector "
+            "(kv_transfer_config): compacted blocks would be shared under their original token "
+            "hashes")
 
 
-#: Set once per process when its InputProcessor is built (requests are validated there).
+#: Set once per process when its InputProcessor is built (requests are admitted there). Only
+#: front ends have one: the engine core and the workers never admit (see ``admission``).
 _FRONTEND: Frontend | None = None
 
 
 def open_frontend(vllm_config: Any) -> Frontend:
     """Validates and logs the server default for a front end (API server or offline ``LLM``)
-    and makes it the process's frontend for request checks.
+    and makes it the process's front end for admitting requests.
 
     Raises:
         CompressionConfigError: the server default or its per-model data is invalid.
     """
     global _FRONTEND
-    spec = server_spec(vllm_config)
-    shape = model_shape(vllm_config.model_config)
-    check_model_data(spec, shape, yaml_names("additional_config.kvcompress"))
+    model = vllm_config.model_config
+    bounds = deployment_bounds(model)
+    settings = server_settings(vllm_config, bounds)
+    shape = model_shape(model)
+    server_files = _server_file_results(settings.spec, shape)
     _, detail = engine_compression_supported()
     unsupported = deployment_unsupported_reason(vllm_config)
-    logger.info("vllm-kvcompress: server default %s; KV eviction in the engine: %s",
-                spec.explicit(),
+    rules = RequestRules.from_operator(settings.controls, bounds.deployment, shape)
+    logger.info("vllm-kvcompress: server default %s; operator settings %s; KV eviction in the "
+                "engine: %s", settings.spec.explicit(), settings.controls or "defaults",
                 f"active ({detail})" if unsupported is None else f"NOT ACTIVE: {unsupported}")
-    _FRONTEND = Frontend(spec, shape, unsupported)
+    _FRONTEND = Frontend(settings.spec, shape, unsupported, rules, server_files)
     return _FRONTEND
 
 
-def raise_for_request(extra_args: dict[str, Any] | None,
-                       frontend: Frontend | None = None) -> None:
-    """Validates a request's ``kv_*`` keys, refuses a policy where compression cannot run and
-    checks per-model data; ``frontend``: the admitting processor's (else this process's)."""
+def admit_request(extra_args: dict[str, Any] | None, frontend: Frontend | None = None,
+                  again: bool = True) -> None:
+    """Admits a request's ``kv_*`` keys in a front end and stores the resolved spec in
+    ``extra_args`` for the engine core; does nothing in a process without a front end (the
+    engine core re-runs this check when it decodes a request: it must never raise there).
+
+    Args:
+        extra_args: the request's ``extra_args`` (modified in place).
+        frontend: the admitting processor's front end (default: this process's).
+        again: whether a request this front end already admitted is admitted again.
+
+    Raises:
+        VLLMValidationError: names ``vllm_xargs.<key>``; an HTTP 400 on the OpenAI server.
+    """
     from vllm.exceptions import VLLMValidationError
 
     frontend = frontend or _FRONTEND
+    if frontend is None or not extra_args:
+        return
+    if not again and is_admitted_by(extra_args, frontend):
+        return
     try:
-        validate_request(extra_args)
-        if frontend is not None and extra_args:
-            _refuse_if_unsupported(frontend.unsupported, extra_args)
-            check_model_data(resolve_request(frontend.server, extra_args), frontend.shape,
-                             request_names())
+        remember(extra_args, admit(extra_args, frontend), frontend)
     except CompressionConfigError as err:
         raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
-
-
-def _refuse_if_unsupported(reason: str | None, extra_args: dict[str, Any]) -> None:
-    """A request asking for a policy on a deployment that cannot compress gets a 400, rather
-    than silently running uncompressed.
-
-    Raises:
-        CompressionConfigError: naming ``kv_policy``.
-    """
-    policy = extra_args.get("kv_policy")
-    if policy in (None, "none") or not reason:
-        return
-    raise CompressionConfigError("kv_policy", "compression is not available on this "
-                                              f"deployment: {reason}")
 
 
 def describe_allowed() -> dict[str, str]:
     """Setting -> what is allowed, with the live policy list (docs, `kvcompress policies`)."""
     return {name: param.allowed() for name, param in all_params().items()}
+
+
+def describe_operator() -> dict[str, str]:
+    """Operator setting -> what is allowed (docs, `kvcompress policies`)."""
+    return {name: param.allowed() for name, param in operator_params().items()}

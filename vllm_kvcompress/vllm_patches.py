@@ -205,10 +205,11 @@ def _patch_input_processor() -> None:
         self._kvcompress_frontend = server_config.open_frontend(vllm_config)
 
     def _validate_params(self, params: Any, *args: Any, **kwargs: Any) -> Any:
-        # Admission check for SamplingParams built before vLLM loaded this plugin.
+        # Admission for SamplingParams built before this front end existed (skipped when it
+        # already admitted them in SamplingParams' own check).
         if isinstance(params, SamplingParams) and params.extra_args:
-            server_config.raise_for_request(params.extra_args,
-                                            getattr(self, "_kvcompress_frontend", None))
+            server_config.admit_request(params.extra_args,
+                                        getattr(self, "_kvcompress_frontend", None), again=False)
         return original_validate(self, params, *args, **kwargs)
 
     InputProcessor.__init__ = __init__
@@ -222,7 +223,9 @@ def _patch_sampling_params() -> None:
 
     def _verify_extra_args(self, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        server_config.raise_for_request(self.extra_args)
+        # Admits in a front end (HTTP 400 before a stream starts); a no-op in the engine core,
+        # where msgspec re-runs this check on every decoded request.
+        server_config.admit_request(self.extra_args)
         return result
 
     SamplingParams._verify_extra_args = _verify_extra_args

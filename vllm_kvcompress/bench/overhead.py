@@ -67,8 +67,13 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     # Prefix caching off: repeated rounds must recompute, not hit the cache.
+    # The benchmark is the operator: its requests may name the Q-Filters file it was given.
+    qfilters = config.get("qfilters")
+    operator = ({"kvcompress": {"allowed_file_dir": str(Path(qfilters).resolve().parent)}}
+                if qfilters else {})
     llm = LLM(model=config["model"], max_model_len=8192, enforce_eager=True, seed=0,
-              enable_prefix_caching=False, dtype=config.get("dtype", "float32"))
+              enable_prefix_caching=False, dtype=config.get("dtype", "float32"),
+              additional_config=operator)
     if config["mode"] == "throughput":
         prompts = [{"prompt_token_ids": p} for p in essay_prompts(config["model"], config["batch"],
                                                              config["prompt_len"])]

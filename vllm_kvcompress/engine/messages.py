@@ -10,11 +10,15 @@ they cross the process boundary of the multiprocess executor unchanged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import CompressionSpec
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class CompactionPlan:
         src_blocks: the request's current block ids, in order.
         dst_blocks: ``cdiv(kept, block_size)`` block ids receiving the kept tokens.
         in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
-        spec: the request's explicit settings (``CompressionSpec.explicit()``).
+        spec: the request's admitted settings (validated in the front end; pickled as a
+            trusted spec, so the workers never re-parse or re-check them).
         kind: ``prompt`` (end of the first prefill), ``decode`` (a decode step crossing
             ``decode_budget + decode_interval``) or ``resumed`` (end of the re-prefill after a
             preemption).
@@ -42,7 +47,7 @@ class CompactionPlan:
     src_blocks: tuple[int, ...]
     dst_blocks: tuple[int, ...]
     in_place: bool
-    spec: dict[str, Any]
+    spec: CompressionSpec
     kind: str = "prompt"
 
 
@@ -74,10 +79,14 @@ class WorkerReport:
     """What the workers tell the scheduler after a step.
 
     Attributes:
-        failed: request ids whose compaction raised on any rank (finished with an error).
+        failed: request ids whose compaction (or query keeping) failed (finished with an
+            error).
+        ring_pool_bytes: memory the query ring's pools hold now, all tensor-parallel ranks
+            together, when it changed this step (else ``None``).
     """
 
     failed: tuple[str, ...] = ()
+    ring_pool_bytes: int | None = None
 
 
 #: Subclass name -> (module, vLLM base class, declared field). Built on first use (here or when
@@ -124,6 +133,9 @@ def with_report(output: Any, report: WorkerReport) -> Any:
     cls = _carrier("KVCompressModelRunnerOutput")
     if not isinstance(output, cls.__mro__[1]):
         raise TypeError(f"cannot report compaction failures on a {type(output).__name__}")
+    # A shallow copy: vLLM returns shared constants (EMPTY_MODEL_RUNNER_OUTPUT) on some paths,
+    # and a report must not stick to every later step that returns the same object.
+    output = copy.copy(output)
     output.__class__ = cls
     output.kvcompress_report = report
     return output

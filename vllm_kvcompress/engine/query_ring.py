@@ -11,8 +11,11 @@ lands in row ``t % window``).
 
 Memory: ``num_layers * window * num_q_heads * head_dim * dtype bytes`` per request slot (SmolLM2,
 window 32, fp32: 2.2 MiB; Llama-3-8B, window 64, bf16: 16 MiB), reported by ``nbytes`` and on
-``/metrics`` from the scheduler's own count. The pool grows by doubling and is reused, never
-shrunk, while the worker lives.
+``/metrics`` (the workers report it with each step's output when it changed). A window size's
+pools grow by doubling while requests of that size are live and are released when its last
+request is, so distinct window values cannot pile up; the window itself is bounded at admission
+(``--kv-max-window``). A write that fails (memory) fails only the requests of that window size
+(``write`` returns them), never the step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class RingWrite:
         slots: ``[n]`` int64, each row's request slot in the pool.
         positions: ``[n]`` int64, each row's place in its ring (``token index % window``).
         capacity: slots the pool must hold for this step.
+        req_ids: the requests written (they fail together if the write fails).
     """
 
     window: int
@@ -39,6 +43,7 @@ class RingWrite:
     slots: torch.Tensor
     positions: torch.Tensor
     capacity: int
+    req_ids: tuple[str, ...] = ()
 
     @property
     def flat(self) -> torch.Tensor:
@@ -76,12 +81,15 @@ class QueryRing:
             entries: ``(request id, window, query_start, query_end)`` per request whose queries
                 this step are kept (rows ``query_start .. query_end-1`` of the step's batch).
         """
+        self._drop_idle_pools()
         by_window: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        ids: dict[int, list[str]] = {}
         for req_id, window, start, end in entries:
             slot = self._assign(req_id, window)
             count = self._count.get(req_id, 0)
             # Only the last ``window`` rows of a long chunk survive in the ring.
             first = max(start, end - window)
+            ids.setdefault(window, []).append(req_id)
             rows, slots, positions = by_window.setdefault(window, ([], [], []))
             for row in range(first, end):
                 rows.append(row)
@@ -92,24 +100,40 @@ class QueryRing:
         self._writes = [
             RingWrite(window, torch.tensor(rows, dtype=torch.int64),
                       torch.tensor(slots, dtype=torch.int64),
-                      torch.tensor(positions, dtype=torch.int64), self._used[window])
+                      torch.tensor(positions, dtype=torch.int64), self._used[window],
+                      tuple(ids[window]))
             for window, (rows, slots, positions) in by_window.items()]
 
     @property
     def has_writes(self) -> bool:
         return bool(self._writes)
 
-    def write(self, layer_idx: int, query: torch.Tensor) -> None:
+    def write(self, layer_idx: int, query: torch.Tensor) -> list[tuple[str, ...]]:
         """Stores this step's planned rows of one layer.
 
         Args:
             layer_idx: the attention layer.
             query: ``[num_tokens, Hq, D]`` the step's post-RoPE queries of that layer.
+
+        Returns:
+            The requests of each window size whose write failed (allocation, usually): the
+            caller fails them; the other window sizes were written.
         """
+        failed: list[tuple[str, ...]] = []
+        if not self._writes:
+            return failed
         for write, (rows, flat) in zip(self._writes, self._indices(query.device), strict=True):
-            pool = self._pool(write.window, layer_idx, query, write.capacity)
-            # One index_copy_ per layer: the cheapest scatter (no advanced-index assignment).
-            pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, query.index_select(0, rows))
+            try:
+                pool = self._pool(write.window, layer_idx, query, write.capacity)
+                # One index_copy_ per layer: the cheapest scatter (no advanced-index assignment).
+                pool.view(-1, *pool.shape[2:]).index_copy_(0, flat, query.index_select(0, rows))
+            except Exception:  # reported to the caller, which fails these requests alone
+                failed.append(write.req_ids)
+        if failed:
+            lost = {req_id for ids in failed for req_id in ids}
+            self._writes = [w for w in self._writes if not lost & set(w.req_ids)]
+            self._device_indices = None
+        return failed
 
     # --- per request ------------------------------------------------------------------------
 
@@ -134,11 +158,21 @@ class QueryRing:
         return self._count.get(req_id, 0)
 
     def release(self, req_id: str) -> None:
-        """Forgets a request (finished, preempted, or compressed with nothing left to score)."""
+        """Forgets a request (finished, preempted, or compressed with nothing left to score);
+        a window size's pools go when its last request does."""
         placed = self._slot.pop(req_id, None)
         self._count.pop(req_id, None)
-        if placed is not None:
-            self._free.setdefault(placed[0], []).append(placed[1])
+        if placed is None:
+            return
+        self._free.setdefault(placed[0], []).append(placed[1])
+
+    def _drop_idle_pools(self) -> None:
+        """Releases the pools of window sizes no live request uses (between steps)."""
+        for window in [w for w, used in self._used.items()
+                       if len(self._free.get(w, ())) == used]:
+            self._pools.pop(window, None)
+            self._free.pop(window, None)
+            self._used.pop(window, None)
 
     @property
     def nbytes(self) -> int:

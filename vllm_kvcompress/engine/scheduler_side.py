@@ -34,8 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CompressionConfigError, CompressionSpec, resolve_request
-from .messages import CompactionPlan, StepPlan
+from ..admission import admitted_spec
+from ..config import CompressionSpec
+from .messages import CompactionPlan, StepPlan, WorkerReport
 from .stats import CompressionStats
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -163,6 +164,17 @@ class SchedulerCompression:
             self.stats.query_ring_bytes = ring_bytes
             self.stats.flush()
 
+    def on_report(self, report: WorkerReport, requests: dict[str, Any]) -> list[str]:
+        """Takes the workers' report of a step: counts failures and the query ring's pool
+        memory; returns the failed requests still live (vLLM finishes them with an error)."""
+        live = [req_id for req_id in report.failed if req_id in requests]
+        if live:
+            self.stats.record_failed(len(live))
+        if report.ring_pool_bytes is not None:
+            self.stats.query_ring_pool_bytes = report.ring_pool_bytes
+            self.stats.flush()
+        return live
+
     def physical_kept(self, spec: CompressionSpec, prompt_len: int) -> int | None:
         """Tokens every layer keeps in the paged cache (the largest layer budget)."""
         kept = spec.kept_tokens(prompt_len)
@@ -177,33 +189,38 @@ class SchedulerCompression:
         return largest if largest < prompt_len else None
 
     def request_spec(self, request: Any) -> CompressionSpec:
-        params = request.sampling_params
-        extra = params.extra_args if params is not None else None
-        try:
-            return resolve_request(self.server_spec, extra)
-        except CompressionConfigError:  # validated at admission; never fail a step over it
-            logger.warning("vllm-kvcompress: request %s has invalid kv_* args; not compressed",
-                           request.request_id)
-            return self.server_spec.replace(policy="none")
+        """The spec the front end admitted for this request (or the server default), read
+        once per request: nothing client-set is parsed or validated in the engine core."""
+        spec = getattr(request, "_kvcompress_spec", None)
+        if spec is None:
+            params = request.sampling_params
+            spec = admitted_spec(params.extra_args if params is not None else None,
+                                 self.server_spec)
+            request._kvcompress_spec = spec
+        return spec
 
     def max_cache_hit_blocks(self, request: Any) -> int | None:
         """Most prefix-cache hit blocks a request may take, or ``None`` for no limit.
 
         A request that will be compressed with a scoring policy (at the end of its prompt, or
         later while decoding) needs its window's queries, which exist only for tokens computed
-        in this prefill, so the window is never taken from cache.
+        in this prefill, so the window is never taken from cache. That holds for the re-prefill
+        of a preempted decode-compressed request too (prompt and outputs: its uncompressed
+        prompt blocks may still be cached), which would otherwise reach its next compaction
+        with fewer than ``window`` queries.
         """
-        if request.num_output_tokens > 0:
-            return None
         spec = self.request_spec(request)
-        if not spec.enabled:
+        if not spec.enabled or not self.needs_queries(spec):
             return None
-        if spec.decode_budget is None and \
-                self.physical_kept(spec, request.num_prompt_tokens) is None:
-            return None
-        if not self.needs_queries(spec):
-            return None
-        return max(request.num_prompt_tokens - spec.window, 0) // self.block_size
+        if request.num_output_tokens > 0:  # resumed after a preemption
+            if spec.decode_budget is None:
+                return None  # its prompt was compressed once; it is not compressed again
+            end = request.num_tokens
+        else:
+            end = request.num_prompt_tokens
+            if spec.decode_budget is None and self.physical_kept(spec, end) is None:
+                return None
+        return max(end - spec.window, 0) // self.block_size
 
     @staticmethod
     def needs_queries(spec: CompressionSpec) -> bool:
@@ -353,7 +370,7 @@ class SchedulerCompression:
         return CompactionPlan(kept=kept, source_len=source_len, evicted=evicted,
                               src_blocks=tuple(block.block_id for block in old),
                               dst_blocks=tuple(block.block_id for block in fresh),
-                              in_place=in_place, spec=spec.explicit(), kind=kind)
+                              in_place=in_place, spec=spec, kind=kind)
 
 
 def install_scheduler_compression(scheduler: Any) -> None:

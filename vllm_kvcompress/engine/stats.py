@@ -43,6 +43,8 @@ class CompressionStats:
             ``decode_budget`` (included in ``decode_compactions``).
         query_ring_bytes: memory the workers hold now for decode-compressed requests' last
             ``window`` queries (a gauge, all ranks together).
+        query_ring_pool_bytes: memory the workers' query-ring pools hold (allocated, all
+            ranks together; pools grow by doubling and go when their last request does).
         ratio_bucket_counts: histogram counts per ``RATIO_BUCKETS`` bound (not cumulative).
         ratio_sum: sum of kept ratios (for the histogram's ``_sum``).
         path: where ``flush`` writes; ``None`` keeps the counters in memory only.
@@ -61,6 +63,7 @@ class CompressionStats:
     decode_blocks_freed: int = 0
     resumed_recompressed: int = 0
     query_ring_bytes: int = 0
+    query_ring_pool_bytes: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
     ratio_sum: float = 0.0
     path: str | None = None
@@ -156,6 +159,9 @@ class StatsCollector:
         yield GaugeMetricFamily("vllm_kvcompress:query_ring_bytes",
                                 "Memory held for decode-compressed requests' window queries",
                                 value=stats.query_ring_bytes)
+        yield GaugeMetricFamily("vllm_kvcompress:query_ring_pool_bytes",
+                                "Memory the workers' query-ring pools hold (allocated)",
+                                value=stats.query_ring_pool_bytes)
         yield CounterMetricFamily("vllm_kvcompress:requests_failed",
                                   "Requests finished with an error because compaction raised",
                                   value=stats.failed)

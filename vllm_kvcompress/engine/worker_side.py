@@ -147,6 +147,10 @@ class WorkerCompression:
         #: Requests whose compaction raised this step; reported to the scheduler, which fails
         #: them alone (their destination blocks are half written).
         self.failed: set[str] = set()
+        #: Requests whose window queries were lost on this rank (a ring write failed): their
+        #: compactions fail here, and so, through the step's agreement, on every rank.
+        self.poisoned: set[str] = set()
+        self._reported_ring_bytes = 0
         self._tp: Any = _UNRESOLVED
         self._backend_by_device: dict[str, tuple[str, str]] = {}
         #: KV heads of the whole model (all ranks), for per-head model data under TP.
@@ -173,6 +177,7 @@ class WorkerCompression:
             self.evicted_rows.forget(req_id)
             self.pending.pop(req_id, None)
             self.queries.release(req_id)
+            self.poisoned.discard(req_id)
         for req_id, (blocks, evicted) in self.pending.items():
             state = runner.requests.get(req_id)
             if state is None:
@@ -204,9 +209,19 @@ class WorkerCompression:
         starts = runner.query_start_loc.np
         for req_id, job in plan.compact.items():
             row = batch.req_id_to_index[req_id]
-            spec = CompressionSpec.from_dict(job.spec)
-            policy = build_policy(spec)
-            assert policy is not None
+            spec = job.spec  # admitted in the front end: never re-parsed or re-checked here
+            try:
+                policy = build_policy(spec)
+                if policy is None:
+                    raise ValueError(f"request {req_id} has no policy to compact with")
+            except Exception:
+                # Its blocks were already moved by the scheduler: it cannot go on. Under
+                # tensor parallelism every rank builds the same policy from the same spec.
+                logger.exception("vllm-kvcompress: request %s: its policy could not be built;"
+                                 " the request is finished with an error", req_id)
+                self.failed.add(req_id)
+                self.queries.release(req_id)
+                continue
             self.compactions.append(CompactionTask(
                 req_id=req_id, spec=spec, policy=policy, kept=job.kept,
                 source_len=job.source_len, logical_len=job.kept + job.evicted,
@@ -248,8 +263,21 @@ class WorkerCompression:
             softcap: the layer's logit soft-cap, 0 for none.
         """
         start = time.perf_counter()
-        self.queries.write(layer_idx, query)
+        for failed_ids in self.queries.write(layer_idx, query):
+            # A ring pool could not be allocated or written: its requests lose their window
+            # queries, so they fail alone (never the step); compactions among them are
+            # skipped below, and under tensor parallelism they fail on every rank when they
+            # compact (``poisoned``: this rank then reports the failure to the others).
+            logger.error("vllm-kvcompress: keeping window queries failed at layer %d; requests "
+                         "%s are finished with an error", layer_idx, ", ".join(failed_ids))
+            for req_id in failed_ids:
+                self.poisoned.add(req_id)
+                self.failed.add(req_id)
+                self.pending.pop(req_id, None)
+                self.queries.release(req_id)
         for task in self.compactions:
+            if task.req_id in self.poisoned and not task.failed:
+                task.failed = True
             try:
                 self._compact_layer(task, layer_idx, kv_cache, access, scale, softcap)
             except Exception:
@@ -286,10 +314,14 @@ class WorkerCompression:
 
     def take_report(self) -> WorkerReport | None:
         """What to tell the scheduler after this step (``None``: nothing)."""
-        if not self.failed:
+        tp = self._tensor_parallel()
+        ring_bytes = self.queries.nbytes * (tp.world_size if tp is not None else 1)
+        changed = ring_bytes != self._reported_ring_bytes
+        if not self.failed and not changed:
             return None
+        self._reported_ring_bytes = ring_bytes
         failed, self.failed = tuple(sorted(self.failed)), set()
-        return WorkerReport(failed=failed)
+        return WorkerReport(failed=failed, ring_pool_bytes=ring_bytes if changed else None)
 
     def _backends(self, device: torch.device) -> tuple[str, str]:
         """(scoring/selection, compaction) implementations on ``device``, resolved once."""

@@ -113,6 +113,15 @@ def make_spec(config: RunConfig, params: dict[str, Any]) -> CompressionSpec:
                            **config_params(config, params), **extra)
 
 
+def operator_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The engine's ``additional_config``: the eval is the operator, so its requests may name
+    the per-model data files it was given (their folder is the allowed directory)."""
+    paths = [str(value) for name, value in params.items() if name.endswith("_path") and value]
+    if not paths:
+        return {}
+    return {"kvcompress": {"allowed_file_dir": str(Path(paths[0]).resolve().parent)}}
+
+
 def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
     """``SamplingParams.extra_args`` of a request of ``config``.
 
@@ -264,7 +273,8 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
     layers = num_layers(model)
     llm = LLM(model=model, max_model_len=max(max_model_len(samples), 1024), enforce_eager=True,
               seed=0, dtype=dtype, block_size=32, enable_prefix_caching=prefix_reuse,
-              max_num_seqs=64, max_num_batched_tokens=8192)
+              max_num_seqs=64, max_num_batched_tokens=8192,
+              additional_config=operator_settings(params))
     engine = llm.llm_engine
     bar = tqdm(total=total, desc="eval (vllm-kvcompress)", unit="req")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,12 @@ from .snapkv import SnapKV
 
 CHUNK_GRIDS = ("after_sinks", "from_zero")
 
-CHUNK_SIZE = Param("chunk_size", int, 10, "ChunkKV chunk length in tokens.", minimum=1)
+#: ``chunk_size`` drives a per-token loop in the chunk means; 128 is far above the paper's
+#: range (5-30) and kvpress's default (20).
+CHUNK_SIZE = Param("chunk_size", int, 10, "ChunkKV chunk length in tokens.", minimum=1,
+                   bound="max_model_len", request_max=128)
 REUSE_LAYERS = Param("reuse_layers", int, 1, "ChunkKV layer-wise index reuse: layers per group "
-                     "sharing one selection.", minimum=1)
+                     "sharing one selection.", minimum=1, bound="num_layers")
 CHUNK_GRID = Param("chunk_grid", str, "after_sinks", "ChunkKV chunk grid: after_sinks (chunks "
                    "start after the sink tokens) or from_zero (chunks start at token 0, as the "
                    "paper and kvpress).", choices=CHUNK_GRIDS)

@@ -38,7 +38,8 @@ from .base import KEYS, QUERIES, ROTARY, VALUES, LayerObservation
 from .params import Param
 
 FUTURE_POSITIONS = Param("future_positions", int, 512, "expected_attention: how many future "
-                         "query positions the RoPE rotation is averaged over.", minimum=1)
+                         "query positions the RoPE rotation is averaged over.", minimum=1,
+                         maximum=1 << 20, request_max=8192)
 
 
 @dataclass(frozen=True)

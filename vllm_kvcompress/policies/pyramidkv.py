@@ -27,7 +27,7 @@ from .params import Param
 from .snapkv import SnapKV
 
 BETA = Param("beta", float, 20.0, "PyramidKV: ratio between the mean and the top layer's "
-             "droppable budget.", minimum=1)
+             "droppable budget.", minimum=1, maximum=1000)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .tova import last_queries_attention
 
 SAGE_QUERIES = Param("sage_queries", int, 1, "SAGE-KV: how many final prompt tokens' queries "
                      "score the keys (the paper: 1; values above window use the whole window).",
-                     minimum=1)
+                     minimum=1, bound="max_model_len", request_max=1024)
 
 
 @dataclass(frozen=True)

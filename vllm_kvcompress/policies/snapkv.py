@@ -24,7 +24,7 @@ from .params import Param
 from .window_scoring import pool_scores
 
 POOL_KERNEL = Param("pool_kernel", int, 5, "SnapKV average-pooling width over tokens (odd).",
-                    minimum=1, odd=True)
+                    minimum=1, odd=True, bound="max_model_len", request_max=63)
 
 
 @dataclass(frozen=True)
