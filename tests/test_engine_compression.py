@@ -253,6 +253,70 @@ def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: Refer
         registry._REGISTRY.pop("exploding", None)
 
 
+def test_file_removed_after_admission_fails_its_request_alone(
+        llm: Any, reference: ReferenceModel, tiny_qfilters: Path) -> None:
+    """A request's Q-Filters file disappears between admission (front end) and its compaction
+    (worker): that request finishes with an error, its neighbours are exact, no block leaks,
+    and nothing is re-validated in the engine (before, this raised outside the per-request
+    handling and took the engine down)."""
+    import shutil
+
+    from vllm import SamplingParams
+
+    doomed = tiny_qfilters.parent / "doomed.safetensors"
+    shutil.copy(tiny_qfilters, doomed)
+    frontend = llm.llm_engine.input_processor._kvcompress_frontend
+    frontend.rules.files.scan()  # the background scan, now rather than in 5 s
+    scheduler, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    cases = [{"kv_policy": "qfilters", "kv_qfilters_path": doomed.name, "kv_ratio": 0.3},
+             {"kv_policy": "snapkv", "kv_ratio": 0.3}, None]
+    params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, extra_args=x)
+              for x in cases]  # admitted here, in the front end
+    doomed.unlink()
+    prompts = [{"prompt_token_ids": prompt_ids(90 + i, 200)} for i in range(3)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert outputs[0].outputs[0].finish_reason == "error"
+    for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
+        kept = kept_log(runner, out.request_id) if xargs else None
+        assert list(out.outputs[0].token_ids) == reference.greedy(
+            prompt["prompt_token_ids"], MAX_TOKENS, kept)
+    assert pool.get_num_free_blocks() == start_free
+    frontend.rules.files.scan()
+
+
+def test_a_query_ring_that_cannot_grow_fails_its_requests_alone(
+        llm: Any, reference: ReferenceModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring's allocation fails for one window size (memory): its requests finish with an
+    error, a request of another window size and a plain one are exact, no block leaks."""
+    from vllm import SamplingParams
+
+    from vllm_kvcompress.engine.query_ring import QueryRing
+
+    original = QueryRing._pool
+
+    def failing(self: QueryRing, window: int, *args: Any) -> Any:
+        if window == 24:
+            raise RuntimeError("simulated out of memory")
+        return original(self, window, *args)
+
+    monkeypatch.setattr(QueryRing, "_pool", failing)
+    _, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    cases = [{"kv_policy": "snapkv", "kv_ratio": 0.3, "kv_window": 24},
+             {"kv_policy": "snapkv", "kv_ratio": 0.3, "kv_window": 16}, None]
+    prompts = [{"prompt_token_ids": prompt_ids(95 + i, 200)} for i in range(3)]
+    outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                    extra_args=x) for x in cases],
+                           use_tqdm=False)
+    assert outputs[0].outputs[0].finish_reason == "error"
+    for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
+        kept = kept_log(runner, out.request_id) if xargs else None
+        assert list(out.outputs[0].token_ids) == reference.greedy(
+            prompt["prompt_token_ids"], MAX_TOKENS, kept)
+    assert pool.get_num_free_blocks() == start_free
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_head"])
 def test_chunkkv_reuse_shares_selection_within_groups(llm: Any, mode: str) -> None:
     from vllm import SamplingParams

@@ -250,3 +250,37 @@ def test_server_default_policy_on_unverifiable_layout_stops_in_one_line(
     assert message.startswith("vllm-kvcompress: compression disabled: ") and "\n" not in message
     assert "parallel" in message and "'snapkv'" in message
     assert engine_spec(serve_parser, [model_dir, *flag])["policy"] == "none"  # no policy: fine
+
+
+def test_engine_core_decoding_never_validates_client_values() -> None:
+    """msgspec re-runs SamplingParams.__post_init__ (and so _verify_extra_args) when the engine
+    core's input thread decodes a request; an exception there would kill that thread. In a
+    process without a front end the plugin's check does nothing, and the engine reads only the
+    admitted spec: a decoded request carrying values no front end would admit is inert."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from vllm_kvcompress.admission import ADMITTED_KEY, admitted_spec
+    from vllm_kvcompress.config import CompressionSpec
+    from vllm_kvcompress.policies import ModelShape
+
+    plugin.register()
+    front = server_config.Frontend(CompressionSpec(), ModelShape("m", 4, 2, 4, 64), None)
+    saved = server_config._FRONTEND
+    try:
+        server_config._FRONTEND = front  # a front end: hostile values are a 400
+        with pytest.raises(VLLMValidationError, match="^kv_window: must be an integer"):
+            SamplingParams(max_tokens=2, extra_args={"kv_window": 10**9})
+        params = SamplingParams(max_tokens=2, extra_args={"kv_policy": "snapkv"})
+        assert params.extra_args[ADMITTED_KEY].values["policy"] == "snapkv"
+        wire = MsgpackEncoder().encode(params)
+        server_config._FRONTEND = None  # the engine core's process
+        decoded = MsgpackDecoder(SamplingParams).decode(wire)
+        assert admitted_spec(decoded.extra_args, CompressionSpec()).policy == "snapkv"
+        # Whatever reaches the engine core unadmitted is not parsed (and does not raise).
+        forged = SamplingParams(max_tokens=2, extra_args={"kv_window": 10**9})
+        hostile = MsgpackDecoder(SamplingParams).decode(MsgpackEncoder().encode(forged))
+        assert admitted_spec(hostile.extra_args, CompressionSpec()) == CompressionSpec()
+    finally:
+        server_config._FRONTEND = saved

@@ -130,7 +130,8 @@ def test_help_lists_the_flags() -> None:
     assert ("{none,chunkkv,expected_attention,keydiff,knorm,pyramidkv,qfilters,sagekv,snapkv,"
             "streamingllm,tova}") in out.stdout
     for flag in ("--kv-merge", "--kv-sage-queries", "--kv-future-positions",
-                 "--kv-qfilters-path"):
+                 "--kv-qfilters-path", "--kv-allowed-policies", "--kv-request-overrides",
+                 "--kv-allowed-file-dir", "--kv-max-window", "--kv-min-decode-interval"):
         assert flag in out.stdout
 
 

@@ -42,7 +42,7 @@ from .config import (
     resolve,
 )
 from .policies.model_data import ModelDataHook, ModelShape
-from .policies.params import DECLARED, Bounds, Param
+from .policies.params import Bounds, Param
 from .policies.registry import NO_POLICY, all_params, get_policy_info, model_data_hook, policy_names
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -256,18 +256,28 @@ class AllowedFiles:
         return self._index.get((param, normal.replace(os.sep, "/")))
 
 
+def default_request_bounds(deployment: Mapping[str, int] | None = None) -> Bounds:
+    """The ranges clients get when the operator sets no cap or floor (the parameters'
+    ``request_max`` / ``request_min``), on a deployment with these limits."""
+    params = operator_params()
+    return Bounds(deployment=dict(deployment or {}),
+                  caps={n[4:]: p.default for n, p in params.items() if n.startswith("max_")},
+                  floors={n[4:]: p.default for n, p in params.items() if n.startswith("min_")})
+
+
 @dataclass(frozen=True)
 class RequestRules:
     """What clients may ask for on this deployment.
 
     Attributes:
-        bounds: every parameter's range for requests (deployment and operator applied).
+        bounds: every parameter's range for requests (deployment and operator applied; by
+            default the declared request caps and floors, no deployment limits).
         allowed_policies: policies a request may name, or ``None`` for all.
         overrides: whether requests may set ``kv_*`` keys at all.
         files: the allowed directory's index, or ``None`` (requests may name no file).
     """
 
-    bounds: Bounds = DECLARED
+    bounds: Bounds = field(default_factory=default_request_bounds)
     allowed_policies: tuple[str, ...] | None = None
     overrides: bool = True
     files: AllowedFiles | None = None

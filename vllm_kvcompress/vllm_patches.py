@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from . import server_config
+from . import server_config, strict_xargs
 from .deployment import engine_compression_supported, gpu_opted_in
 from .engine.messages import report_of, with_plan, with_report
 
@@ -167,6 +167,9 @@ def _patch_engine_args() -> None:
         engine_args = original_from(cls, args, *rest, **kwargs)
         engine_args.additional_config = server_config.engine_args_additional_config(
             engine_args, args)
+        # `vllm serve` only (its namespace has --middleware): JSON booleans in kv_* keys are
+        # refused before vLLM's request models turn them into integers (strict_xargs.py).
+        strict_xargs.install(args)
         return engine_args
 
     original_create = EngineArgs.create_engine_config
@@ -507,7 +510,9 @@ MANIFEST: tuple[Patch, ...] = (
           "--kv-compress-config, --kvcompress) to `vllm serve`; resolve flags + YAML into "
           "additional_config['kvcompress'], which reaches every process; exit with one line on "
           "a bad value, on per-model data that does not fit, or on a parallel layout that "
-          "cannot compress; turn async scheduling off where compression runs on a GPU",
+          "cannot compress; turn async scheduling off where compression runs on a GPU; add "
+          "strict_xargs' middleware through `vllm serve`'s own --middleware option (JSON "
+          "booleans in kv_* keys are a 400 before vLLM's request models coerce them to 1)",
           _patch_engine_args,
           hooks=(Hook(_ARGS, "EngineArgs.add_cli_args", "parser, *args, **kwargs"),
                  Hook(_ARGS, "EngineArgs.from_cli_args", "args, *rest, **kwargs"),
