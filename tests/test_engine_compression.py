@@ -267,7 +267,7 @@ def test_file_removed_after_admission_fails_its_request_alone(
     shutil.copy(tiny_qfilters, doomed)
     frontend = llm.llm_engine.input_processor._kvcompress_frontend
     frontend.rules.files.scan()  # the background scan, now rather than in 5 s
-    scheduler, pool, runner = engine_internals(llm)
+    _, pool, runner = engine_internals(llm)
     start_free = pool.get_num_free_blocks()
     cases = [{"kv_policy": "qfilters", "kv_qfilters_path": doomed.name, "kv_ratio": 0.3},
              {"kv_policy": "snapkv", "kv_ratio": 0.3}, None]

@@ -113,7 +113,46 @@ def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser,
 def test_each_deployment_yaml_is_valid_for_vllm_serve_config(
         serve_parser: argparse.ArgumentParser, model_dir: str, path: Path) -> None:
     spec = engine_spec(serve_parser, [model_dir, "--config", str(path)])
-    assert spec["policy"] == path.stem
+    assert spec["policy"] == {"public-endpoint": "chunkkv"}.get(path.stem, path.stem)
+
+
+def test_operator_controls_reach_every_process(serve_parser: argparse.ArgumentParser,
+                                               model_dir: str) -> None:
+    """Operator flags (and their YAML keys) travel in additional_config['kvcompress'] beside
+    the server default, where each front end builds its request rules from them."""
+    block = engine_spec(serve_parser, [model_dir, "--config",
+                                       str(REPO / "configs" / "public-endpoint.yaml")])
+    assert tuple(block["allowed_policies"]) == ("chunkkv", "snapkv", "streamingllm")
+    assert (block["max_window"], block["min_decode_interval"]) == (64, 64)
+    block = engine_spec(serve_parser, [model_dir, "--kv-request-overrides", "off"])
+    assert block["request_overrides"] == "off"
+    from types import SimpleNamespace
+
+    from vllm_kvcompress.admission import RequestRules
+
+    settings = server_config.server_settings(SimpleNamespace(additional_config={
+        ADDITIONAL_CONFIG_KEY: block}))
+    rules = RequestRules.from_operator(settings.controls, {}, None)
+    assert rules.overrides is False and settings.spec.policy == "none"
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--kv-allowed-policies", "snapkv,h2o"], "--kv-allowed-policies: must be a list"),
+    (["--kv-max-window", "0"], "--kv-max-window: must be an integer >= 1"),
+    (["--kv-allowed-file-dir", "/nonexistent-kv-dir"], "is not a directory"),
+    (["--kv-policy", "snapkv", "--kv-window", "5000"], "--kv-window: must be an integer >= 1 "
+                                                       "and <= 2048"),
+])
+def test_bad_operator_settings_stop_in_one_line(serve_parser: argparse.ArgumentParser,
+                                                model_dir: str, argv: list[str],
+                                                fragment: str) -> None:
+    """The served model's limits bound the operator's own settings (its max_model_len here is
+    2048), and operator controls are validated like every setting."""
+    with pytest.raises(SystemExit) as info:
+        engine_spec(serve_parser, [model_dir, "--max-model-len", "2048", *argv])
+    message = str(info.value)
+    assert message.startswith("vllm-kvcompress: invalid configuration: ") and "\n" not in message
+    assert fragment in message, message
 
 
 def test_precedence_yaml_file_then_flags(serve_parser: argparse.ArgumentParser,
@@ -270,7 +309,7 @@ def test_engine_core_decoding_never_validates_client_values() -> None:
     saved = server_config._FRONTEND
     try:
         server_config._FRONTEND = front  # a front end: hostile values are a 400
-        with pytest.raises(VLLMValidationError, match="^kv_window: must be an integer"):
+        with pytest.raises(VLLMValidationError, match=r"^kv_window: must be an integer"):
             SamplingParams(max_tokens=2, extra_args={"kv_window": 10**9})
         params = SamplingParams(max_tokens=2, extra_args={"kv_policy": "snapkv"})
         assert params.extra_args[ADMITTED_KEY].values["policy"] == "snapkv"
