@@ -571,6 +571,8 @@ def check_read(resolver: Resolver, read: VllmName) -> Finding:
     """One vLLM name the plugin reads (and, where declared, calls, subclasses or relies on)."""
     subject = f"read {read.module}.{read.qualname}"
     definition = resolver.qualname(read.module, read.qualname)
+    if definition is None and read.moved_to:
+        definition = resolver.qualname(read.moved_to, read.qualname)
     if definition is None:
         return Finding(subject, (f"not defined in this release (used by {read.used_by})",))
     problems = []
@@ -602,7 +604,7 @@ def check_environment(sources: ReleaseSources, name: str) -> Finding:
         return Finding(subject, ("vllm/envs.py is missing",))
     named = any(isinstance(node, ast.Constant) and node.value == name
                 for node in ast.walk(envs.tree))
-    return Finding(subject, () if named else ("vLLM no longer reads it",))
+    return Finding(subject, () if named else ("vllm/envs.py no longer declares it",))
 
 
 def check_release(sources: ReleaseSources, release: str) -> CheckReport:

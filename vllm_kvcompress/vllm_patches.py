@@ -75,6 +75,8 @@ class VllmName:
             CPU metadata builder sets ``layer.isa``, which the CPU hook reads).
         dataclass: the class must be a ``@dataclass`` (the plugin subclasses it with
             ``dataclasses.make_dataclass``).
+        moved_to: where releases after a move keep it (``module`` is the older place); the
+            name must be in one of the two.
         used_by: where the plugin reads it.
     """
 
@@ -84,6 +86,7 @@ class VllmName:
     call: str = ""
     assigns: str = ""
     dataclass: bool = False
+    moved_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -523,7 +526,12 @@ MANIFEST: tuple[Patch, ...] = (
                                 "decode_context_parallel_size",
                                 "prefill_context_parallel_size")),
                  VllmName(_ARGS, "EngineArgs.create_model_config", "server_config.py",
-                          call="()"))),
+                          call="()"),
+                 VllmName(_ARGS, "EngineArgs.kv_transfer_config", "server_config.py"),
+                 # `vllm serve --middleware`, which strict_xargs.install extends (0.33 moved
+                 # the serve arguments from entrypoints/launchers to entrypoints/common).
+                 VllmName("vllm.entrypoints.launchers.cli_args", "FrontendArgs.middleware",
+                          "strict_xargs.py", moved_to="vllm.entrypoints.common.cli_args"))),
     Patch("vllm.sampling_params.SamplingParams._verify_extra_args",
           "validate per-request kv_* extra_args when the request's SamplingParams is built, "
           "before any response (streaming included) starts, so bad input is an HTTP 400 naming "
@@ -715,14 +723,14 @@ SHARED_READS: tuple[VllmName, ...] = (
       for name in ("is_cpu", "is_cuda", "device_name")),
     *(VllmName("vllm.config.vllm", f"VllmConfig.{name}", "deployment.py, server_config.py")
       for name in ("model_config", "parallel_config", "cache_config", "speculative_config",
-                   "additional_config")),
+                   "additional_config", "kv_transfer_config")),
     *(VllmName("vllm.config.parallel", f"ParallelConfig.{name}", "deployment.py")
       for name in ("pipeline_parallel_size", "data_parallel_size",
                    "decode_context_parallel_size", "prefill_context_parallel_size")),
     VllmName("vllm.config.cache", "CacheConfig.cache_dtype", "deployment.py"),
     *(VllmName(_MODEL_CONFIG, f"ModelConfig.{name}", "deployment.py, " + _SCHED_SIDE)
       for name in ("model", "dtype", "hf_text_config", "model_arch_config", "is_hybrid",
-                   "is_attention_free", "is_multimodal_model")),
+                   "is_attention_free", "is_multimodal_model", "max_model_len")),
     *(VllmName(_MODEL_CONFIG, f"ModelConfig.{name}", "deployment.py, " + _SCHED_SIDE,
                call="()")
       for name in ("get_sliding_window", "get_total_num_hidden_layers",
@@ -739,6 +747,10 @@ SHARED_READS: tuple[VllmName, ...] = (
       for name in ("engine_core", "step", "has_unfinished_requests")),
     VllmName("vllm.v1.engine.llm_engine", "LLMEngine.add_request", "bench/, eval/",
              call="(request_id, prompt, params)"),
+    *(VllmName("vllm.outputs", f"RequestOutput.{name}", "bench/, eval/")
+      for name in ("request_id", "outputs", "finished")),
+    *(VllmName("vllm.outputs", f"CompletionOutput.{name}", "bench/, eval/")
+      for name in ("text", "token_ids", "finish_reason")),
     VllmName("vllm.v1.engine.core_client", "InprocClient.engine_core", "bench/"),
     VllmName("vllm.v1.engine.core", "EngineCore.scheduler", "bench/"),
     VllmName("vllm.v1.engine.core", "EngineCore.model_executor", "bench/"),
