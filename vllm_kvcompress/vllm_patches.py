@@ -571,10 +571,11 @@ MANIFEST: tuple[Patch, ...] = (
                  Hook(_SINGLE_TYPE, "FullAttentionManager.get_num_blocks_to_allocate",
                       "request_id, num_tokens, *args, **kwargs"),
                  Hook(_SINGLE_TYPE, "FullAttentionManager.allocate_new_blocks",
-                      "request_id, num_tokens, num_tokens_main_model"),
+                      "request_id, num_tokens, num_tokens_main_model, *args, **kwargs"),
                  Hook(_SINGLE_TYPE, "FullAttentionManager.cache_blocks",
                       "request, num_tokens, *args, **kwargs"),
-                 Hook(_SINGLE_TYPE, "FullAttentionManager.pop_blocks_for_free", "request_id")),
+                 Hook(_SINGLE_TYPE, "FullAttentionManager.pop_blocks_for_free",
+                      "request_id, *args, **kwargs")),
           reads=(
               VllmName(_KV_MANAGER, "KVCacheManager.create_kv_cache_blocks", "vllm_patches.py",
                        call="(blocks)"),

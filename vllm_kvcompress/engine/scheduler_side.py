@@ -112,20 +112,20 @@ def make_compressed_manager_class(base: type) -> type:
                                                       **kwargs)
 
         def allocate_new_blocks(self, request_id: str, num_tokens: int,
-                                num_tokens_main_model: int) -> list:
+                                num_tokens_main_model: int, *args: Any, **kwargs: Any) -> list:
             evicted = self.kvc.evicted.get(request_id, 0)
             return super().allocate_new_blocks(request_id, num_tokens - evicted,
-                                               num_tokens_main_model - evicted)
+                                               num_tokens_main_model - evicted, *args, **kwargs)
 
         def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
             if request.request_id in self.kvc.no_cache:
                 return
             super().cache_blocks(request, num_tokens, *args, **kwargs)
 
-        def pop_blocks_for_free(self, request_id: str) -> list:
+        def pop_blocks_for_free(self, request_id: str, *args: Any, **kwargs: Any) -> list:
             # The one exit for finish, abort and preemption: forget the request here.
             self.kvc.forget(request_id)
-            return super().pop_blocks_for_free(request_id)
+            return super().pop_blocks_for_free(request_id, *args, **kwargs)
 
     return CompressedFullAttentionManager
 
