@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,14 @@ import pytest
 from vllm_kvcompress.eval import run as eval_run
 from vllm_kvcompress.eval.stats import bootstrap_ci, paired_bootstrap_ci
 from vllm_kvcompress.eval.tasks import (
+    CWE_INSTRUCTION,
+    DEPTH_TASKS,
     TASKS,
+    TYPED_NEEDLE_TASKS,
     PromptBuilder,
     build_samples,
+    make_cwe,
+    needle_task,
     score_answer,
     turn2_input_ids,
 )
@@ -40,9 +46,14 @@ def tokenizer(tiny_model: Path) -> Any:
 
 
 def test_samples_have_their_size_class_and_contain_the_answers(tokenizer: Any) -> None:
-    samples = build_samples(tokenizer, list(TASKS), [768, 1536], [0.0, 0.5, 1.0], 1, seed=3)
+    # cwe's 60 list entries (RULER's 10 words x 6 below 4k) take more than 768 tokens of the
+    # tiny model's tokenizer (about 8 an entry, Qwen2.5's 5): its shortest class here is 1536.
+    tasks = [t for t in TASKS if t != "cwe"]
+    samples = build_samples(tokenizer, tasks, [768, 1536], [0.0, 0.5, 1.0], 1, seed=3)
+    samples += build_samples(tokenizer, ["cwe"], [1536], [0.0], 1, seed=3)
     assert {s.task for s in samples} == set(TASKS)
-    assert len(samples) == 4 * 2 * 3 + 2 + 2  # needle tasks over depths, the others not
+    others = len(TASKS) - len(DEPTH_TASKS) - 1  # variable_tracking, qa_squad (+ cwe once)
+    assert len(samples) == len(DEPTH_TASKS) * 2 * 3 + others * 2 + 1  # needles over depths
     assert len({s.id for s in samples}) == len(samples)
     for sample in samples:
         room = sample.length - sample.max_tokens
@@ -84,6 +95,101 @@ def test_depth0_needles_start_at_different_offsets(tokenizer: Any) -> None:
         assert len(set(offsets)) == 4, (task, offsets)
         # Not one chunk phase either (chunks of 10 from token 0 and from token 4).
         assert len({o % 10 for o in offsets}) > 1, (task, offsets)
+
+
+VALUE_PATTERNS = {"number": r"\d{7}", "word": r"[a-z]+-[a-z]+",
+                  "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"}
+
+
+def _user_turn(tokenizer: Any, input_ids: list[int]) -> str:
+    text = tokenizer.decode(input_ids)
+    return text[:text.rindex("<|im_start|>assistant")]
+
+
+@pytest.mark.parametrize("task", TYPED_NEEDLE_TASKS)
+def test_typed_needles_have_their_values_in_the_prompt(tokenizer: Any, task: str) -> None:
+    """RULER's type_needle_v: the suffix picks UUIDs or words; every needle of the prompt (the
+    distractors too) has a value of that type, the question names it, the offsets point at the
+    asked value, and depth-0 samples put it at different token offsets."""
+    base, kind = needle_task(task)
+    assert base in ("niah_single", "niah_multikey", "niah_multivalue") and kind in ("uuid", "word")
+    samples = build_samples(tokenizer, [task], [1024], [0.0, 1.0], 3, seed=0)
+    assert len(samples) == 6 and len({s.id for s in samples}) == 6
+    noun = {"uuid": "UUID", "word": "word"}[kind]
+    for sample in samples:
+        assert sample.task == task and sample.max_tokens >= (32 if kind == "uuid" else 8)
+        assert len(sample.input_ids) <= sample.length - sample.max_tokens
+        user = _user_turn(tokenizer, sample.input_ids)
+        assert f"special magic {noun}" in user.rsplit("\n\n", 1)[1], sample.id  # the question
+        needles = re.findall(rf"special magic {noun}s for (\w+) is: ({VALUE_PATTERNS[kind]})\.",
+                             user)
+        expected = {"niah_single": 1, "niah_multikey": 4, "niah_multivalue": 4}[base]
+        assert len(needles) == expected, (sample.id, needles)
+        assert len({v for _, v in needles}) == expected  # distinct values
+        assert all(a in user for a in sample.answers)
+        if base == "niah_multikey":  # one asked key; the distractors' keys and values differ
+            asked = [v for _, v in needles if v in sample.answers]
+            assert asked == sample.answers and len({k for k, _ in needles}) == 4
+        start = sample.needle_offsets[0]
+        window = tokenizer.decode(sample.input_ids[start:start + len(sample.answers[0]) + 2])
+        assert sample.answers[0] in window, (sample.id, window)
+    depth0 = [s.needle_offsets[0] for s in samples if s.depth == 0.0]
+    assert len(set(depth0)) == 3, depth0
+    # Grading: the value anywhere in the answer, case-insensitive; a near miss scores 0.
+    sample = samples[0]
+    right = " ".join(sample.answers).upper()
+    assert score_answer(f" {right}.", sample.answers, sample.match) == 1.0
+    assert score_answer(f" {sample.answers[0][:-1]}", sample.answers, sample.match) == 0.0
+
+
+def test_needle_task_names() -> None:
+    assert needle_task("niah_multikey_uuid") == ("niah_multikey", "uuid")
+    assert needle_task("niah_single") == ("niah_single", "number")
+    assert needle_task("niah_multiturn") == ("niah_multiturn", "number")  # numbers only
+    assert set(TYPED_NEEDLE_TASKS) <= set(TASKS) and set(TYPED_NEEDLE_TASKS) <= set(DEPTH_TASKS)
+
+
+def _cwe_list(tokenizer: Any, input_ids: list[int]) -> list[str]:
+    """The words of the asked list (after the worked example), in order."""
+    user = _user_turn(tokenizer, input_ids)
+    listed = user.rsplit(CWE_INSTRUCTION, 1)[1].split("Question:")[0]
+    entries = re.findall(r"(\d+)\. ([a-z]+)", listed)
+    assert [int(n) for n, _ in entries] == list(range(1, len(entries) + 1))
+    return [w for _, w in entries]
+
+
+@pytest.mark.parametrize(("length", "freq"), [(2048, (6, 1)), (4096, (30, 3))])
+def test_cwe_asks_for_the_words_that_appear_most(tokenizer: Any, length: int,
+                                                  freq: tuple[int, int]) -> None:
+    """RULER's frequencies (6/1 below 4k, 30/3 from 4k): the answers are exactly the words
+    listed most often, every other word less often; no word contains another (substring
+    grading); the list fills its size class, and samples differ in words and order."""
+    samples = build_samples(tokenizer, ["cwe"], [length], [0.5], 3, seed=0)
+    assert len(samples) == 3 and {s.match for s in samples} == {"all"}
+    firsts = []
+    for sample in samples:
+        assert 0.97 * (length - sample.max_tokens) <= len(sample.input_ids)
+        assert len(sample.input_ids) <= length - sample.max_tokens
+        words = _cwe_list(tokenizer, sample.input_ids)
+        counts = {w: words.count(w) for w in words}
+        assert len(sample.answers) == 10
+        assert {counts[a] for a in sample.answers} == {freq[0]}, sample.id
+        assert {n for w, n in counts.items() if w not in sample.answers} == {freq[1]}
+        assert not any(a != b and a in b for a in counts for b in counts), sample.id
+        firsts.append(words.index(sample.answers[0]))
+    assert len({tuple(s.answers) for s in samples}) == 3 and len(set(firsts)) > 1
+
+
+def test_cwe_scores_the_fraction_of_words_recovered(tokenizer: Any) -> None:
+    sample = make_cwe(PromptBuilder(tokenizer), 1024, 0, 64, seed=1, common=4, freq=(5, 1))
+    assert len(sample.answers) == 4 and "4 most common words" in tokenizer.decode(
+        sample.input_ids)
+    words = _cwe_list(tokenizer, sample.input_ids)
+    assert all(words.count(a) == 5 for a in sample.answers)
+    other = next(w for w in words if w not in sample.answers)
+    answer = f" 1. {sample.answers[2]} 2. {other} 3. {sample.answers[0].upper()}"
+    assert score_answer(answer, sample.answers, sample.match) == 0.5
+    assert score_answer(" ".join(sample.answers), sample.answers, sample.match) == 1.0
 
 
 def test_samples_per_cell_have_their_own_needles(tokenizer: Any) -> None:

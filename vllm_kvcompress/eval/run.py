@@ -657,9 +657,12 @@ def print_report(result: dict[str, Any]) -> None:
               f"{s['samples']:>5}  {cells}")
     tasks = [t for t in TASKS if any(s[t] is not None for s in summary)]
     print("\nper task (mean)")
-    print(f"{'backend':<8}{'config':<22}{'ratio':>6}" + "".join(f"{t[:12]:>13}" for t in tasks))
+    # Full names: niah_multikey and niah_multikey_uuid must not both read "niah_multike".
+    width = max([12, *(len(t) for t in tasks)]) + 1
+    print(f"{'backend':<8}{'config':<22}{'ratio':>6}" + "".join(f"{t:>{width}}" for t in tasks))
     for s in summary:
-        cells = "".join(f"{'-' if s[t] is None else format(s[t], '.3f'):>13}" for t in tasks)
+        cells = "".join(f"{'-' if s[t] is None else format(s[t], '.3f'):>{width}}"
+                        for t in tasks)
         print(f"{s['backend']:<8}{s['label']:<22}{s['ratio']:>6.3g}{cells}")
     if result.get("comparison"):
         print("\nours - kvpress, paired over prompts [95% CI]")

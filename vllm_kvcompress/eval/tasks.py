@@ -17,6 +17,15 @@ expression, keys are words from a fixed list, values come from a seeded ``random
 - ``variable_tracking``: a chain ``VAR A = 12345``, ``VAR B = VAR A``, ... spread through a
   repetitive noise text; asked for every variable that holds the value.
 - ``qa_squad``: a SQuAD question with its paragraph hidden among other SQuAD paragraphs.
+- ``niah_single_uuid``, ``niah_multikey_word``, ...: the needle tasks with other needle values
+  (RULER's ``type_needle_v``): the suffix names the value type, ``uuid`` (a random UUID4, about
+  29 tokens) or ``word`` (an adjective-noun pair such as ``amber-compass``); no suffix means
+  numbers (7 digits). The needle, instruction and question name the type ("special magic
+  UUIDs"). ``niah_multiturn`` keeps numbers.
+- ``cwe``: RULER's common-word extraction: a numbered list of words in which ``CWE_COMMON``
+  words appear ``CWE_COMMON_FREQ`` times each and the others ``CWE_UNCOMMON_FREQ`` times, in a
+  random order, after one short worked example; asked for the most common words (score: the
+  fraction of them in the answer). No word of a list contains another (substring grading).
 
 Needle offsets are jittered: a needle at depth ``d`` goes ``round(d x sentences)`` sentences
 into the haystack, moved by 1-2 sentences towards the middle at depth 0 and 1 and by -2..2
@@ -38,6 +47,7 @@ import importlib.util
 import json
 import random
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,11 +55,19 @@ from typing import Any
 
 from tqdm import tqdm
 
+#: Needle tasks whose value type can be chosen by a suffix (``niah_single_uuid``).
+NEEDLE_BASES = ("niah_single", "niah_multikey", "niah_multivalue")
+#: Needle value types (RULER's ``type_needle_v``); the first one is a bare task name's.
+VALUE_TYPES = ("number", "uuid", "word")
+TYPED_NEEDLE_TASKS = tuple(f"{base}_{kind}" for base in NEEDLE_BASES for kind in VALUE_TYPES[1:])
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn", "variable_tracking",
-         "qa_squad")
+         "qa_squad", *TYPED_NEEDLE_TASKS, "cwe")
 #: Tasks with a needle at a depth (one sample per depth); ``niah_multiturn`` has two turns.
-DEPTH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn")
+DEPTH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn",
+               *TYPED_NEEDLE_TASKS)
 #: Bumped whenever the generator changes the prompts (a resumed run then starts afresh).
+#: Adding a task leaves it alone (the typed needle tasks and ``cwe`` came with the version-2
+#: tasks' prompts byte-identical; a run's settings name its tasks anyway).
 TASKS_VERSION = 2
 #: Most sentences a needle moves from its depth's position (see the module docstring).
 JITTER_SENTENCES = 2
@@ -66,14 +84,35 @@ KEY_WORDS = (
 # RULER's variable-tracking and "repeat" haystacks use this noise.
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
          "There and back again. ")
-NEEDLE = "One of the special magic numbers for {key} is: {value}."
-NIAH_QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
-NIAH_PREFIX = "The special magic number for {key} mentioned in the provided text is"
-MULTIVALUE_QUESTION = ("What are all the special magic numbers for {key} mentioned in the "
+# ``{one}``/``{many}``: the value type's noun (``TYPE_NOUNS``), "number"/"numbers" by default.
+NEEDLE = "One of the special magic {many} for {key} is: {value}."
+NIAH_QUESTION = "What is the special magic {one} for {key} mentioned in the provided text?"
+NIAH_PREFIX = "The special magic {one} for {key} mentioned in the provided text is"
+MULTIVALUE_QUESTION = ("What are all the special magic {many} for {key} mentioned in the "
                        "provided text?")
-MULTIVALUE_PREFIX = "The special magic numbers for {key} mentioned in the provided text are"
-NIAH_INSTRUCTION = ("Some special magic numbers are hidden within the following text. Make sure "
-                    "to memorize it. I will quiz you about the numbers afterwards.")
+MULTIVALUE_PREFIX = "The special magic {many} for {key} mentioned in the provided text are"
+NIAH_INSTRUCTION = ("Some special magic {many} are hidden within the following text. Make sure "
+                    "to memorize it. I will quiz you about the {many} afterwards.")
+#: Singular and plural noun of each value type, as the prompts name it.
+TYPE_NOUNS = {"number": ("number", "numbers"), "uuid": ("UUID", "UUIDs"),
+               "word": ("word", "words")}
+# Word values are "adjective-noun" pairs (RULER: wonderwords adjective-noun); no noun is a key.
+WORD_VALUE_ADJECTIVES = (
+    "amber", "ancient", "bitter", "brave", "breezy", "bronze", "calm", "clever", "crimson",
+    "curious", "dusty", "eager", "early", "fancy", "fierce", "frozen", "gentle", "gloomy",
+    "golden", "grumpy", "hidden", "hollow", "humble", "icy", "jolly", "lively", "lucky", "mellow",
+    "misty", "modern", "noisy", "odd", "polite", "proud", "quiet", "rapid", "rusty", "scarlet",
+    "shiny", "silent", "silver", "sleepy", "smooth", "sturdy", "sunny", "swift", "tender", "tidy",
+    "velvet", "vivid", "wild", "witty", "wooden", "young", "zesty",
+)
+WORD_VALUE_NOUNS = (
+    "badge", "barrel", "beacon", "blanket", "bottle", "bucket", "button", "cabin", "canoe",
+    "carpet", "chimney", "compass", "cookie", "cottage", "crayon", "curtain", "drum", "fountain",
+    "goblet", "guitar", "hammock", "horizon", "journal", "kitten", "lobster", "locket", "mitten",
+    "mirror", "muffin", "nugget", "paddle", "pebble", "pillow", "planet", "pocket", "puzzle",
+    "quilt", "rabbit", "sandal", "scarf", "shovel", "spoon", "sprout", "statue", "tablet",
+    "tiger", "trumpet", "turtle", "wallet", "whistle", "wizard",
+)
 
 
 @dataclass(frozen=True)
@@ -335,6 +374,45 @@ def _value(rng: random.Random) -> str:
     return str(rng.randint(1_000_000, 9_999_999))
 
 
+def needle_task(task: str) -> tuple[str, str]:
+    """Splits a needle task's name into its base task and its value type.
+
+    Returns:
+        ``("niah_single", "uuid")`` for ``niah_single_uuid``; ``(task, "number")`` for a bare
+        name.
+    """
+    for kind in VALUE_TYPES[1:]:
+        if task.endswith(f"_{kind}") and task.removesuffix(f"_{kind}") in NEEDLE_BASES:
+            return task.removesuffix(f"_{kind}"), kind
+    return task, VALUE_TYPES[0]
+
+
+def needle_values(rng: random.Random, kind: str, count: int) -> list[str]:
+    """``count`` distinct needle values of type ``kind`` (see ``VALUE_TYPES``).
+
+    Numbers draw exactly as the version-2 tasks did (their prompts are unchanged).
+    """
+    if kind == "number":
+        return [_value(rng) for _ in range(count)]
+    values: list[str] = []
+    while len(values) < count:
+        if kind == "uuid":
+            value = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        elif kind == "word":
+            value = f"{rng.choice(WORD_VALUE_ADJECTIVES)}-{rng.choice(WORD_VALUE_NOUNS)}"
+        else:
+            raise ValueError(f"unknown needle value type {kind!r}; allowed: "
+                             f"{', '.join(VALUE_TYPES)}")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def _nouns(kind: str) -> dict[str, str]:
+    one, many = TYPE_NOUNS[kind]
+    return {"one": one, "many": many}
+
+
 def _fit(builder: PromptBuilder, target: int, make: Callable[[int], tuple[str, str, str]],
          budget: int) -> tuple[list[int], tuple[str, str, str]]:
     """Searches the filler budget for the longest templated prompt of at most ``target`` tokens
@@ -378,37 +456,48 @@ def _essay_window(rng: random.Random) -> list[str]:
 
 def make_niah(builder: PromptBuilder, task: str, length: int, depth: float, index: int,
               max_tokens: int, seed: int) -> EvalSample:
-    """A needle-in-a-haystack sample (single, multi-key or multi-value) of ``length`` tokens."""
+    """A needle-in-a-haystack sample (single, multi-key or multi-value) of ``length`` tokens.
+
+    ``task`` may carry a value-type suffix (``niah_multikey_uuid``, see ``needle_task``); the
+    distractor needles of ``niah_multikey`` have values of the same type.
+    """
     rng = random.Random(f"{seed}-{task}-{length}-{depth}-{index}")
+    base, kind = needle_task(task)
+    nouns = _nouns(kind)
     keys = rng.sample(KEY_WORDS, 4)
     key = keys[0]
-    if task == "niah_single":
-        values = [_value(rng)]
-        needles = [(depth, NEEDLE.format(key=key, value=values[0]))]
+    if base == "niah_single":
+        values = needle_values(rng, kind, 1)
+        needles = [(depth, NEEDLE.format(key=key, value=values[0], **nouns))]
         shown = values
-    elif task == "niah_multikey":
-        values = [_value(rng)]
-        needles = [(depth, NEEDLE.format(key=key, value=values[0]))]
-        shown = values + [_value(rng) for _ in keys[1:]]
-        needles += [(rng.random(), NEEDLE.format(key=k, value=v))
+    elif base == "niah_multikey":
+        values = needle_values(rng, kind, 1)
+        needles = [(depth, NEEDLE.format(key=key, value=values[0], **nouns))]
+        while True:  # distractor values differ from the asked one
+            others = needle_values(rng, kind, len(keys) - 1)
+            if values[0] not in others:
+                break
+        shown = values + others
+        needles += [(rng.random(), NEEDLE.format(key=k, value=v, **nouns))
                     for k, v in zip(keys[1:], shown[1:], strict=True)]
-    elif task == "niah_multivalue":
-        values = [_value(rng) for _ in range(4)]
-        needles = [(depth if i == 0 else rng.random(), NEEDLE.format(key=key, value=v))
+    elif base == "niah_multivalue":
+        values = needle_values(rng, kind, 4)
+        needles = [(depth if i == 0 else rng.random(), NEEDLE.format(key=key, value=v, **nouns))
                    for i, v in enumerate(values)]
         shown = values
     else:
         raise ValueError(f"not a needle task: {task}")
     jitters = [_jitter(rng, depth)] + [0] * (len(needles) - 1)
-    multi = task == "niah_multivalue"
-    question = (MULTIVALUE_QUESTION if multi else NIAH_QUESTION).format(key=key)
-    prefix = (MULTIVALUE_PREFIX if multi else NIAH_PREFIX).format(key=key)
+    multi = base == "niah_multivalue"
+    question = (MULTIVALUE_QUESTION if multi else NIAH_QUESTION).format(key=key, **nouns)
+    prefix = (MULTIVALUE_PREFIX if multi else NIAH_PREFIX).format(key=key, **nouns)
+    instruction = NIAH_INSTRUCTION.format(**nouns)
     haystack = _essay_window(rng)
-    overhead = NIAH_INSTRUCTION + " ".join(n for _, n in needles) + question + prefix
+    overhead = instruction + " ".join(n for _, n in needles) + question + prefix
 
     def make(budget: int) -> tuple[str, str, str]:
         body = _insert(builder.fill(haystack, budget, overhead), needles, jitters)
-        return f"{NIAH_INSTRUCTION}\n{body}", question, prefix
+        return f"{instruction}\n{body}", question, prefix
 
     ids, parts = _fit(builder, length - max_tokens, make, length - max_tokens)
     offsets = builder.value_offsets(*parts, ids, [n for _, n in needles], shown)
@@ -468,19 +557,21 @@ def make_multiturn(builder: PromptBuilder, length: int, depth: float, index: int
     other = depth
     while abs(other - depth) < MULTITURN_MIN_GAP:
         other = rng.random()
-    needles = [(depth, NEEDLE.format(key=first, value=values[0])),
-               (other, NEEDLE.format(key=second, value=values[1]))]
+    nouns = _nouns("number")
+    needles = [(depth, NEEDLE.format(key=first, value=values[0], **nouns)),
+               (other, NEEDLE.format(key=second, value=values[1], **nouns))]
     jitters = [_jitter(rng, depth), _jitter(rng, other)]
-    question = NIAH_QUESTION.format(key=first)
-    prefix = NIAH_PREFIX.format(key=first)
-    question2 = NIAH_QUESTION.format(key=second)
-    prefix2 = NIAH_PREFIX.format(key=second)
+    question = NIAH_QUESTION.format(key=first, **nouns)
+    prefix = NIAH_PREFIX.format(key=first, **nouns)
+    question2 = NIAH_QUESTION.format(key=second, **nouns)
+    prefix2 = NIAH_PREFIX.format(key=second, **nouns)
+    instruction = NIAH_INSTRUCTION.format(**nouns)
     haystack = _essay_window(rng)
-    overhead = NIAH_INSTRUCTION + " ".join(n for _, n in needles) + question + prefix
+    overhead = instruction + " ".join(n for _, n in needles) + question + prefix
 
     def make(budget: int) -> tuple[str, str, str]:
         body = _insert(builder.fill(haystack, budget, overhead), needles, jitters)
-        return f"{NIAH_INSTRUCTION}\n{body}", question, prefix
+        return f"{instruction}\n{body}", question, prefix
 
     # The template's turn-2 tokens do not depend on the context: measured on a stand-in.
     suffix = followup_suffix(builder, _messages("", question, prefix), question2, prefix2)
@@ -556,8 +647,134 @@ def make_qa_squad(builder: PromptBuilder, length: int, index: int, max_tokens: i
                       max_tokens=max_tokens)
 
 
+#: Common-word extraction, RULER's ``cwe``: 10 words 30 times, the rest 3 times, from 4k tokens
+#: (``CWE_LONG``); below, 6 times and once (RULER's short-context setting).
+CWE_COMMON = 10
+CWE_FREQ = (30, 3)
+CWE_FREQ_SHORT = (6, 1)
+CWE_LONG = 4096
+#: The worked example: ``2 x common`` words, the common half 3 times, the rest once.
+CWE_EXAMPLE_FREQ = (3, 1)
+CWE_INSTRUCTION = ("Below is a numbered list of words. In these words, some appear more often "
+                   "than others. Memorize the ones that appear most often.")
+CWE_QUESTION = "Question: What are the {count} most common words in the above list?"
+CWE_PREFIX = "Answer: The top {count} words that appear most often in the list are:"
+
+
+@functools.cache
+def cwe_vocabulary() -> tuple[str, ...]:
+    """Candidate words of ``cwe``: lower-case words of 4-10 letters that occur at least 3 times
+    in the essays and not in the task's own instruction, question or answer prefix; sorted."""
+    counts: dict[str, int] = {}
+    # Whole words only: "Pascal" and "hadn't" must not give "ascal" and "hadn".
+    for word in re.findall(r"[A-Za-z']+", " ".join(essay_sentences())):
+        if word.isalpha() and word.islower():
+            counts[word] = counts.get(word, 0) + 1
+    own = (CWE_INSTRUCTION + CWE_QUESTION + CWE_PREFIX).lower()
+    return tuple(sorted(w for w, n in counts.items() if n >= 3 and 4 <= len(w) <= 10
+                        and w not in own))
+
+
+def _distinct_words(rng: random.Random, count: int) -> list[str]:
+    """``count`` words of ``cwe_vocabulary`` in random order, none containing another (the
+    substring grading could otherwise credit "form" for "information")."""
+    vocabulary = list(cwe_vocabulary())
+    rng.shuffle(vocabulary)
+    chosen: list[str] = []
+    for word in vocabulary:
+        if not any(word in c or c in word for c in chosen):
+            chosen.append(word)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"cwe: the vocabulary holds fewer than {count} unrelated words")
+
+
+def _numbered(words: list[str]) -> str:
+    return " ".join(f"{i + 1}. {word}" for i, word in enumerate(words))
+
+
+def _word_list(common: list[str], uncommon: list[str], common_freq: int, uncommon_freq: int,
+               rng: random.Random) -> list[str]:
+    words = common * common_freq + uncommon * uncommon_freq
+    rng.shuffle(words)
+    return words
+
+
+def make_cwe(builder: PromptBuilder, length: int, index: int, max_tokens: int, seed: int,
+             common: int = CWE_COMMON, freq: tuple[int, int] | None = None) -> EvalSample:
+    """RULER's common-word extraction: the ``common`` words that appear ``freq[0]`` times in a
+    numbered list, among words that appear ``freq[1]`` times (default: ``CWE_FREQ`` from
+    ``CWE_LONG`` tokens, ``CWE_FREQ_SHORT`` below).
+
+    The list grows by uncommon words until the prompt reaches ``length`` minus the answer
+    (a binary search on their number); the order of the list is random (seeded per sample and
+    list size), so the common words sit at different offsets in every sample. Before the list,
+    one worked example (``2 x common`` other words, RULER's short-context frequencies) with its
+    answer shows the format.
+
+    Returns:
+        A sample graded ``match="all"``: its score is the fraction of the common words found.
+    """
+    common_freq, uncommon_freq = freq or (CWE_FREQ if length >= CWE_LONG else CWE_FREQ_SHORT)
+    rng = random.Random(f"{seed}-cwe-{length}-{index}")
+    # An entry ("12. word") is at least 3 tokens: more uncommon words than can fit.
+    most = length // (3 * uncommon_freq) + 1
+    words = _distinct_words(rng, 3 * common + most)
+    example_common, example_rare = words[:common], words[common:2 * common]
+    answer, uncommon = words[2 * common:3 * common], words[3 * common:]
+    example_list = _word_list(example_common, example_rare, *CWE_EXAMPLE_FREQ, rng)
+    question = CWE_QUESTION.format(count=common)
+    prefix = CWE_PREFIX.format(count=common)
+    example = (f"{CWE_INSTRUCTION}\n{_numbered(example_list)}\n{question}\n{prefix} "
+               f"{_numbered(example_common)}")
+
+    def make(count: int) -> tuple[str, str, str]:
+        order = random.Random(f"{seed}-cwe-{length}-{index}-order-{count}")
+        listed = _word_list(answer, uncommon[:count], common_freq, uncommon_freq, order)
+        return f"{example}\n\n{CWE_INSTRUCTION}\n{_numbered(listed)}", question, prefix
+
+    try:
+        ids, _ = _fit_count(builder, length - max_tokens, make, len(uncommon))
+    except RuntimeError as error:
+        raise RuntimeError(f"cwe at {length} tokens: {common} words x {common_freq} and the "
+                           f"worked example do not fit ({error}); use a longer length") from None
+    return EvalSample(id=f"cwe-{length}-{index}", task="cwe", length=length, depth=-1.0,
+                      input_ids=ids, answers=answer, match="all", max_tokens=max_tokens)
+
+
+def _fit_count(builder: PromptBuilder, target: int, make: Callable[[int], tuple[str, str, str]],
+               most: int) -> tuple[list[int], tuple[str, str, str]]:
+    """The prompt of the largest ``count`` in ``[0, most]`` whose tokens fit ``target``
+    (binary search; prompts grow with ``count``).
+
+    Raises:
+        RuntimeError: not even ``count == 0`` fits, or ``most`` does (the caller gave too few).
+    """
+    low, high = 0, most
+    best: tuple[list[int], tuple[str, str, str]] | None = None
+    while low <= high:
+        middle = (low + high) // 2
+        parts = make(middle)
+        ids = builder.encode(*parts)
+        if len(ids) <= target:
+            best = (ids, parts)
+            low = middle + 1
+        else:
+            high = middle - 1
+    if best is None:
+        raise RuntimeError(f"could not fit a prompt into {target} tokens")
+    if high >= most:
+        raise RuntimeError(f"{most} items still fit {target} tokens; pass more")
+    return best
+
+
 MAX_TOKENS = {"niah_single": 16, "niah_multikey": 16, "niah_multivalue": 48,
-              "niah_multiturn": 16, "variable_tracking": 32, "qa_squad": 24}
+              "niah_multiturn": 16, "variable_tracking": 32, "qa_squad": 24,
+              # A UUID is about 29 tokens, a word value about 4 (Qwen2.5's tokenizer).
+              "niah_single_uuid": 40, "niah_multikey_uuid": 40, "niah_multivalue_uuid": 144,
+              "niah_single_word": 16, "niah_multikey_word": 16, "niah_multivalue_word": 48,
+              # Ten list entries ("1. word", about 3-5 tokens each).
+              "cwe": 64}
 
 
 def build_samples(tokenizer: Any, tasks: list[str], lengths: list[int], depths: list[float],
@@ -601,6 +818,8 @@ def build_samples(tokenizer: Any, tasks: list[str], lengths: list[int], depths: 
             elif task == "variable_tracking":
                 samples.append(make_variable_tracking(builder, length, index, max_tokens,
                                                       seed))
+            elif task == "cwe":
+                samples.append(make_cwe(builder, length, index, max_tokens, seed))
             else:
                 samples.append(make_qa_squad(builder, length, index, max_tokens, seed))
     return samples
