@@ -213,6 +213,15 @@ class CompressedGeneration:
     the last ``window`` post-RoPE queries it computed (prefill and decode steps alike), with
     logical RoPE positions throughout. Merged values (``merge: on``) are applied per layer.
 
+    With ``prefill_budget`` the prompt is prefilled in chunks: after a chunk that is not the
+    prompt's last, a cache holding more than ``prefill_budget`` tokens is cut to it (scored by
+    the chunk's last ``window`` queries, as the engine's query ring holds them); at the prompt's
+    end ``CompressionSpec.prompt_end_target`` decides. Where the chunks end is the scheduler's
+    business, not the rule's: ``generate`` takes either the chunk length (a request alone in
+    the engine gets chunks of ``max_num_batched_tokens``) or the logical positions at which the
+    engine compacted (a mixed batch; each cut still makes its own selection there, and the
+    rule's own condition, more than ``prefill_budget`` held, is asserted).
+
     Exact ties: a repeated token id has the same key norm (RoPE preserves norms) and, at layer
     0, the same value, so key-only scorers meet ties that only rounding breaks; the engine's
     decode-step keys round differently from this model's (other kernels, other batch). Given
@@ -326,20 +335,82 @@ class CompressedGeneration:
                     break
         return aligned
 
-    @torch.no_grad()
-    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
-        """``max_tokens`` greedy tokens; ``self.compactions`` records every cut."""
+    def _prefill_cuts(self, prompt_len: int, chunk: int | None) -> list[int]:
+        """Logical prompt positions after which the cache is cut to ``prefill_budget``: from
+        the engine's own compactions when given, else after every ``chunk`` tokens where the
+        cache would hold more than the budget."""
+        budget = self.spec.prefill_budget
+        if budget is None or self.policy is None:
+            return []
+        cuts: list[int] = []
+        if chunk is None:
+            logical = physical = 0
+            for entry in self.engine_log:
+                if entry["kind"] != "prefill" or logical + entry["source_len"] - physical \
+                        >= prompt_len:
+                    continue
+                logical += entry["source_len"] - physical
+                physical = budget
+                cuts.append(logical)
+            return cuts
+        physical = 0
+        for end in range(chunk, prompt_len, chunk):
+            physical += chunk
+            if physical > budget:
+                cuts.append(end)
+                physical = budget
+        return cuts
+
+    def _prefill(self, prompt_ids: list[int], cuts: list[int]) -> tuple[object, torch.Tensor]:
+        """Prefills in segments ending at ``cuts`` (then the rest), cutting the cache after
+        each; returns the cache and the last logits."""
+        from transformers import DynamicCache
+
         model = self.ref.model
-        with self.ref._capture() as captured:
-            out = model(torch.tensor([prompt_ids]), use_cache=True)
-        self._remember(captured)
-        cache = out.past_key_values
-        generated = [int(out.logits[0, -1].argmax())]
+        cache = DynamicCache()
+        start = 0
+        for end in [*cuts, len(prompt_ids)]:
+            physical = cache.get_seq_length()
+            with self.ref._capture() as captured:
+                out = model(torch.tensor([prompt_ids[start:end]]), past_key_values=cache,
+                            use_cache=True, position_ids=torch.arange(start, end)[None],
+                            cache_position=torch.arange(physical, physical + end - start))
+            self._remember(captured)
+            cache = out.past_key_values
+            if end < len(prompt_ids):
+                held = cache.get_seq_length()
+                assert held > self.spec.prefill_budget, (end, held)  # the rule's condition
+                self._compact(cache, self.spec.prefill_budget, end, "prefill")
+            start = end
+        return cache, out.logits
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_tokens: int, chunk: int | None = None
+                 ) -> list[int]:
+        """``max_tokens`` greedy tokens; ``self.compactions`` records every cut.
+
+        Args:
+            prompt_ids: the prompt.
+            max_tokens: tokens to generate.
+            chunk: with ``prefill_budget``: the engine's chunk length for a request alone
+                (else the cut positions come from ``engine_log``).
+        """
+        model = self.ref.model
+        cuts = self._prefill_cuts(len(prompt_ids), chunk)
+        if cuts:
+            cache, logits = self._prefill(prompt_ids, cuts)
+        else:
+            with self.ref._capture() as captured:
+                out = model(torch.tensor([prompt_ids]), use_cache=True)
+            self._remember(captured)
+            cache, logits = out.past_key_values, out.logits
+        generated = [int(logits[0, -1].argmax())]
         logical = len(prompt_ids)
         prompt_kept = self._prompt_kept(logical) if self.policy is not None else None
-        kept = self.spec.compaction_target(logical, prompt_kept)
+        kept = self.spec.prompt_end_target(cache.get_seq_length(), prompt_kept)
         if kept is not None:
-            self._compact(cache, kept, logical, "prompt" if kept == prompt_kept else "decode")
+            self._compact(cache, kept, logical, "prompt" if kept == prompt_kept else
+                          "prefill" if kept == self.spec.prefill_budget else "decode")
         for _ in range(max_tokens - 1):
             physical = cache.get_seq_length()
             with self.ref._capture() as captured:

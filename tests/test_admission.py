@@ -90,6 +90,8 @@ def test_each_parameter_at_and_past_its_bounds(name: str) -> None:
             xargs["kv_decode_budget"] = 1024
             if value > 1024 - 36:
                 continue
+        if name == "prefill_budget" and value < 4 + 32:
+            continue
         admit(xargs, frontend())
     past = [high + step, low - step if not param.exclusive_minimum else low]
     for value in past:

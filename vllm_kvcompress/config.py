@@ -30,7 +30,8 @@ REQUEST_PREFIX = "kv_"
 ADDITIONAL_CONFIG_KEY = "kvcompress"
 
 #: Settings whose combination ``_check_decode_room`` checks.
-DECODE_FIELDS = frozenset({"decode_budget", "decode_interval", "sink_tokens", "window"})
+DECODE_FIELDS = frozenset({"decode_budget", "decode_interval", "prefill_budget", "sink_tokens",
+                           "window"})
 
 
 class CompressionConfigError(ValueError):
@@ -88,14 +89,25 @@ def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) ->
     Raises:
         CompressionConfigError: ``decode_budget < sink_tokens + window + decode_interval``.
     """
-    budget = values.get("decode_budget")
-    if budget is None:
-        return
     params = all_params()
 
     def value(name: str) -> int:
         return values[name] if values.get(name) is not None else params[name].default
 
+    prefill = values.get("prefill_budget")
+    if prefill is not None and prefill < value("sink_tokens") + value("window"):
+        raise CompressionConfigError(
+            name_of.get("prefill_budget", "prefill_budget"),
+            f"must be an integer >= sink_tokens + window = {value('sink_tokens')} + "
+            f"{value('window')} = {value('sink_tokens') + value('window')} (got {prefill})")
+    if prefill is not None and values.get("policy") == "pyramidkv":
+        raise CompressionConfigError(
+            name_of.get("prefill_budget", "prefill_budget"),
+            "is not supported with policy 'pyramidkv' (its per-layer budgets are shares of the "
+            "whole prompt, which a chunk does not know)")
+    budget = values.get("decode_budget")
+    if budget is None:
+        return
     sinks, window, interval = value("sink_tokens"), value("window"), value("decode_interval")
     if budget < sinks + window + interval:
         raise CompressionConfigError(
@@ -240,8 +252,9 @@ class CompressionSpec(Mapping[str, Any]):
         protected = min(self.sink_tokens + self.window, prompt_len)
         if self.budget is not None:
             kept = self.budget
-        elif self.ratio is None and self.decode_budget is not None:
-            return None  # decode_budget alone bounds the request; the prompt is not cut first
+        elif self.ratio is None and (self.decode_budget is not None
+                                     or self.prefill_budget is not None):
+            return None  # the decode / prefill budget alone bounds the request
         else:
             ratio = DEFAULT_RATIO if self.ratio is None else self.ratio
             kept = math.ceil(ratio * prompt_len - 1e-9)
@@ -268,6 +281,30 @@ class CompressionSpec(Mapping[str, Any]):
         if held >= self.decode_budget + self.decode_interval:
             return self.decode_budget
         return prompt_kept
+
+    def prefill_target(self, physical_len: int) -> int | None:
+        """Tokens to keep after a (not final) prefill chunk, or ``None``: ``prefill_budget``
+        once the request holds more than that."""
+        if not self.enabled or self.prefill_budget is None or \
+                physical_len <= self.prefill_budget:
+            return None
+        return self.prefill_budget
+
+    def prompt_end_target(self, physical_len: int, prompt_kept: int | None) -> int | None:
+        """Tokens to keep when the prompt's last chunk is prefilled, or ``None``: the smaller of
+        the prompt policy's ``prompt_kept`` and ``prefill_budget`` (each where it is below what
+        the request holds), then the decode rule (``compaction_target``).
+
+        Args:
+            physical_len: tokens in the paged cache after the last chunk (the prompt length
+                minus what earlier prefill compactions evicted).
+            prompt_kept: what the prompt policy keeps of the whole (logical) prompt.
+        """
+        target = prompt_kept if prompt_kept is not None and prompt_kept < physical_len else None
+        budget = self.prefill_target(physical_len)
+        if budget is not None:
+            target = budget if target is None else min(target, budget)
+        return self.compaction_target(physical_len, target)
 
 
 def resolve(*layers: tuple[Mapping[str, Any], Mapping[str, str]]

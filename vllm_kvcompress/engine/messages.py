@@ -36,9 +36,12 @@ class CompactionPlan:
         in_place: whether ``dst_blocks`` are the first blocks of ``src_blocks``.
         spec: the request's admitted settings (validated in the front end; pickled as a
             trusted spec, so the workers never re-parse or re-check them).
-        kind: ``prompt`` (end of the first prefill), ``decode`` (a decode step crossing
-            ``decode_budget + decode_interval``) or ``resumed`` (end of the re-prefill after a
-            preemption).
+        kind: ``prompt`` (end of the first prefill), ``prefill`` (a prefill chunk leaving the
+            request above ``prefill_budget``, or the prompt's end cut to it), ``decode`` (a
+            decode step crossing ``decode_budget + decode_interval``) or ``resumed`` (end of
+            the re-prefill after a preemption).
+        keep_queries: whether the request's query ring outlives this compaction (later
+            prefill chunks or decode steps score again).
     """
 
     kept: int
@@ -49,6 +52,7 @@ class CompactionPlan:
     in_place: bool
     spec: CompressionSpec
     kind: str = "prompt"
+    keep_queries: bool = False
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,8 @@ class SchedulerCompression:
             end = request.num_tokens
         else:
             end = request.num_prompt_tokens
-            if spec.decode_budget is None and self.physical_kept(spec, end) is None:
+            if spec.decode_budget is None and spec.prefill_budget is None and \
+                    self.physical_kept(spec, end) is None:
                 return None
         return max(end - spec.window, 0) // self.block_size
 
@@ -270,9 +271,13 @@ class SchedulerCompression:
             if after < end:
                 if self._will_compress(spec, end, resumed) and self.needs_queries(spec):
                     stash[req_id] = spec.window
+                if not resumed and spec.prefill_budget is not None:
+                    self._plan_prefill_chunk(req_id, after, spec, compact, to_free)
                 continue
             # This step completes the (re-)prefill.
             state.settled.add(req_id)
+            # What the request holds now: earlier prefill chunks may have been compacted.
+            physical_end = end - state.evicted.get(req_id, 0)
             if resumed:
                 prompt_kept = None
                 kept = spec.compaction_target(end)
@@ -280,8 +285,8 @@ class SchedulerCompression:
                     self.stats.skipped_resumed += 1
             else:
                 prompt_kept = self.physical_kept(spec, prompt_len)
-                kept = spec.compaction_target(prompt_len, prompt_kept)
-                if kept is None:
+                kept = spec.prompt_end_target(physical_end, prompt_kept)
+                if kept is None and physical_end == prompt_len:
                     self.stats.not_compressed_short += 1
             if spec.decode_budget is not None:
                 window = spec.window if self.needs_queries(spec) else 0
@@ -292,8 +297,10 @@ class SchedulerCompression:
                     state.ring_queries[req_id] = window
             if kept is not None:
                 kind = "resumed" if resumed else (
-                    "prompt" if kept == prompt_kept else "decode")
-                plan = self._move_to_compact_blocks(req_id, end, kept, spec, to_free, kind)
+                    "prompt" if kept == prompt_kept else
+                    "prefill" if kept == spec.prefill_budget else "decode")
+                plan = self._move_to_compact_blocks(req_id, physical_end, kept, spec, to_free,
+                                                    kind)
                 if plan is not None:
                     compact[req_id] = plan
                     if self.needs_queries(spec):
@@ -311,9 +318,23 @@ class SchedulerCompression:
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
         """Whether a request in a non-final prefill chunk may be compacted later (its window
         queries are then kept)."""
-        if spec.decode_budget is not None:
+        if spec.decode_budget is not None or (spec.prefill_budget is not None and not resumed):
             return True
         return not resumed and self.physical_kept(spec, end) is not None
+
+    def _plan_prefill_chunk(self, req_id: str, after: int, spec: CompressionSpec,
+                            compact: dict[str, CompactionPlan], to_free: list[list[Any]]
+                            ) -> None:
+        """A prefill chunk that is not the prompt's last: compact to ``prefill_budget`` when the
+        request holds more (``CompressionSpec.prefill_target``); its queries are stashed."""
+        physical = after - self.manager.kvc.evicted.get(req_id, 0)
+        kept = spec.prefill_target(physical)
+        if kept is None:
+            return
+        plan = self._move_to_compact_blocks(req_id, physical, kept, spec, to_free, "prefill",
+                                            mid_prompt=True)
+        if plan is not None:
+            compact[req_id] = plan
 
     def _plan_decode_step(self, req_id: str, after: int, track: DecodeTrack,
                           compact: dict[str, CompactionPlan], stash: dict[str, int],
@@ -332,8 +353,8 @@ class SchedulerCompression:
             compact[req_id] = plan
 
     def _move_to_compact_blocks(self, req_id: str, source_len: int, kept: int,
-                                spec: CompressionSpec, to_free: list[list[Any]], kind: str
-                                ) -> CompactionPlan | None:
+                                spec: CompressionSpec, to_free: list[list[Any]], kind: str,
+                                mid_prompt: bool = False) -> CompactionPlan | None:
         manager = self.manager
         old = manager.req_to_blocks.get(req_id)
         if not old:
@@ -361,6 +382,8 @@ class SchedulerCompression:
         freed = len(old) - num_kept_blocks
         if kind == "prompt":
             self.stats.record(source_len, kept, blocks_freed=freed)
+        elif kind == "prefill":
+            self.stats.record_prefill(source_len, kept, blocks_freed=freed)
         else:
             self.stats.record_decode(source_len, kept, blocks_freed=freed,
                                      resumed=kind == "resumed")
@@ -370,7 +393,8 @@ class SchedulerCompression:
         return CompactionPlan(kept=kept, source_len=source_len, evicted=evicted,
                               src_blocks=tuple(block.block_id for block in old),
                               dst_blocks=tuple(block.block_id for block in fresh),
-                              in_place=in_place, spec=spec, kind=kind)
+                              in_place=in_place, spec=spec, kind=kind,
+                              keep_queries=mid_prompt or spec.decode_budget is not None)
 
 
 def install_scheduler_compression(scheduler: Any) -> None:

@@ -41,6 +41,10 @@ class CompressionStats:
         decode_blocks_freed: blocks those compactions returned to the pool.
         resumed_recompressed: re-prefills after preemption compacted back to their
             ``decode_budget`` (included in ``decode_compactions``).
+        prefill_compactions: compactions to ``prefill_budget`` (after a prefill chunk, or at
+            the prompt's end), counted per compaction.
+        prefill_tokens_evicted: tokens evicted by those compactions.
+        prefill_blocks_freed: blocks those compactions returned to the pool.
         query_ring_bytes: memory the workers hold now for decode-compressed requests' last
             ``window`` queries (a gauge, all ranks together).
         query_ring_pool_bytes: memory the workers' query-ring pools hold (allocated, all
@@ -62,6 +66,9 @@ class CompressionStats:
     decode_tokens_evicted: int = 0
     decode_blocks_freed: int = 0
     resumed_recompressed: int = 0
+    prefill_compactions: int = 0
+    prefill_tokens_evicted: int = 0
+    prefill_blocks_freed: int = 0
     query_ring_bytes: int = 0
     query_ring_pool_bytes: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
@@ -87,6 +94,13 @@ class CompressionStats:
         self.decode_tokens_evicted += source_len - kept
         self.decode_blocks_freed += blocks_freed
         self.resumed_recompressed += int(resumed)
+        self.flush()
+
+    def record_prefill(self, source_len: int, kept: int, blocks_freed: int) -> None:
+        """Counts one compaction to ``prefill_budget`` (a prefill chunk or the prompt's end)."""
+        self.prefill_compactions += 1
+        self.prefill_tokens_evicted += source_len - kept
+        self.prefill_blocks_freed += blocks_freed
         self.flush()
 
     def record_failed(self, count: int) -> None:
@@ -147,6 +161,12 @@ class StatsCollector:
              "KV blocks returned to the pool by decode-time compactions"),
             ("resumed_recompressed", stats.resumed_recompressed,
              "Re-prefills after preemption compacted back to their decode_budget"),
+            ("prefill_compactions", stats.prefill_compactions,
+             "Compactions to prefill_budget while prompts were prefilled"),
+            ("prefill_tokens_evicted", stats.prefill_tokens_evicted,
+             "Tokens evicted by compactions to prefill_budget"),
+            ("prefill_blocks_freed", stats.prefill_blocks_freed,
+             "KV blocks returned to the pool by compactions to prefill_budget"),
         ):
             yield CounterMetricFamily(f"vllm_kvcompress:{name}", doc, value=value)
         skipped = CounterMetricFamily("vllm_kvcompress:requests_not_compressed",

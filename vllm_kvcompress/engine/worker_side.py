@@ -225,7 +225,7 @@ class WorkerCompression:
             self.compactions.append(CompactionTask(
                 req_id=req_id, spec=spec, policy=policy, kept=job.kept,
                 source_len=job.source_len, logical_len=job.kept + job.evicted,
-                keep_queries=spec.decode_budget is not None,
+                keep_queries=job.keep_queries,
                 src_blocks=torch.tensor(job.src_blocks, dtype=torch.int64),
                 dst_blocks=torch.tensor(job.dst_blocks, dtype=torch.int64),
                 in_place=job.in_place, query_start=int(starts[row]),

@@ -247,6 +247,11 @@ COMMON_PARAMS: tuple[Param, ...] = (
           "generated together: when its physical length reaches decode_budget + decode_interval, "
           "the policy compacts it back to decode_budget (unset: only the prompt is compressed).",
           minimum=1, bound="max_model_len"),
+    Param("prefill_budget", int, None, "KV tokens a request may hold while its prompt is "
+          "prefilled: after each chunked-prefill chunk that leaves it holding more, the policy "
+          "compacts it back to prefill_budget (its chunk's last window scores the rest), so its "
+          "KV never exceeds prefill_budget + one chunk (unset: the prompt is compressed only "
+          "when it ends).", minimum=1, bound="max_model_len"),
     Param("decode_interval", int, 128, "Tokens a decode-compressed request grows by between two "
           "compactions (compaction at decode_budget + decode_interval).", minimum=1,
           bound="max_model_len", request_min=REQUEST_MIN_DECODE_INTERVAL),

@@ -1,0 +1,178 @@
+"""Compression while prefilling (``prefill_budget``) inside the real engine (in process, tiny
+Llama, fp32, CPU_ATTN, chunked prefill of 64 tokens).
+
+* exactness: greedy output and every compaction's kept tokens (per layer and KV head) equal a
+  plain-transformers reference that prefills in the same chunks and cuts its OWN cache to the
+  budget after each chunk that leaves more (its own queries, keys and values; logical RoPE
+  positions); alone, the reference derives the chunk ends itself; in a mixed batch (chunks
+  shared with neighbours) it cuts where the engine did and checks the rule's condition there;
+* memory: a request never holds more than ``prefill_budget`` + one chunk, checked on every
+  engine step, and the pool's free count returns to where it started.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kv_reference import CompressedGeneration, ReferenceModel
+from test_engine_compression import BLOCK, engine_internals, prompt_ids, recording_llm, request_spec
+
+pytestmark = pytest.mark.engine
+
+CHUNK = 64
+MAX_TOKENS = 12
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model: Path) -> Iterator[Any]:
+    import gc
+
+    # An earlier module's engine, collected late, would tear down the process-wide
+    # distributed state this engine uses: finish it first.
+    gc.collect()
+    engine = recording_llm(tiny_model, num_blocks=256, max_num_batched_tokens=CHUNK,
+                           enable_prefix_caching=False)
+    yield engine
+    del engine
+    gc.collect()
+
+
+#: (vllm_xargs, prompt length): budgets well under the prompt, so each request is cut 2-4 times
+#: while prefilling, then at the prompt's end.
+CASES = [
+    ({"kv_policy": "snapkv", "kv_prefill_budget": 80, "kv_window": 16}, 300),
+    ({"kv_policy": "snapkv", "kv_prefill_budget": 80, "kv_window": 16,
+      "kv_head_select": "per_head"}, 260),
+    ({"kv_policy": "chunkkv", "kv_prefill_budget": 100, "kv_window": 16, "kv_chunk_size": 8,
+      "kv_ratio": 0.2}, 300),
+    ({"kv_policy": "knorm", "kv_prefill_budget": 70, "kv_window": 16}, 250),  # keys only
+    ({"kv_policy": "tova", "kv_prefill_budget": 90, "kv_window": 16,
+      "kv_head_select": "per_head"}, 280),
+    ({"kv_policy": "expected_attention", "kv_prefill_budget": 90, "kv_window": 16,
+      "kv_future_positions": 32}, 300),  # RoPE of logical positions after evictions
+    ({"kv_policy": "streamingllm", "kv_prefill_budget": 64, "kv_window": 16}, 230),
+    # Then decode-time compression of the rest.
+    ({"kv_policy": "snapkv", "kv_prefill_budget": 80, "kv_window": 16, "kv_decode_budget": 96,
+      "kv_decode_interval": 16}, 240),
+]
+
+
+def check_against_reference(reference: ReferenceModel, xargs: dict[str, Any], ids: list[int],
+                            got: list[int], engine_log: list[dict[str, Any]],
+                            chunk: int | None) -> list[Any]:
+    spec = request_spec(xargs)
+    ref = CompressedGeneration(reference, spec, engine_log)
+    want = ref.generate(ids, MAX_TOKENS, chunk=chunk)
+    assert [(c["kind"], c["source_len"], c["kept"]) for c in engine_log] == \
+        [(c.kind, c.source_len, c.kept) for c in ref.compactions], xargs
+    for number, (mine, theirs) in enumerate(zip(engine_log, ref.compactions, strict=True)):
+        for layer, heads in theirs.layers.items():
+            for head, (a, b) in enumerate(zip(mine["layers"][layer], heads, strict=True)):
+                assert a == b, (f"{xargs}: compaction {number} layer {layer} head {head}: "
+                                f"engine only {sorted(set(a) - set(b))}, reference only "
+                                f"{sorted(set(b) - set(a))}")
+    assert got == want, f"{xargs}: engine {got} != reference {want}"
+    return ref.compactions
+
+
+def peak_blocks(llm: Any, requests: list[tuple[str, list[int], dict[str, Any] | None]]
+                ) -> tuple[dict[str, list[int]], dict[str, int]]:
+    """Runs the requests step by step; returns outputs and the most blocks each held while
+    prefilling (checked against budget + one chunk)."""
+    scheduler, _, _ = engine_internals(llm)
+    manager = scheduler._kvcompress.manager
+    from vllm import SamplingParams
+
+    budgets = {req_id: xargs["kv_prefill_budget"] for req_id, _, xargs in requests
+               if xargs and "kv_prefill_budget" in xargs}
+    for req_id, ids, xargs in requests:
+        llm.llm_engine.add_request(req_id, {"prompt_token_ids": ids}, SamplingParams(
+            max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, extra_args=xargs))
+    outputs: dict[str, list[int]] = {}
+    most: dict[str, int] = {}
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        for internal, blocks in manager.req_to_blocks.items():
+            outer = internal.rsplit("-", 1)[0]
+            if outer in budgets:
+                most[outer] = max(most.get(outer, 0), len(blocks))
+                request = scheduler.requests[internal]
+                if request.num_computed_tokens < request.num_prompt_tokens:
+                    held = request.num_computed_tokens - manager.kvc.evicted.get(internal, 0)
+                    assert held <= budgets[outer] + CHUNK, (outer, held)
+    for req_id, budget in budgets.items():
+        assert most[req_id] <= cdiv(budget + CHUNK, BLOCK) + 1, (req_id, most[req_id])
+    return outputs, most
+
+
+@pytest.mark.parametrize(("xargs", "length"), CASES, ids=[
+    f"{x['kv_policy']}-{x.get('kv_head_select', 'default')}" + ("-decode" if
+                                                                  "kv_decode_budget" in x else "")
+    for x, _ in CASES])
+def test_alone_matches_a_chunked_reference(llm: Any, reference: ReferenceModel,
+                                           xargs: dict[str, Any], length: int) -> None:
+    """A request alone gets chunks of 64: the reference derives the same chunk ends and cuts
+    itself; the engine's compactions, kept tokens and output equal the reference's."""
+    _, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    req_id = f"alone-{CASES.index((xargs, length))}"
+    ids = prompt_ids(900 + length, length)
+    outputs, _ = peak_blocks(llm, [(req_id, ids, xargs)])
+    log = runner._kvcompress.compaction_log
+    internal = next(key for key in log if key.rsplit("-", 1)[0] == req_id)
+    compactions = check_against_reference(reference, xargs, ids, outputs[req_id],
+                                          log[internal], chunk=CHUNK)
+    prefill = [c for c in compactions if c.kind == "prefill"]
+    assert len(prefill) >= 3, prefill  # cut while prefilling, and at the prompt's end
+    assert max(c.source_len for c in prefill) <= xargs["kv_prefill_budget"] + CHUNK
+    assert pool.get_num_free_blocks() == start_free
+
+
+def test_mixed_batch_with_neighbours(llm: Any, reference: ReferenceModel) -> None:
+    """Prefill-compressed requests beside prompt-only, ``none`` and plain ones in one batch
+    (their chunks share each step's 64 tokens, so chunk ends are the scheduler's): the reference
+    cuts where the engine did, checks the rule held there, and selects on its own."""
+    _, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    cases = [CASES[0], CASES[2], CASES[3], CASES[7],
+             ({"kv_policy": "snapkv", "kv_ratio": 0.3, "kv_window": 16}, 200),
+             ({"kv_policy": "none"}, 150), (None, 120)]
+    requests = [(f"mixed-{i}", prompt_ids(950 + i, n), xargs)
+                for i, (xargs, n) in enumerate(cases)]
+    outputs, _ = peak_blocks(llm, requests)
+    log = runner._kvcompress.compaction_log
+    cut_while_prefilling = 0
+    for req_id, ids, xargs in requests:
+        internal = [key for key in log if key.rsplit("-", 1)[0] == req_id]
+        engine_log = log[internal[0]] if internal else []
+        compactions = check_against_reference(reference, xargs or {}, ids, outputs[req_id],
+                                              engine_log, chunk=None)
+        if xargs and "kv_prefill_budget" in xargs:
+            cut_while_prefilling += sum(c.kind == "prefill" and c.source_len < len(ids)
+                                        for c in compactions[:-1])
+    assert cut_while_prefilling >= 6, cut_while_prefilling
+    assert pool.get_num_free_blocks() == start_free
+
+
+def test_prefill_budget_is_admitted_and_refused_like_every_setting() -> None:
+    from vllm_kvcompress.admission import Frontend, admit
+    from vllm_kvcompress.config import CompressionConfigError, CompressionSpec
+
+    front = Frontend(CompressionSpec(), None, None)
+    spec = admit({"kv_policy": "snapkv", "kv_prefill_budget": 200}, front)
+    assert spec.prefill_budget == 200 and spec.kept_tokens(1000) is None  # the budget bounds it
+    with pytest.raises(CompressionConfigError, match=r"^kv_prefill_budget: must be an integer "
+                                                     r">= sink_tokens \+ window"):
+        admit({"kv_policy": "snapkv", "kv_prefill_budget": 20}, front)
+    with pytest.raises(CompressionConfigError, match=r"^kv_prefill_budget: is not supported "
+                                                     r"with policy 'pyramidkv'"):
+        admit({"kv_policy": "pyramidkv", "kv_prefill_budget": 200}, front)
