@@ -186,6 +186,87 @@ def test_expected_attention_against_explicit_gaussian_moment(q_heads: int,
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 
 
+def kvpress_expected_attention(pre_rope: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                               rotary: Rotary, sinks: int, future_n: int) -> torch.Tensor:
+    """kvpress 0.5.5's ``ExpectedAttentionPress.score`` written as its code does it (batch 1,
+    NeoX RoPE through ``cos I + sin P``): statistics of every pre-RoPE query but the sinks, the
+    rotation averaged over positions ``L .. L+n-1``, ``K mu / sqrt(d) + K S K / d / 2``, softmax
+    over the non-sink keys, the mean over each KV head's query heads, times ``||v||``. Sinks get
+    0 here (kvpress pads them with max + 1; both keep them)."""
+    q_heads, seq_len, dim = pre_rope.shape
+    kv_heads = keys.shape[0]
+    queries = pre_rope[:, sinks:].double()
+    mean = queries.mean(dim=1, keepdim=True)
+    centered = queries - mean
+    cov = torch.einsum("nsi,nsj->nij", centered, centered) / queries.shape[1]
+    half = dim // 2
+    positions = torch.arange(seq_len, seq_len + future_n)
+    cos = torch.cat([rotary.cos[positions]] * 2, dim=-1).double()  # HF duplicates the halves
+    sin = torch.cat([rotary.sin[positions]] * 2, dim=-1).double()
+    swap = torch.zeros(dim, dim, dtype=torch.float64)
+    swap[half:, :half], swap[:half, half:] = torch.eye(half), -torch.eye(half)
+    rotation = (cos[:, :, None] * torch.eye(dim) + sin[:, :, None] * swap).mean(dim=0)
+    mean = mean.squeeze(1) @ rotation.T
+    cov = rotation @ cov @ rotation.T
+    group = q_heads // kv_heads
+    k = keys[:, sinks:].double().repeat_interleave(group, dim=0).transpose(1, 2)  # [Hq, D, n]
+    logits = (mean[:, None, :] @ k).squeeze(1) / math.sqrt(dim)
+    logits = logits + torch.einsum("hin,hij,hjn->hn", k, cov, k) / dim / 2
+    expected = torch.softmax(logits, dim=-1).view(kv_heads, group, -1).mean(dim=1)
+    scores = torch.zeros(kv_heads, seq_len, dtype=torch.float64)
+    scores[:, sinks:] = expected * values[:, sinks:].double().norm(dim=-1)
+    return scores
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads"), HEAD_LAYOUTS)
+def test_expected_attention_with_every_query_is_kvpress_press(q_heads: int,
+                                                               kv_heads: int) -> None:
+    """Fed every non-sink prompt query (window = L - sinks), our scorer is kvpress's press: the
+    one difference the Qwen audit found (docs/method-audit.md) is which queries give the
+    statistics, not the formula, RoPE convention or GQA averaging."""
+    head_dim, seq_len, sinks, future_n = 16, 45, 4, 32
+    rotary, _ = make_rotary(head_dim, head_dim, 128, neox=True)
+    gen = torch.Generator().manual_seed(11)
+    pre = torch.randn(q_heads, seq_len, head_dim, generator=gen) + 0.3
+    post = rotary.rotate(pre, torch.arange(seq_len))
+    keys = torch.randn(kv_heads, seq_len, head_dim, generator=gen)
+    values = torch.randn(kv_heads, seq_len, head_dim, generator=gen)
+    window = seq_len - sinks
+    obs = LayerObservation(seq_len=seq_len, budget=seq_len, sink_tokens=sinks, window=window,
+                           num_kv_heads=kv_heads, queries=post[:, -window:], keys=keys,
+                           values=values, rotary=rotary)
+    got = ExpectedAttention(future_positions=future_n).score(obs)
+    want = kvpress_expected_attention(pre, keys, values, rotary, sinks, future_n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_keydiff_and_knorm_rank_bf16_keys_in_float32() -> None:
+    """bf16 cache keys that point almost the same way: cosines computed in bf16 collapse onto a
+    few values (kvpress's KeyDiffPress on a bf16 cache: Spearman vs float32 as low as 0.09 on
+    some Qwen heads); ours are computed in float32 and rank every key as float64 does."""
+    gen = torch.Generator().manual_seed(5)
+    direction = torch.randn(16, generator=gen)
+    keys = (direction + 0.1 * torch.randn(2, 200, 16, generator=gen)).bfloat16()
+    obs = LayerObservation(seq_len=200, budget=50, sink_tokens=0, window=0, num_kv_heads=2,
+                           keys=keys)
+    exact = keys.double()
+    anchor = torch.nn.functional.normalize(exact, dim=-1).mean(dim=1, keepdim=True)
+    want = -torch.nn.functional.cosine_similarity(exact, anchor, dim=-1)
+    got = KeyDiff().score(obs)
+    assert got.dtype == torch.float32
+
+    def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+        ra, rb = (x.argsort().argsort().double() for x in (a, b))
+        return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+    assert min(spearman(got[h], want[h]) for h in range(2)) > 0.999
+    in_bf16 = -torch.nn.functional.cosine_similarity(
+        keys, torch.nn.functional.normalize(keys, dim=-1).mean(dim=1, keepdim=True), dim=-1)
+    assert in_bf16.unique().numel() < got.unique().numel() // 2  # what float32 avoids
+    torch.testing.assert_close(KeyNorm().score(obs).double(), -exact.norm(dim=-1), rtol=1e-6,
+                               atol=1e-6)
+
+
 def test_expected_attention_clips_future_positions_to_the_rope_table() -> None:
     rotary, _ = make_rotary(16, 16, 45, neox=True)
     obs = observation(5, 4, 2, seq_len=40, rotary=rotary)
