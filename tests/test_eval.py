@@ -357,6 +357,16 @@ def test_limit_spreads_over_the_grid(tokenizer: Any) -> None:
     single = [s for s in chosen if s.task == "niah_single"]
     assert len(single) == 2 and {s.length for s in single} == {512, 1024}
     assert len([s for s in chosen if s.task == "variable_tracking"]) == 2
+    # One prompt set with the same n per task: 5 depths x 4 per cell limited to 4 covers four
+    # depths (not four samples of depth 0), the other tasks keep their 4.
+    samples = build_samples(tokenizer, ["niah_single", "variable_tracking"], [512],
+                            [0.0, 0.25, 0.5, 0.75, 1.0], 4, seed=0)
+    chosen = eval_run.limit_samples(samples, 4)
+    single = [s for s in chosen if s.task == "niah_single"]
+    assert sorted(s.depth for s in single) == [0.0, 0.25, 0.5, 0.75]
+    assert len([s for s in chosen if s.task == "variable_tracking"]) == 4
+    eight = [s for s in eval_run.limit_samples(samples, 8) if s.task == "niah_single"]
+    assert sorted(s.depth for s in eight) == [0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.75, 1.0]
     assert eval_run.configurations(["snapkv"], [1.0, 0.5]) == [("none", 1.0, "shared", ""),
                                                                 ("snapkv", 0.5, "shared", "")]
     assert eval_run.configurations(["snapkv"], [0.5, 0.1], ["shared", "per_head"]) == [

@@ -183,17 +183,22 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def limit_samples(samples: list[EvalSample], limit: int | None) -> list[EvalSample]:
-    """At most ``limit`` samples per task, evenly spaced over the (length, depth) grid."""
+    """At most ``limit`` samples per task, spread over the (length, depth) grid: the first
+    ``limit`` in the order sample index, depth, length, so every depth and length gets its
+    share (a needle task with ``--depths`` D and ``--samples-per-cell`` N >= ``--limit`` gives
+    ``limit / D`` prompts per depth, the other tasks ``limit`` prompts: the same n per task)."""
     if limit is None:
         return samples
     chosen: list[EvalSample] = []
     for task in TASKS:
         mine = [s for s in samples if s.task == task]
-        if len(mine) <= limit:
-            chosen += mine
-        else:
-            step = len(mine) / limit
-            chosen += [mine[int(i * step)] for i in range(limit)]
+        lengths = sorted({s.length for s in mine})
+        depths = sorted({s.depth for s in mine})
+        # build_samples numbers a cell's samples 0, 1, ...: the id's last field.
+        order = sorted(range(len(mine)), key=lambda i: (int(mine[i].id.rsplit("-", 1)[1]),
+                                                        depths.index(mine[i].depth),
+                                                        lengths.index(mine[i].length)))
+        chosen += [mine[i] for i in sorted(order[:limit])]
     return chosen
 
 
