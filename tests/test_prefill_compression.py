@@ -7,7 +7,9 @@ Llama, fp32, CPU_ATTN, chunked prefill of 64 tokens).
   positions); alone, the reference derives the chunk ends itself; in a mixed batch (chunks
   shared with neighbours) it cuts where the engine did and checks the rule's condition there;
 * memory: a request never holds more than ``prefill_budget`` + one chunk, checked on every
-  engine step, and the pool's free count returns to where it started.
+  engine step, and the pool's free count returns to where it started;
+* prefix caching on: a repeated prompt hits the first one's uncompressed blocks and is exact.
+TP=2 keeps TP=1's cuts (tests/test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ def llm(tiny_model: Path) -> Iterator[Any]:
     # An earlier module's engine, collected late, would tear down the process-wide
     # distributed state this engine uses: finish it first.
     gc.collect()
-    engine = recording_llm(tiny_model, num_blocks=256, max_num_batched_tokens=CHUNK,
-                           enable_prefix_caching=False)
+    engine = recording_llm(tiny_model, num_blocks=256, max_num_batched_tokens=CHUNK)
     yield engine
     del engine
     gc.collect()
@@ -124,8 +125,9 @@ def test_alone_matches_a_chunked_reference(llm: Any, reference: ReferenceModel,
     itself; the engine's compactions, kept tokens and output equal the reference's."""
     _, pool, runner = engine_internals(llm)
     start_free = pool.get_num_free_blocks()
-    req_id = f"alone-{CASES.index((xargs, length))}"
-    ids = prompt_ids(900 + length, length)
+    number = CASES.index((xargs, length))
+    req_id = f"alone-{number}"
+    ids = prompt_ids(900 + number, length)  # one prompt per case: no prefix-cache hits here
     outputs, _ = peak_blocks(llm, [(req_id, ids, xargs)])
     log = runner._kvcompress.compaction_log
     internal = next(key for key in log if key.rsplit("-", 1)[0] == req_id)
@@ -160,6 +162,27 @@ def test_mixed_batch_with_neighbours(llm: Any, reference: ReferenceModel) -> Non
             cut_while_prefilling += sum(c.kind == "prefill" and c.source_len < len(ids)
                                         for c in compactions[:-1])
     assert cut_while_prefilling >= 6, cut_while_prefilling
+    assert pool.get_num_free_blocks() == start_free
+
+
+def test_a_repeated_prompt_hits_its_uncompressed_prefix_and_is_still_exact(
+        llm: Any, reference: ReferenceModel) -> None:
+    """Prefix caching on: the second request with the same prompt takes the first one's
+    uncompressed prompt blocks from the cache (its compacted blocks are never hashed), up to its
+    last window, then cuts on its first computed chunk; both equal the reference."""
+    _, pool, runner = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    xargs, length = CASES[0]
+    ids = prompt_ids(990, length)
+    log = runner._kvcompress.compaction_log
+    for turn in ("first", "second"):
+        outputs, _ = peak_blocks(llm, [(f"repeat-{turn}", ids, xargs)])
+        internal = next(key for key in log if key.rsplit("-", 1)[0] == f"repeat-{turn}")
+        compactions = check_against_reference(reference, xargs, ids, outputs[f"repeat-{turn}"],
+                                              log[internal], chunk=None)
+        assert compactions[-1].kept == xargs["kv_prefill_budget"]
+    second = log[internal]
+    assert second[0]["source_len"] > xargs["kv_prefill_budget"] + CHUNK  # the cached prefix
     assert pool.get_num_free_blocks() == start_free
 
 

@@ -49,6 +49,10 @@ METHOD_CASES = [
      "kv_head_select": "shared"},
     {"kv_policy": "chunkkv", "kv_window": 16, "kv_decode_budget": 100, "kv_decode_interval": 8,
      "kv_head_select": "per_head"},
+    # Compression while prefilling (chunks of 128): cut to 96 after the first chunk, then at
+    # the prompt's end; shared selection all-reduced at every cut.
+    {"kv_policy": "snapkv", "kv_window": 16, "kv_prefill_budget": 96, "kv_head_select": "shared"},
+    {"kv_policy": "knorm", "kv_window": 16, "kv_prefill_budget": 96, "kv_head_select": "per_head"},
 ]
 MAX_TOKENS = 17
 
@@ -115,11 +119,12 @@ def test_tp2_keeps_tp1s_tokens_and_output(tiny_model: Path, cases: list[dict[str
                 assert heads[0] != heads[1]
             else:
                 assert heads[0] == heads[1]
-        if "kv_decode_budget" in case:
-            # Every decode-time compaction, not just the first: ranks together keep TP=1's.
+        if "kv_decode_budget" in case or "kv_prefill_budget" in case:
+            # Every decode-time / prefill-time compaction, not just the first: ranks together
+            # keep TP=1's.
             (ref_all,) = one["compactions"]
             all0, all1 = two["compactions"]
-            assert len(ref_all[rid1]) >= 3
+            assert len(ref_all[rid1]) >= (3 if "kv_decode_budget" in case else 2)
             for mine, zero, first in zip(ref_all[rid1], all0[rid2], all1[rid2], strict=True):
                 assert (zero["source_len"], zero["kept"]) == (mine["source_len"], mine["kept"])
                 for layer, heads in mine["layers"].items():
