@@ -199,3 +199,26 @@ def test_prefill_budget_is_admitted_and_refused_like_every_setting() -> None:
     with pytest.raises(CompressionConfigError, match=r"^kv_prefill_budget: is not supported "
                                                      r"with policy 'pyramidkv'"):
         admit({"kv_policy": "pyramidkv", "kv_prefill_budget": 200}, front)
+
+
+def test_prefill_memory_bench_writes_flat_peaks(tmp_path: Path) -> None:
+    """`kvcompress bench prefill-memory` at small sizes (its own process and engine): the
+    compressed request's peak stays at cdiv(budget + chunk, block) whatever the prompt length,
+    `none`'s grows with it; JSON, CSV and PNG are written."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_kvcompress.cli", "bench", "prefill-memory", "--lengths",
+         "768", "1536", "--budget", "128", "--chunk", "128", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "prefill_memory.json").read_text())["rows"]
+    compressed = [r for r in rows if r["config"] != "none"]
+    plain = [r for r in rows if r["config"] == "none"]
+    assert [r["peak_blocks"] for r in compressed] == [cdiv(128 + 128, BLOCK)] * 2
+    assert [r["peak_blocks"] for r in plain] == [cdiv(768, BLOCK), cdiv(1536, BLOCK)]
+    assert all(r["cuts"] > 0 for r in compressed)
+    assert (out / "prefill_memory.csv").is_file() and (out / "prefill_memory.png").stat().st_size

@@ -11,6 +11,7 @@ Usage::
     kvcompress bench kernels
     kvcompress bench throughput [--workload long-output]
     kvcompress bench decode-quality
+    kvcompress bench prefill-memory
     kvcompress eval [--backend vllm|kvpress] [--limit N]
     kvcompress check-vllm [VERSION ...] [--source DIR]
 """
@@ -178,6 +179,13 @@ def _cmd_bench_decode_quality(args: argparse.Namespace) -> int:
                          "decode_quality.json, decode_quality.csv, decode_quality.png")
 
 
+def _cmd_bench_prefill_memory(args: argparse.Namespace) -> int:
+    from .bench import prefill_memory
+
+    return _run_reported("kvcompress bench prefill-memory", prefill_memory, args,
+                         "prefill_memory.json, prefill_memory.csv, prefill_memory.png")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import run as eval_run
 
@@ -240,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     quality_bench.add_arguments(quality)
     quality.set_defaults(func=_cmd_bench_decode_quality)
+    prefill = bench_sub.add_parser("prefill-memory", help="peak KV blocks and TTFT against "
+                                   "prompt length, none vs prefill_budget")
+    from .bench import prefill_memory as prefill_bench
+
+    prefill_bench.add_arguments(prefill)
+    prefill.set_defaults(func=_cmd_bench_prefill_memory)
     evaluation = sub.add_parser("eval", help="long-context accuracy vs kept ratio (NIAH, "
                                 "variable tracking, SQuAD) through the engine or kvpress")
     from .eval import run as eval_run
