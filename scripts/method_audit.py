@@ -370,8 +370,14 @@ def step_engine(args: argparse.Namespace) -> None:
                for r in records]
     methods = args.methods or list(METHODS)
     configs = [config_key(m, KEPT_RATIO, "per_head") for m in methods]
+    # Request files are named relative to the operator's allowed directory (issue 22's
+    # admission); engine_backend.operator_settings allows the file's folder but its requests
+    # send the path as given, so send the bare name and allow its folder here.
+    qfilters = Path(args.qfilters).resolve()
     params = {"window": WINDOW, "pool_kernel": POOL_KERNEL, "sink_tokens": SINKS,
-              "future_positions": FUTURE_POSITIONS, "qfilters_path": str(Path(args.qfilters))}
+              "future_positions": FUTURE_POSITIONS, "qfilters_path": qfilters.name}
+    engine_backend.operator_settings = lambda _params: {
+        "kvcompress": {"allowed_file_dir": str(qfilters.parent)}}
     engines: list[Any] = []
     original = vllm.LLM
 
@@ -489,10 +495,14 @@ def step_report(args: argparse.Namespace) -> None:
     preds = read_jsonl(work / "predictions-kvpress.jsonl") + \
         read_jsonl(work / "predictions-engine.jsonl")
     accuracy: dict[tuple[str, str], dict[str, float]] = {}
+    # Side by side on the same prompts: those both backends finished (either alone otherwise).
+    finished = [{p["id"] for p in preds if p["backend"] == backend} for backend in
+                ("engine", "kvpress")]
+    common = (finished[0] & finished[1]) or finished[0] or finished[1]
     for backend in ("engine", "kvpress"):
         for method in ("none", *METHODS):
-            scores = {p["id"]: p["score"] for p in preds
-                      if p["backend"] == backend and p["policy"] == method}
+            scores = {p["id"]: p["score"] for p in preds if p["backend"] == backend
+                      and p["policy"] == method and p["id"] in common}
             if scores:
                 accuracy[(backend, method)] = scores
     summary: dict[str, Any] = {"weights": WEIGHTS_NOTE, "kept_ratio": KEPT_RATIO,
@@ -547,9 +557,12 @@ def step_report(args: argparse.Namespace) -> None:
                                                 "ci95": [low, high]}
         ours, theirs = accuracy.get(("engine", method)), accuracy.get(("kvpress", method))
         if ours and theirs and not method.endswith("_allq"):
-            common = sorted(set(ours) & set(theirs))
-            diff = paired_bootstrap_ci([ours[i] for i in common], [theirs[i] for i in common])
-            entry["accuracy_diff_ours_minus_kvpress"] = _jsonable(diff)
+            paired = sorted(set(ours) & set(theirs))
+            first, second = [ours[i] for i in paired], [theirs[i] for i in paired]
+            diff = paired_bootstrap_ci(first, second)
+            entry["accuracy_diff_ours_minus_kvpress"] = {
+                "n": len(paired), "mean": (sum(first) - sum(second)) / len(paired),
+                "ci95": _jsonable(diff)}
         summary["methods"][method] = entry
     for backend in ("engine", "kvpress"):
         scores = accuracy.get((backend, "none"))
@@ -627,9 +640,16 @@ def _markdown(summary: dict[str, Any]) -> str:
         low, high = entry["ci95"]
         return f"{entry['mean']:.2f} [{low:.2f}, {high:.2f}] (n={entry['n']})"
 
+    def diff(entry: dict[str, Any] | None) -> str:
+        if not entry or entry["ci95"] is None:
+            return "-"
+        low, high = entry["ci95"]
+        return f"{entry['mean']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
     lines = ["| method | Spearman median (min layer) | top-k overlap | kept overlap | "
              "needle recall ours / kvpress / engine | engine vs kvpress | engine vs ours-HF | "
-             "accuracy ours | accuracy kvpress |", "|---|---|---|---|---|---|---|---|---|"]
+             "accuracy ours | accuracy kvpress | ours - kvpress (paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, entry in summary["methods"].items():
         o = entry["overall"]
         lines.append(
@@ -638,7 +658,8 @@ def _markdown(summary: dict[str, Any]) -> str:
             f"{fmt(o['needle_recall_ours'])} / {fmt(o['needle_recall_kvpress'])} / "
             f"{fmt(o['needle_recall_engine'])} | {fmt(o['engine_vs_kvpress'])} | "
             f"{fmt(o['engine_vs_ours_hf'])} | {acc(entry.get('accuracy_engine'))} | "
-            f"{acc(entry.get('accuracy_kvpress'))} |")
+            f"{acc(entry.get('accuracy_kvpress'))} | "
+            f"{diff(entry.get('accuracy_diff_ours_minus_kvpress'))} |")
     lines.append("")
     lines.append(f"full KV: ours {acc(summary.get('full_kv_engine'))}, kvpress "
                  f"{acc(summary.get('full_kv_kvpress'))}")
