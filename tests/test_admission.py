@@ -368,3 +368,19 @@ def test_fuzzed_vllm_xargs_are_refused_cleanly_or_admitted_within_bounds() -> No
                 param.check(getattr(spec, name), bounds)  # raises if out of bounds
 
     check()
+
+
+def test_the_evals_own_requests_name_files_admission_accepts(allowed: tuple[Path, Path],
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """`kvcompress eval` is the operator: it allows its Q-Filters file's folder and its
+    requests name the file by a path admission finds there, however it was given (relative)."""
+    from vllm_kvcompress.eval.engine_backend import RunConfig, operator_settings, request_args
+
+    root, _ = allowed
+    monkeypatch.chdir(root.parent)
+    params = {"qfilters_path": f"{root.name}/good.safetensors", "window": 16}
+    folder = operator_settings(params)["kvcompress"]["allowed_file_dir"]
+    front = frontend(files=AllowedFiles(folder, [_qfilters_hook()], SHAPE, rescan_seconds=0))
+    xargs = request_args(RunConfig("qfilters", 0.25, "per_head"), params)
+    assert admit(xargs, front).qfilters_path == os.path.realpath(root / "good.safetensors")

@@ -97,7 +97,7 @@ def _worker(config: dict[str, Any]) -> dict[str, Any]:
         for policy in config["policies"]:
             xargs = {**CONFIGS[policy], "kv_ratio": 0.25}
             if xargs["kv_policy"] == "qfilters":
-                xargs["kv_qfilters_path"] = config["qfilters"]
+                xargs["kv_qfilters_path"] = str(Path(config["qfilters"]).resolve())
             params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=xargs)
             state = getattr(runner, "_kvcompress", None)
             before = state.compaction_seconds if state is not None else 0.0

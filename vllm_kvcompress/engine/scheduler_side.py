@@ -360,11 +360,17 @@ class SchedulerCompression:
         if not old:
             return None
         num_kept_blocks = cdiv(kept, self.block_size)
-        if self.block_pool.get_num_free_blocks() >= num_kept_blocks:
+        own = all(block.ref_cnt == 1 for block in old[:num_kept_blocks])
+        # An already compacted request's blocks are never hashed, so nothing is lost by
+        # compacting them in place, and the pool lends no fresh blocks for the step (later
+        # prefill cuts and decode-time compactions). A first compaction copies into fresh
+        # blocks when it can, so the originals stay valid in the prefix cache.
+        reuse = own and req_id in manager.kvc.no_cache
+        if not reuse and self.block_pool.get_num_free_blocks() >= num_kept_blocks:
             fresh = self.block_pool.get_new_blocks(num_kept_blocks)
             to_free_now = old
             in_place = False
-        elif all(block.ref_cnt == 1 for block in old[:num_kept_blocks]):
+        elif own:
             fresh = old[:num_kept_blocks]
             # Their content is about to change: they must stop answering for their tokens.
             self.block_pool.evict_blocks({block.block_id for block in fresh})

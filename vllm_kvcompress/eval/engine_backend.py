@@ -133,6 +133,11 @@ def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
         return xargs
     xargs.update({"kv_ratio": config.ratio,
                   **{f"kv_{k}": v for k, v in config_params(config, params).items()}})
+    for key, value in list(xargs.items()):
+        if key.endswith("_path") and value:
+            # Inside the allowed folder (operator_settings), by its real path: admission looks
+            # a name up relative to that folder, or as a full path inside it.
+            xargs[key] = str(Path(value).resolve())
     if head_select_supported():
         xargs["kv_head_select"] = config.head_select
     elif config.head_select != DEFAULT_HEAD_SELECT:
