@@ -202,6 +202,20 @@ class Compaction:
     layers: KeptIndices
 
 
+def assert_same_compactions(engine_log: list[dict], compactions: list[Compaction],
+                            label: object) -> None:
+    """The engine's compactions (kind, lengths, kept tokens per layer and KV head) equal the
+    reference's, with a message naming what differs."""
+    assert [(c["kind"], c["source_len"], c["kept"]) for c in engine_log] == \
+        [(c.kind, c.source_len, c.kept) for c in compactions], label
+    for number, (mine, theirs) in enumerate(zip(engine_log, compactions, strict=True)):
+        for layer, heads in theirs.layers.items():
+            for head, (a, b) in enumerate(zip(mine["layers"][layer], heads, strict=True)):
+                assert a == b, (f"{label}: compaction {number} layer {layer} head {head}: "
+                                f"engine only {sorted(set(a) - set(b))}, reference only "
+                                f"{sorted(set(b) - set(a))}")
+
+
 class CompressedGeneration:
     """Greedy decoding that compresses its own KV cache exactly when the engine must.
 

@@ -253,6 +253,17 @@ def test_a_failing_compaction_fails_its_request_alone(llm: Any, reference: Refer
         registry._REGISTRY.pop("exploding", None)
 
 
+def assert_first_failed_alone(outputs: list[Any], prompts: list[dict[str, Any]],
+                              cases: list[dict[str, Any] | None], runner: Any,
+                              reference: ReferenceModel) -> None:
+    """The first request finished with an error; its neighbours equal the reference."""
+    assert outputs[0].outputs[0].finish_reason == "error"
+    for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
+        kept = kept_log(runner, out.request_id) if xargs else None
+        assert list(out.outputs[0].token_ids) == reference.greedy(
+            prompt["prompt_token_ids"], MAX_TOKENS, kept)
+
+
 def test_file_removed_after_admission_fails_its_request_alone(
         llm: Any, reference: ReferenceModel, tiny_qfilters: Path) -> None:
     """A request's Q-Filters file disappears between admission (front end) and its compaction
@@ -276,11 +287,7 @@ def test_file_removed_after_admission_fails_its_request_alone(
     doomed.unlink()
     prompts = [{"prompt_token_ids": prompt_ids(90 + i, 200)} for i in range(3)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    assert outputs[0].outputs[0].finish_reason == "error"
-    for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
-        kept = kept_log(runner, out.request_id) if xargs else None
-        assert list(out.outputs[0].token_ids) == reference.greedy(
-            prompt["prompt_token_ids"], MAX_TOKENS, kept)
+    assert_first_failed_alone(outputs, prompts, cases, runner, reference)
     assert pool.get_num_free_blocks() == start_free
     frontend.rules.files.scan()
 
@@ -309,11 +316,7 @@ def test_a_query_ring_that_cannot_grow_fails_its_requests_alone(
     outputs = llm.generate(prompts, [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                     extra_args=x) for x in cases],
                            use_tqdm=False)
-    assert outputs[0].outputs[0].finish_reason == "error"
-    for prompt, out, xargs in zip(prompts[1:], outputs[1:], cases[1:], strict=True):
-        kept = kept_log(runner, out.request_id) if xargs else None
-        assert list(out.outputs[0].token_ids) == reference.greedy(
-            prompt["prompt_token_ids"], MAX_TOKENS, kept)
+    assert_first_failed_alone(outputs, prompts, cases, runner, reference)
     assert pool.get_num_free_blocks() == start_free
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kv_reference import CompressedGeneration, ReferenceModel
+from kv_reference import CompressedGeneration, ReferenceModel, assert_same_compactions
 from test_engine_compression import BLOCK, engine_internals, prompt_ids, recording_llm, request_spec
 
 pytestmark = pytest.mark.engine
@@ -71,14 +71,7 @@ def check_against_reference(reference: ReferenceModel, xargs: dict[str, Any], id
     spec = request_spec(xargs)
     ref = CompressedGeneration(reference, spec, engine_log)
     want = ref.generate(ids, MAX_TOKENS, chunk=chunk)
-    assert [(c["kind"], c["source_len"], c["kept"]) for c in engine_log] == \
-        [(c.kind, c.source_len, c.kept) for c in ref.compactions], xargs
-    for number, (mine, theirs) in enumerate(zip(engine_log, ref.compactions, strict=True)):
-        for layer, heads in theirs.layers.items():
-            for head, (a, b) in enumerate(zip(mine["layers"][layer], heads, strict=True)):
-                assert a == b, (f"{xargs}: compaction {number} layer {layer} head {head}: "
-                                f"engine only {sorted(set(a) - set(b))}, reference only "
-                                f"{sorted(set(b) - set(a))}")
+    assert_same_compactions(engine_log, ref.compactions, xargs)
     assert got == want, f"{xargs}: engine {got} != reference {want}"
     return ref.compactions
 
