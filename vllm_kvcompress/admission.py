@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -164,10 +165,11 @@ def admitted_spec(extra_args: Mapping[str, Any] | None, server: CompressionSpec
 class AllowedFiles:
     """Files under the operator's directory that requests may name, indexed off the event loop.
 
-    A daemon thread scans the directory (at most ``MAX_INDEXED_FILES`` regular files,
-    ``MAX_INDEX_DEPTH`` folders deep) every ``RESCAN_SECONDS``; each file whose real path stays
-    inside the directory is loaded and checked by every model-data hook it may serve. Lookups
-    are dictionary reads of the last finished scan.
+    The directory is scanned once when the front end starts (at most ``MAX_INDEXED_FILES``
+    regular files, ``MAX_INDEX_DEPTH`` folders deep), then again by a daemon thread every
+    ``RESCAN_SECONDS``; each file whose real path stays inside the directory is loaded and
+    checked by every model-data hook it may serve. Lookups are dictionary reads of the last
+    finished scan: no I/O, no waiting.
 
     Args:
         root: the allowed directory (operator-given).
@@ -184,22 +186,19 @@ class AllowedFiles:
         #: (hook param, relative name) -> (real path, error or None), from the last scan.
         self._index: dict[tuple[str, str], tuple[str, str | None]] = {}
         self._loaded: dict[tuple[str, str, int], str | None] = {}
-        self._ready = threading.Event()
-        if rescan_seconds <= 0:
-            self.scan()
-        else:
+        self.scan()  # at startup, before any request
+        if rescan_seconds > 0:
             thread = threading.Thread(target=self._run, args=(rescan_seconds,), daemon=True,
                                       name="kvcompress-allowed-files")
             thread.start()
 
     def _run(self, pause: float) -> None:
-        stop = threading.Event()
         while True:
+            time.sleep(pause)
             try:
                 self.scan()
             except Exception:  # a scan failure leaves the last index in place
                 logger.exception("vllm-kvcompress: scanning %s failed", self.root)
-            stop.wait(pause)
 
     def scan(self) -> None:
         """Rebuilds the index (blocking I/O: run off the event loop)."""
@@ -221,8 +220,10 @@ class AllowedFiles:
                 relative = os.path.relpath(path, self.root).replace(os.sep, "/")
                 for hook in self.hooks:
                     index[(hook.param, relative)] = (real, self._check(hook, real))
-        self._index = index
-        self._ready.set()
+        # Results of files (or versions) gone since the last scan are dropped.
+        live = {(param, real) for (param, _), (real, _) in index.items()}
+        self._loaded = {k: v for k, v in self._loaded.items() if (k[0], k[1]) in live}
+        self._index = index  # one assignment: lookups see the old or the new index
 
     def _check(self, hook: ModelDataHook, real: str) -> str | None:
         """Loads and checks a file once per version; the error's text, or ``None``."""
@@ -239,13 +240,13 @@ class AllowedFiles:
                 self._loaded[key] = None
             except ValueError as err:
                 self._loaded[key] = str(err).replace(real, "the file")
+            except Exception as err:  # a loader's own failure: this file is unusable
+                self._loaded[key] = f"cannot be read as this setting's data ({type(err).__name__})"
         return self._loaded[key]
 
     def lookup(self, param: str, name: str) -> tuple[str, str | None] | None:
         """``(real path, error or None)`` of a name a request gave, or ``None`` when the
-        directory holds no usable file of that name (whatever the reason). No I/O beyond
-        waiting for the first scan."""
-        self._ready.wait(timeout=10)
+        directory holds no usable file of that name (whatever the reason). No I/O."""
         normal = os.path.normpath(name)
         if os.path.isabs(normal):
             if os.path.commonpath([normal, self.root]) != self.root:
