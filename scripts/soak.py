@@ -64,7 +64,7 @@ def make_request(rng: random.Random, index: int) -> dict[str, Any]:
         if rng.random() < 0.5:
             xargs["kv_ratio"] = rng.choice([0.05, 0.1, 0.25, 0.5, 1.0])
         else:
-            xargs["kv_budget"] = rng.choice([0, 1, 40, 200, 5000])
+            xargs["kv_budget"] = rng.choice([0, 1, 40, 200, 1024])  # <= max_model_len
         xargs["kv_window"] = rng.choice([8, 16, 32])
     prompt_len = rng.choice([20, 60, 200, 400, 700, 900])
     return {
