@@ -552,8 +552,8 @@ def check_hook(resolver: Resolver, hook: Hook) -> Finding:
     definition = resolver.qualname(hook.module, hook.qualname)
     if definition is None:
         return Finding(subject, ("not defined in this release",))
-    if definition.kind != "method":
-        return Finding(subject, (f"is a {definition.kind} here, not a method",))
+    if definition.kind not in ("method", "function"):
+        return Finding(subject, (f"is a {definition.kind} here, not a function or method",))
     target, node = _function_signature(definition)
     problems = replacement_problems(target, Signature.parse(hook.accepts),
                                     hook.passes_if_present)

@@ -307,6 +307,35 @@ class CompressionSpec(Mapping[str, Any]):
         return self.compaction_target(physical_len, target)
 
 
+def request_footprint(spec: CompressionSpec, prompt_len: int, max_tokens: int, chunk: int
+                      ) -> int:
+    """The most KV tokens a request holds at once under ``spec`` (an upper bound; the
+    deterministic rules, no policy run): what the pool must hold for it to ever finish.
+
+    Args:
+        spec: the request's resolved settings.
+        prompt_len: its prompt tokens.
+        max_tokens: tokens it may generate.
+        chunk: the engine's chunked-prefill chunk (``max_num_batched_tokens``).
+    """
+    if not spec.enabled:
+        return prompt_len + max_tokens
+    prefill_peak = held = prompt_len
+    if spec.prefill_budget is not None:
+        # Cut back to the budget after every chunk that leaves more, and at the prompt's end.
+        prefill_peak = min(prompt_len, spec.prefill_budget + chunk)
+        held = min(prompt_len, spec.prefill_budget)
+    kept = spec.kept_tokens(prompt_len)
+    if kept is not None:
+        held = min(held, kept)
+    if spec.decode_budget is not None and held >= spec.decode_budget + spec.decode_interval:
+        held = spec.decode_budget
+    grown = held + max_tokens
+    if spec.decode_budget is not None:
+        grown = min(grown, max(held, spec.decode_budget + spec.decode_interval))
+    return max(prefill_peak, grown)
+
+
 def resolve(*layers: tuple[Mapping[str, Any], Mapping[str, str]]
             | tuple[Mapping[str, Any], Mapping[str, str], Bounds]) -> CompressionSpec:
     """Merges layers (lowest precedence first) into one spec.

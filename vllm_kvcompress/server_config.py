@@ -8,9 +8,11 @@ Everything here is plain logic over vLLM's objects; the wrappers that call it ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -354,6 +356,82 @@ def admit_request(extra_args: dict[str, Any] | None, frontend: Frontend | None =
         remember(extra_args, admit(extra_args, frontend), frontend)
     except CompressionConfigError as err:
         raise VLLMValidationError(str(err), parameter=f"vllm_xargs.{err.field}") from None
+
+
+def server_footprint(vllm_config: Any) -> int | None:
+    """Tokens one request under the server default needs at once when that default compresses
+    while prefilling (``prefill_budget`` + one chunk, or its decode bound if larger), else
+    ``None``: what vLLM's startup check should hold the KV pool to instead of
+    ``max_model_len``. Requests are then held to the pool one by one (``check_fits``)."""
+    spec = server_spec(vllm_config)
+    if not spec.enabled or spec.prefill_budget is None or \
+            deployment_unsupported_reason(vllm_config) is not None:
+        return None
+    chunk = int(vllm_config.scheduler_config.max_num_batched_tokens)
+    tokens = spec.prefill_budget + chunk
+    if spec.decode_budget is not None:
+        tokens = max(tokens, spec.decode_budget + spec.decode_interval)
+    return tokens
+
+
+@contextlib.contextmanager
+def pool_checked_for_footprint(vllm_config: Any) -> Iterator[None]:
+    """Inside, ``max_model_len`` reads as the server's compressed footprint
+    (``server_footprint``) when that is smaller, so vLLM's check that the KV pool holds one
+    whole request accepts a ``max_model_len`` the pool could not hold uncompressed. Restored on
+    exit (vLLM compares it before and after to detect its own auto-fit)."""
+    model = vllm_config.model_config
+    footprint = server_footprint(vllm_config)
+    if footprint is None or footprint >= model.max_model_len:
+        yield
+        return
+    full = model.max_model_len
+    model.max_model_len = footprint
+    try:
+        yield
+    finally:
+        model.max_model_len = full
+    logger.warning("vllm-kvcompress: the KV pool is checked for a request of %d tokens, not "
+                   "max_model_len %d: the server compresses while prefilling (prefill_budget "
+                   "%d + one chunk); a request that could never fit gets HTTP 400", footprint,
+                   full, server_spec(vllm_config).prefill_budget)
+
+
+def check_fits(request: Any, vllm_config: Any, frontend: Frontend | None) -> None:
+    """Refuses a request that could never fit the KV pool (it would wait or be preempted
+    forever): its footprint under its admitted spec (``config.request_footprint``) against the
+    pool's usable tokens, once the engine has reported them. Only a server whose
+    ``max_model_len`` exceeds the pool can have such requests.
+
+    Raises:
+        VLLMValidationError: names ``vllm_xargs.kv_prefill_budget``, the footprint, the pool and
+            what would fit.
+    """
+    from vllm.exceptions import VLLMValidationError
+
+    from .admission import admitted_spec
+    from .config import request_footprint
+
+    blocks = vllm_config.cache_config.num_gpu_blocks
+    params = getattr(request, "sampling_params", None)
+    prompt = getattr(request, "prompt_token_ids", None)
+    if not blocks or params is None or prompt is None or frontend is None:
+        return
+    pool = (blocks - 1) * vllm_config.cache_config.block_size  # the null block is never lent
+    chunk = int(vllm_config.scheduler_config.max_num_batched_tokens)
+    spec = admitted_spec(params.extra_args, frontend.server)
+    max_tokens = params.max_tokens or 0
+    needed = request_footprint(spec, len(prompt), max_tokens, chunk)
+    if needed <= pool:
+        return
+    budget = f"kv_prefill_budget {spec.prefill_budget}" if spec.prefill_budget is not None \
+        else "no kv_prefill_budget"
+    raise VLLMValidationError(
+        f"kv_prefill_budget: this request would hold {needed} KV tokens at once ({len(prompt)} "
+        f"prompt tokens, max_tokens {max_tokens}, {budget}, chunks of {chunk}), more than the "
+        f"KV pool's {pool}: it could never run. Set kv_prefill_budget (at most "
+        f"{max(pool - chunk, 0)}) and/or a smaller max_tokens",
+        parameter="vllm_xargs.kv_prefill_budget")
 
 
 def describe_allowed() -> dict[str, str]:

@@ -218,8 +218,32 @@ def _patch_input_processor() -> None:
                                         getattr(self, "_kvcompress_frontend", None), again=False)
         return original_validate(self, params, *args, **kwargs)
 
+    original_process = InputProcessor.process_inputs
+
+    def process_inputs(self, *args: Any, **kwargs: Any) -> Any:
+        request = original_process(self, *args, **kwargs)
+        # Its prompt length is known here: a request that could never fit the pool is refused.
+        server_config.check_fits(request, self.vllm_config,
+                                 getattr(self, "_kvcompress_frontend", None))
+        return request
+
     InputProcessor.__init__ = __init__
     InputProcessor._validate_params = _validate_params
+    InputProcessor.process_inputs = process_inputs
+
+
+def _patch_kv_pool_check() -> None:
+    from vllm.v1.engine import core
+
+    original = core.get_kv_cache_configs
+
+    def get_kv_cache_configs(*args: Any, **kwargs: Any) -> Any:
+        # A module function (no self): vLLM's first argument is the VllmConfig.
+        vllm_config = kwargs["vllm_config"] if "vllm_config" in kwargs else args[0]
+        with server_config.pool_checked_for_footprint(vllm_config):
+            return original(*args, **kwargs)
+
+    core.get_kv_cache_configs = get_kv_cache_configs
 
 
 def _patch_sampling_params() -> None:
@@ -292,6 +316,22 @@ def _patch_scheduler() -> None:
     from .engine.scheduler_side import install_scheduler_compression
 
     KVCacheManager.get_computed_blocks = _capped_cache_hits(KVCacheManager.get_computed_blocks)
+
+    original_allocate = KVCacheManager.allocate_slots
+
+    def allocate_slots(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        # vLLM admits a new request only if its whole prompt fits (full_sequence_must_fit); one
+        # that compresses while prefilling is admitted by its compressed footprint instead.
+        admission = getattr(self, "_kvcompress_admission", None)
+        if kwargs.get("full_sequence_must_fit") and admission is not None:
+            fits = admission(request, self.block_pool.get_num_free_blocks())
+            if fits is False:
+                return None
+            if fits is True:
+                kwargs["full_sequence_must_fit"] = False
+        return original_allocate(self, request, *args, **kwargs)
+
+    KVCacheManager.allocate_slots = allocate_slots
 
     original_init = Scheduler.__init__
     original_schedule = Scheduler.schedule
@@ -541,13 +581,35 @@ MANIFEST: tuple[Patch, ...] = (
                           "vllm_patches.py, scheduler_side.py"),
                  VllmName("vllm.exceptions", "VLLMValidationError", "server_config.py",
                           call="(message, parameter=field)"))),
-    Patch("vllm.v1.engine.input_processor.InputProcessor.__init__/_validate_params",
+    Patch("vllm.v1.engine.input_processor.InputProcessor.__init__/_validate_params/"
+          "process_inputs",
           "validate and log the server default once per front end (an offline "
           "LLM(additional_config=...) with a bad block fails at construction); re-check kv_* "
-          "extra_args at admission for SamplingParams built before the plugin loaded",
+          "extra_args at admission for SamplingParams built before the plugin loaded; once the "
+          "prompt is tokenized, refuse a request whose compressed footprint could never fit "
+          "the KV pool",
           _patch_input_processor,
           hooks=(Hook(_INPUT, "InputProcessor.__init__", "vllm_config, *args, **kwargs"),
-                 Hook(_INPUT, "InputProcessor._validate_params", "params, *args, **kwargs"))),
+                 Hook(_INPUT, "InputProcessor._validate_params", "params, *args, **kwargs"),
+                 Hook(_INPUT, "InputProcessor.process_inputs", "*args, **kwargs",
+                      returns="EngineCoreRequest")),
+          reads=(VllmName(_INPUT, "InputProcessor.vllm_config", "vllm_patches.py"),
+                 VllmName("vllm.v1.engine", "EngineCoreRequest.prompt_token_ids",
+                          "server_config.py"),
+                 VllmName("vllm.v1.engine", "EngineCoreRequest.sampling_params",
+                          "server_config.py"),
+                 VllmName("vllm.config.cache", "CacheConfig.num_gpu_blocks", "server_config.py"),
+                 VllmName("vllm.config.scheduler", "SchedulerConfig.max_num_batched_tokens",
+                          "server_config.py"))),
+    Patch("vllm.v1.engine.core.get_kv_cache_configs",
+          "startup: when the server default compresses while prefilling (prefill_budget), "
+          "vLLM's check that the KV pool holds one max_model_len request is made against the "
+          "compressed footprint (budget + one chunk) instead, with one log line, so a "
+          "max_model_len beyond the pool can be served; requests that could never fit are "
+          "refused at admission (InputProcessor.process_inputs)", _patch_kv_pool_check,
+          hooks=(Hook("vllm.v1.engine", "core.get_kv_cache_configs", "*args, **kwargs"),),
+          reads=(VllmName("vllm.config.model", "ModelConfig.max_model_len",
+                          "server_config.py"),)),
     Patch("vllm.v1.core.sched.scheduler.Scheduler.__init__/schedule/update_from_output + "
           "vllm.v1.core.kv_cache_manager.KVCacheManager.get_computed_blocks",
           "engine core: convert the full-attention manager to allocate by physical length and "
@@ -558,7 +620,8 @@ MANIFEST: tuple[Patch, ...] = (
           "through max_cache_hit_length where vLLM has it, 0.33+, else by trimming the hit); "
           "finish a request whose compaction raised with FINISHED_ERROR, alone",
           _patch_scheduler,
-          hooks=(Hook(_KV_MANAGER, "KVCacheManager.get_computed_blocks",
+          hooks=(Hook(_KV_MANAGER, "KVCacheManager.allocate_slots", "request, *args, **kwargs"),
+                 Hook(_KV_MANAGER, "KVCacheManager.get_computed_blocks",
                       "request, max_cache_hit_length=None, *args, **kwargs",
                       passes_if_present=("max_cache_hit_length",),
                       returns="tuple[KVCacheBlocks, int, int]"),

@@ -143,11 +143,12 @@ class SchedulerCompression:
         query_bytes: bytes one kept query takes in every layer, all tensor-parallel ranks
             together (``num_layers * num_q_heads * head_size * dtype size``), for the query
             ring's reported memory.
+        chunk: the most tokens one prefill step computes (``max_num_batched_tokens``).
     """
 
     def __init__(self, server_spec: CompressionSpec, manager: Any, block_pool: Any,
                  block_size: int, num_layers: int, stats: CompressionStats,
-                 query_bytes: int = 0) -> None:
+                 query_bytes: int = 0, chunk: int = 8192) -> None:
         self.server_spec = server_spec
         self.manager = manager
         self.block_pool = block_pool
@@ -155,6 +156,8 @@ class SchedulerCompression:
         self.num_layers = num_layers
         self.stats = stats
         self.query_bytes = query_bytes
+        #: Tokens per prefill chunk at most (``max_num_batched_tokens``).
+        self.chunk = chunk
         manager.kvc.on_ring_change = self.report_ring
 
     def report_ring(self) -> None:
@@ -198,6 +201,19 @@ class SchedulerCompression:
                                  self.server_spec)
             request._kvcompress_spec = spec
         return spec
+
+    def admits(self, request: Any, free_blocks: int) -> bool | None:
+        """Admission by compressed size: whether the pool's ``free_blocks`` hold what a waiting
+        request that compresses while prefilling needs at its peak (``prefill_budget`` + one
+        chunk), or ``None`` when vLLM's own full-prompt check applies (no budget, or a prompt
+        that fits within budget + chunk anyway)."""
+        spec = self.request_spec(request)
+        if not spec.enabled or spec.prefill_budget is None:
+            return None
+        peak = spec.prefill_budget + self.chunk
+        if request.num_tokens <= peak:
+            return None
+        return cdiv(peak, self.block_size) <= free_blocks
 
     def max_cache_hit_blocks(self, request: Any) -> int | None:
         """Most prefix-cache hit blocks a request may take, or ``None`` for no limit.
@@ -271,7 +287,7 @@ class SchedulerCompression:
             if after < end:
                 if self._will_compress(spec, end, resumed) and self.needs_queries(spec):
                     stash[req_id] = spec.window
-                if not resumed and spec.prefill_budget is not None:
+                if spec.prefill_budget is not None:  # a re-prefill after preemption too
                     self._plan_prefill_chunk(req_id, after, spec, compact, to_free)
                 continue
             # This step completes the (re-)prefill.
@@ -280,7 +296,7 @@ class SchedulerCompression:
             physical_end = end - state.evicted.get(req_id, 0)
             if resumed:
                 prompt_kept = None
-                kept = spec.compaction_target(end)
+                kept = spec.prompt_end_target(physical_end, None)
                 if kept is None and spec.decode_budget is None:
                     self.stats.skipped_resumed += 1
             else:
@@ -318,7 +334,7 @@ class SchedulerCompression:
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
         """Whether a request in a non-final prefill chunk may be compacted later (its window
         queries are then kept)."""
-        if spec.decode_budget is not None or (spec.prefill_budget is not None and not resumed):
+        if spec.decode_budget is not None or spec.prefill_budget is not None:
             return True
         return not resumed and self.physical_kept(spec, end) is not None
 
@@ -442,5 +458,6 @@ def install_scheduler_compression(scheduler: Any) -> None:
                    * model.dtype.itemsize)
     scheduler._kvcompress = SchedulerCompression(
         spec, manager, scheduler.kv_cache_manager.block_pool, scheduler.block_size, num_layers,
-        stats, query_bytes)
+        stats, query_bytes, chunk=vllm_config.scheduler_config.max_num_batched_tokens)
     scheduler.kv_cache_manager._kvcompress_hit_cap = scheduler._kvcompress.max_cache_hit_blocks
+    scheduler.kv_cache_manager._kvcompress_admission = scheduler._kvcompress.admits

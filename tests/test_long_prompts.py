@@ -1,0 +1,104 @@
+"""Prompts longer than the KV pool (issue 25, deliverable 2), in the real engine (in process,
+tiny Llama, fp32): with a server-wide ``prefill_budget`` the engine starts with a
+``max_model_len`` its pool could not hold uncompressed, serves such prompts exactly (a
+chunk-wise reference), and refuses a request that could never fit; without one, vLLM's own
+startup check still refuses the same deployment.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kv_reference import CompressedGeneration, ReferenceModel, assert_same_compactions
+from test_engine_compression import ENGINE, engine_internals, prompt_ids
+
+pytestmark = pytest.mark.engine
+
+BLOCKS = 40  # 39 usable blocks of 32: a pool of 1,248 tokens
+CHUNK = 256
+SERVER = {"policy": "snapkv", "prefill_budget": 512, "window": 16}
+DEPLOYMENT = {**ENGINE, "max_model_len": 4096, "max_num_batched_tokens": CHUNK,
+              "num_gpu_blocks_override": BLOCKS}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model: Path) -> Iterator[Any]:
+    import os
+
+    from vllm import LLM
+
+    gc.collect()  # an earlier module's engine, collected late, must not outlive this one's start
+    os.environ["VLLM_KVCOMPRESS_RECORD_KEPT"] = "1"
+    engine = LLM(model=str(tiny_model), additional_config={"kvcompress": SERVER}, **DEPLOYMENT)
+    yield engine
+    del engine
+    gc.collect()
+
+
+def test_a_prompt_longer_than_the_pool_is_served_exactly(llm: Any, reference: ReferenceModel
+                                                          ) -> None:
+    from vllm import SamplingParams
+
+    from vllm_kvcompress.config import CompressionSpec
+
+    _, pool, runner = engine_internals(llm)
+    usable = pool.num_gpu_blocks - 1
+    assert usable * 32 < 3000 < DEPLOYMENT["max_model_len"]
+    start_free = pool.get_num_free_blocks()
+    ids = prompt_ids(1234, 3000)
+    out = llm.generate([{"prompt_token_ids": ids}], SamplingParams(
+        max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)[0]
+    log = runner._kvcompress.compaction_log
+    engine_log = log[next(k for k in log if k.rsplit("-", 1)[0] == out.request_id)]
+    ref = CompressedGeneration(reference, CompressionSpec(**SERVER), engine_log)
+    want = ref.generate(ids, 8, chunk=CHUNK)
+    assert_same_compactions(engine_log, ref.compactions, SERVER)
+    assert list(out.outputs[0].token_ids) == want
+    assert len(ref.compactions) >= 10
+    assert pool.get_num_free_blocks() == start_free
+
+
+@pytest.mark.parametrize(("xargs", "max_tokens"), [
+    ({"kv_policy": "none"}, 8),  # no compression: 3,008 tokens at once
+    ({"kv_prefill_budget": 1100}, 8),  # a budget the pool cannot hold with a chunk
+    (None, 1000),  # the budget holds the prompt, not 1,000 generated tokens
+])
+def test_a_request_that_could_never_fit_is_refused(llm: Any, xargs: dict | None,
+                                                   max_tokens: int) -> None:
+    from vllm import SamplingParams
+
+    with pytest.raises(Exception, match=r"^kv_prefill_budget: this request would hold \d+ KV "
+                                        r"tokens at once .* more than the KV pool's 1248") as info:
+        llm.generate([{"prompt_token_ids": prompt_ids(77, 3000)}], SamplingParams(
+            max_tokens=max_tokens, extra_args=xargs), use_tqdm=False)
+    assert getattr(info.value, "parameter", None) == "vllm_xargs.kv_prefill_budget"
+    served = llm.generate([{"prompt_token_ids": prompt_ids(78, 3000)}],
+                          SamplingParams(max_tokens=4), use_tqdm=False)
+    assert len(served[0].outputs[0].token_ids) == 4  # the engine goes on
+
+
+def test_without_a_prefill_budget_vllm_still_refuses_the_deployment(llm: Any) -> None:
+    """The same pool and max_model_len with a server default that does not compress while
+    prefilling: vLLM's own startup check stands (the adaptation is no blanket bypass). Checked
+    on the function vLLM's engine core calls, with this engine's config and KV specs (no second
+    engine)."""
+    from vllm.v1.engine import core
+
+    config = llm.llm_engine.vllm_config
+    specs = llm.llm_engine.engine_core.engine_core.model_executor.get_kv_cache_specs()
+    available = [BLOCKS * sum(spec.page_size_bytes for spec in specs[0].values())]
+    saved = (config.additional_config, config.cache_config.num_gpu_blocks_override)
+    try:
+        config.cache_config.num_gpu_blocks_override = None
+        config.additional_config = {"kvcompress": {"policy": "snapkv", "ratio": 0.25}}
+        with pytest.raises(ValueError, match="max seq len"):
+            core.get_kv_cache_configs(config, specs, available)
+        config.additional_config = {"kvcompress": SERVER}
+        core.get_kv_cache_configs(config, specs, available)  # the compressed footprint fits
+        assert config.model_config.max_model_len == 4096  # restored after the check
+    finally:
+        config.additional_config, config.cache_config.num_gpu_blocks_override = saved
