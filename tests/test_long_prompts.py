@@ -102,3 +102,40 @@ def test_without_a_prefill_budget_vllm_still_refuses_the_deployment(llm: Any) ->
         assert config.model_config.max_model_len == 4096  # restored after the check
     finally:
         config.additional_config, config.cache_config.num_gpu_blocks_override = saved
+
+
+@pytest.mark.server
+def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
+        tiny_model: Path, tmp_path: Path) -> None:
+    """`vllm serve` with a max_model_len four times what its pool holds: it starts (one log
+    line says why), answers a 3,000-token prompt, and gives a request that could never fit a
+    400 naming the reason, then keeps serving."""
+    import requests
+
+    from vllm_kvcompress.local_server import LocalServer
+
+    args = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "4096",
+            "--block-size", "32", "--max-num-batched-tokens", str(CHUNK),
+            "--num-gpu-blocks-override", str(BLOCKS), "--kv-policy", "snapkv",
+            "--kv-prefill-budget", "512", "--kv-window", "16"]
+    with LocalServer(str(tiny_model), args, tmp_path / "serve.log",
+                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as server:
+        def complete(xargs: dict | None, max_tokens: int = 4) -> requests.Response:
+            body: dict[str, Any] = {"model": str(tiny_model), "prompt": prompt_ids(5, 3000),
+                                    "max_tokens": max_tokens, "temperature": 0.0}
+            if xargs:
+                body["vllm_xargs"] = xargs
+            return requests.post(f"{server.base_url}/v1/completions", json=body, timeout=300)
+
+        served = complete(None)
+        assert served.status_code == 200, served.text[:500]
+        assert served.json()["usage"]["completion_tokens"] == 4
+        refused = complete({"kv_policy": "none"})
+        assert refused.status_code == 400, refused.text[:500]
+        error = refused.json()["error"]
+        assert error["param"] == "vllm_xargs.kv_prefill_budget"
+        assert "could never run" in error["message"]
+        assert complete(None).status_code == 200
+        log = (tmp_path / "serve.log").read_text()
+        assert "the KV pool is checked for a request of 768 tokens, not max_model_len 4096" \
+            in log
