@@ -104,6 +104,37 @@ def test_without_a_prefill_budget_vllm_still_refuses_the_deployment(llm: Any) ->
         config.additional_config, config.cache_config.num_gpu_blocks_override = saved
 
 
+def test_long_prompts_contending_for_the_pool_wait_their_turn(llm: Any) -> None:
+    """Three 3,000-token prompts at once on a pool that holds one and a half footprints: each is
+    admitted when its footprint fits (the others wait; nothing is over-committed, so nothing is
+    preempted), the first is aborted mid-prefill, the other two finish, and the pool's free
+    count returns to where it started."""
+    from vllm import SamplingParams
+
+    scheduler, pool, _ = engine_internals(llm)
+    start_free = pool.get_num_free_blocks()
+    engine = llm.llm_engine
+    for i in range(3):
+        engine.add_request(f"contend-{i}", {"prompt_token_ids": prompt_ids(300 + i, 3000)},
+                           SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    finished: dict[str, int] = {}
+    preempted = 0
+    for step in range(2000):
+        if not engine.has_unfinished_requests():
+            break
+        if step == 3:
+            assert 0 < scheduler.requests[next(k for k in scheduler.requests if k.startswith(
+                "contend-0"))].num_computed_tokens < 3000
+            engine.abort_request(["contend-0"])  # mid-prefill
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = len(out.outputs[0].token_ids)
+        preempted = max(preempted, sum(r.num_preemptions for r in scheduler.requests.values()))
+    assert finished.get("contend-1") == 24 and finished.get("contend-2") == 24, finished
+    assert preempted == 0
+    assert pool.get_num_free_blocks() == start_free
+
+
 @pytest.mark.server
 def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
         tiny_model: Path, tmp_path: Path) -> None:
