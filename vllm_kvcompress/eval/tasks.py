@@ -23,9 +23,10 @@ expression, keys are words from a fixed list, values come from a seeded ``random
   numbers (7 digits). The needle, instruction and question name the type ("special magic
   UUIDs"). ``niah_multiturn`` keeps numbers.
 - ``cwe``: RULER's common-word extraction: a numbered list of words in which ``CWE_COMMON``
-  words appear ``CWE_COMMON_FREQ`` times each and the others ``CWE_UNCOMMON_FREQ`` times, in a
-  random order, after one short worked example; asked for the most common words (score: the
+  words appear 30 times each and the others 3 times (``CWE_FREQ``; 6 and 1 below 4k tokens), in
+  a random order, after one short worked example; asked for the most common words (score: the
   fraction of them in the answer). No word of a list contains another (substring grading).
+  Qwen2.5-0.5B scores 0 on it even with its full KV (docs/eval-plan.md).
 
 Needle offsets are jittered: a needle at depth ``d`` goes ``round(d x sentences)`` sentences
 into the haystack, moved by 1-2 sentences towards the middle at depth 0 and 1 and by -2..2
@@ -66,8 +67,8 @@ TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn", "v
 DEPTH_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiturn",
                *TYPED_NEEDLE_TASKS)
 #: Bumped whenever the generator changes the prompts (a resumed run then starts afresh).
-#: Adding a task leaves it alone (the typed needle tasks and ``cwe`` came with the version-2
-#: tasks' prompts byte-identical; a run's settings name its tasks anyway).
+#: Adding a task does not bump it: the typed needle tasks and ``cwe`` left the version-2 tasks'
+#: prompts byte-identical, and a run's settings name its tasks anyway.
 TASKS_VERSION = 2
 #: Most sentences a needle moves from its depth's position (see the module docstring).
 JITTER_SENTENCES = 2
