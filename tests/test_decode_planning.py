@@ -188,6 +188,10 @@ def test_resumed_decode_compressed_request_recomputes_its_window() -> None:
     prompt_only = request("p", 100, {"kv_policy": "snapkv", "kv_window": 16, "kv_ratio": 0.25})
     prompt_only.num_output_tokens, prompt_only.num_tokens = 5, 105
     assert plan.max_cache_hit_blocks(prompt_only) is None
+    prefill = request("b", 200, {"kv_policy": "snapkv", "kv_window": 16,
+                                 "kv_prefill_budget": 64})
+    prefill.num_output_tokens, prefill.num_tokens = 5, 205  # its re-prefill is cut again
+    assert plan.max_cache_hit_blocks(prefill) == (205 - 16) // BLOCK
     keys_only = request("k", 90, {**DECODE, "kv_policy": "knorm"})
     keys_only.num_output_tokens, keys_only.num_tokens = 30, 120
     assert plan.max_cache_hit_blocks(keys_only) is None

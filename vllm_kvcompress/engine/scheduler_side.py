@@ -229,7 +229,7 @@ class SchedulerCompression:
         if not spec.enabled or not self.needs_queries(spec):
             return None
         if request.num_output_tokens > 0:  # resumed after a preemption
-            if spec.decode_budget is None:
+            if spec.decode_budget is None and spec.prefill_budget is None:
                 return None  # its prompt was compressed once; it is not compressed again
             end = request.num_tokens
         else:
