@@ -51,6 +51,9 @@ def test_ring_keeps_each_requests_last_window_queries_across_steps() -> None:
                 else:
                     assert torch.equal(got, want), (step, req, layer)
             assert ring.count(req) == len(rows)
+        # The running byte count (read by the worker after every step) matches the pools.
+        assert ring.nbytes == sum(t.numel() * t.element_size() for pools in
+                                  ring._pools.values() for t in pools if t is not None)
     assert ring.nbytes > 0
 
 

@@ -257,13 +257,20 @@ class AllowedFiles:
         return self._index.get((param, normal.replace(os.sep, "/")))
 
 
-def default_request_bounds(deployment: Mapping[str, int] | None = None) -> Bounds:
-    """The ranges clients get when the operator sets no cap or floor (the parameters'
-    ``request_max`` / ``request_min``), on a deployment with these limits."""
+def request_bounds(controls: Mapping[str, Any] | None = None,
+                   deployment: Mapping[str, int] | None = None) -> Bounds:
+    """The ranges clients get: the operator's caps and floors (``max_<name>`` /
+    ``min_<name>``; unset ones are the parameters' ``request_max`` / ``request_min``), on a
+    deployment with these limits."""
+    controls = controls or {}
     params = operator_params()
+
+    def value(name: str) -> Any:
+        return controls[name] if controls.get(name) is not None else params[name].default
+
     return Bounds(deployment=dict(deployment or {}),
-                  caps={n[4:]: p.default for n, p in params.items() if n.startswith("max_")},
-                  floors={n[4:]: p.default for n, p in params.items() if n.startswith("min_")})
+                  caps={n[4:]: value(n) for n in params if n.startswith("max_")},
+                  floors={n[4:]: value(n) for n in params if n.startswith("min_")})
 
 
 @dataclass(frozen=True)
@@ -278,7 +285,7 @@ class RequestRules:
         files: the allowed directory's index, or ``None`` (requests may name no file).
     """
 
-    bounds: Bounds = field(default_factory=default_request_bounds)
+    bounds: Bounds = field(default_factory=request_bounds)
     allowed_policies: tuple[str, ...] | None = None
     overrides: bool = True
     files: AllowedFiles | None = None
@@ -293,15 +300,13 @@ class RequestRules:
         def value(name: str) -> Any:
             return controls[name] if controls.get(name) is not None else params[name].default
 
-        caps = {n[4:]: value(n) for n in params if n.startswith("max_")}
-        floors = {n[4:]: value(n) for n in params if n.startswith("min_")}
         directory = value("allowed_file_dir")
         files = None
         if directory is not None:
             hooks = _model_data_hooks()
             files = AllowedFiles(directory, hooks, shape, rescan_seconds)
         allowed = value("allowed_policies")
-        return cls(bounds=Bounds(deployment=dict(deployment), caps=caps, floors=floors),
+        return cls(bounds=request_bounds(controls, deployment),
                    allowed_policies=tuple(allowed) if allowed is not None else None,
                    overrides=value("request_overrides") == "on", files=files)
 

@@ -69,6 +69,7 @@ class QueryRing:
         self._free: dict[int, list[int]] = {}
         self._used: dict[int, int] = {}
         self._writes: list[RingWrite] = []
+        self._nbytes = 0
         self._device_indices: tuple[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] | \
             None = None
 
@@ -170,15 +171,16 @@ class QueryRing:
         """Releases the pools of window sizes no live request uses (between steps)."""
         for window in [w for w, used in self._used.items()
                        if len(self._free.get(w, ())) == used]:
-            self._pools.pop(window, None)
+            for pool in self._pools.pop(window, ()):
+                self._nbytes -= _size(pool)
             self._free.pop(window, None)
             self._used.pop(window, None)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the pools (all windows, all layers)."""
-        return sum(t.numel() * t.element_size() for pools in self._pools.values()
-                   for t in pools if t is not None)
+        """Bytes held by the pools (all windows, all layers); kept up to date as pools grow and
+        go, since the worker reads it after every step."""
+        return self._nbytes
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self._slot
@@ -219,5 +221,10 @@ class QueryRing:
                                 device=query.device)
             if pool is not None:
                 grown[: pool.shape[0]] = pool
+            self._nbytes += _size(grown) - _size(pool)
             pools[layer_idx] = pool = grown
         return pool
+
+
+def _size(pool: torch.Tensor | None) -> int:
+    return 0 if pool is None else pool.numel() * pool.element_size()
