@@ -51,6 +51,12 @@ HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"kv_decode_budget": HUGE}, "kv_decode_budget"),
     ({"kv_decode_budget": 500, "kv_decode_interval": 1}, "kv_decode_interval"),
     ({"kv_decode_budget": 500, "kv_decode_interval": HUGE}, "kv_decode_interval"),
+    ({"kv_prefill_budget": HUGE}, "kv_prefill_budget"),
+    ({"kv_prefill_budget": 0}, "kv_prefill_budget"),
+    ({"kv_prefill_budget": 20}, "kv_prefill_budget"),  # no room for sinks + window (36)
+    ({"kv_prefill_budget": True}, "kv_prefill_budget"),
+    ({"kv_prefill_budget": "512"}, "kv_prefill_budget"),
+    ({"kv_policy": "pyramidkv", "kv_prefill_budget": 200}, "kv_prefill_budget"),
     ({"kv_chunk_size": HUGE}, "kv_chunk_size"),
     ({"kv_chunk_size": 129}, "kv_chunk_size"),
     ({"kv_pool_kernel": 65}, "kv_pool_kernel"),
@@ -119,7 +125,8 @@ def baseline(server: LocalServer, tiny_model: Path) -> dict[str, Any]:
 GOOD = {"server default": None, "none": {"kv_policy": "none"},
         "snapkv": {"kv_policy": "snapkv", "kv_ratio": 0.3, "kv_window": 16},
         "qfilters file": {"kv_policy": "qfilters", "kv_qfilters_path": "tiny.safetensors",
-                          "kv_window": 8}}
+                          "kv_window": 8},
+        "prefill budget": {"kv_policy": "snapkv", "kv_prefill_budget": 96, "kv_window": 16}}
 
 
 @pytest.mark.parametrize(("xargs", "field"), HOSTILE, ids=[f"{i}-{f[:20]}" for i, (_, f)
