@@ -60,16 +60,12 @@ MAX_INDEX_DEPTH = 4
 RESCAN_SECONDS = 5.0
 
 
-def _policy_or_none() -> list[str]:
-    return policy_names()
-
-
 #: What the operator decides about clients, declared once: each is a ``--kv-<name>`` flag and
 #: a key of the ``kvcompress:`` YAML block (never a request key).
 OPERATOR_PARAMS: tuple[Param, ...] = (
     Param("allowed_policies", list, None, "Policies clients may name in kv_policy and "
           "kv_chunk_scorer (comma-separated); default: every registered policy.",
-          choices=_policy_or_none),
+          choices=policy_names),
     Param("request_overrides", str, "on", "on: clients may set kv_* keys per request; off: any "
           "kv_* key gets HTTP 400 and every request uses the server's settings.",
           choices=("on", "off")),

@@ -166,12 +166,6 @@ def server_settings_from_args(args: argparse.Namespace, additional: dict[str, An
     return ServerSettings(resolve(*layers), controls)
 
 
-def server_spec_from_args(args: argparse.Namespace, additional: dict[str, Any] | None
-                          ) -> CompressionSpec:
-    """The server default alone (see ``server_settings_from_args``)."""
-    return server_settings_from_args(args, additional).spec
-
-
 _stats_path: str | None = None
 
 
@@ -438,7 +432,3 @@ def describe_allowed() -> dict[str, str]:
     """Setting -> what is allowed, with the live policy list (docs, `kvcompress policies`)."""
     return {name: param.allowed() for name, param in all_params().items()}
 
-
-def describe_operator() -> dict[str, str]:
-    """Operator setting -> what is allowed (docs, `kvcompress policies`)."""
-    return {name: param.allowed() for name, param in operator_params().items()}
