@@ -41,8 +41,12 @@ models-1.5b: models/qwen2.5-1.5b-instruct/config.json   ## Qwen2.5-Coder-1.5B-In
 models: models/smollm2/config.json models/tiny-llama/config.json models/smollm2.qfilters.safetensors \
 	models/qwen2.5-0.5b-instruct/config.json
 
-demo: setup models/smollm2/config.json   ## serve SmolLM2 with chunkkv, ask a needle question twice
-	$(PY) scripts/demo.py --model models/smollm2 --config configs/chunkkv.yaml
+# The demo's model: Qwen2.5-Coder-0.5B-Instruct (dequantized Q4_K_M weights, `make models`
+# prepares it); `make demo DEMO_MODEL=smollm2` for the 135M model (faster, but it cannot tell
+# methods apart).
+DEMO_MODEL ?= qwen2.5-0.5b-instruct
+demo: setup models/$(DEMO_MODEL)/config.json   ## serve Qwen2.5-0.5B with chunkkv, ask a needle question twice
+	$(PY) scripts/demo.py --model models/$(DEMO_MODEL) --config configs/chunkkv.yaml
 
 test: setup                  ## everything: unit, engine (in process) and server tests
 	$(PY) -m pytest -q

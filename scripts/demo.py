@@ -1,4 +1,5 @@
-"""`make demo`: serve SmolLM2 with a compression policy and ask one long needle question twice.
+"""`make demo`: serve a model (Qwen2.5-0.5B-Instruct by default) with a compression policy and ask
+one long needle question twice.
 
 Starts a real `vllm serve` on 127.0.0.1 with a deployment YAML (configs/chunkkv.yaml), sends the
 same ~3k-token needle-in-a-haystack chat request through the OpenAI client once with the server's
@@ -107,7 +108,7 @@ def long_generation(client: OpenAI, server: LocalServer, model: str, xargs: dict
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models/smollm2")
+    parser.add_argument("--model", default="models/qwen2.5-0.5b-instruct")
     parser.add_argument("--config", default="configs/chunkkv.yaml", type=Path)
     parser.add_argument("--chars", type=int, default=12000, help="haystack size in characters")
     parser.add_argument("--depth", type=float, default=0.5, help="needle depth, 0..1")
