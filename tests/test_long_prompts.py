@@ -140,7 +140,8 @@ def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
         tiny_model: Path, tmp_path: Path) -> None:
     """`vllm serve` with a max_model_len four times what its pool holds: it starts (one log
     line says why), answers a 3,000-token prompt, and gives a request that could never fit a
-    400 naming the reason, then keeps serving."""
+    400 naming the reason, streaming or not (before any event: no 200 followed by an error
+    event), on completions and chat, then keeps serving."""
     import requests
 
     from vllm_kvcompress.local_server import LocalServer
@@ -158,6 +159,22 @@ def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
                 body["vllm_xargs"] = xargs
             return requests.post(f"{server.base_url}/v1/completions", json=body, timeout=300)
 
+        def refused_before_streaming(endpoint: str, xargs: dict) -> None:
+            body: dict[str, Any] = {"model": str(tiny_model), "max_tokens": 4, "stream": True,
+                                    "vllm_xargs": xargs}
+            if endpoint == "completions":
+                body["prompt"] = prompt_ids(6, 3000)
+            else:  # about 3,000 tokens of text through the chat template
+                body["messages"] = [{"role": "user", "content": "a b " * 1500}]
+            with requests.post(f"{server.base_url}/v1/{endpoint}", json=body, stream=True,
+                               timeout=300) as resp:
+                text = resp.text
+            assert resp.status_code == 400, (endpoint, xargs, text[:500])
+            assert not text.startswith("data:")  # a JSON error, not an event stream
+            error = resp.json()["error"]
+            assert error["param"] == "vllm_xargs.kv_prefill_budget"
+            assert "could never run" in error["message"]
+
         served = complete(None)
         assert served.status_code == 200, served.text[:500]
         assert served.json()["usage"]["completion_tokens"] == 4
@@ -166,6 +183,9 @@ def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
         error = refused.json()["error"]
         assert error["param"] == "vllm_xargs.kv_prefill_budget"
         assert "could never run" in error["message"]
+        for endpoint in ("completions", "chat/completions"):
+            refused_before_streaming(endpoint, {"kv_policy": "none"})  # no prefill budget
+            refused_before_streaming(endpoint, {"kv_prefill_budget": 1100})  # over the pool
         assert complete(None).status_code == 200
         log = (tmp_path / "serve.log").read_text()
         assert "the KV pool is checked for a request of 768 tokens, not max_model_len 4096" \

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,19 +397,42 @@ def check_fits(request: Any, vllm_config: Any, frontend: Frontend | None) -> Non
     pool's usable tokens, once the engine has reported them. Only a server whose
     ``max_model_len`` exceeds the pool can have such requests.
 
+    Args:
+        request: anything with ``prompt_token_ids`` and ``sampling_params`` (vLLM's
+            ``EngineCoreRequest``); requests without them are left to later checks.
+        vllm_config: the front end's config (pool size, chunk).
+        frontend: the admitting front end (``None``: no check).
+
     Raises:
         VLLMValidationError: names ``vllm_xargs.kv_prefill_budget``, the footprint, the pool and
             what would fit.
     """
+    check_prompt_fits(getattr(request, "prompt_token_ids", None),
+                      getattr(request, "sampling_params", None), vllm_config, frontend)
+
+
+def check_prompt_fits(prompt: Any, params: Any, vllm_config: Any, frontend: Frontend | None
+                      ) -> None:
+    """``check_fits`` for a prompt before its request exists: an engine input already
+    rendered to tokens (a mapping with ``prompt_token_ids``, what the OpenAI server passes to
+    ``AsyncLLM.generate``) or a token list; anything else (text, embeddings) is checked later,
+    by ``check_fits``, once tokenized. Called where the server has not started a response yet,
+    so a streaming request is refused with a 400, not a 200 followed by an error event.
+
+    Raises:
+        VLLMValidationError: as ``check_fits``.
+    """
     from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
 
     from .admission import admitted_spec
     from .config import request_footprint
 
+    if isinstance(prompt, Mapping):
+        prompt = prompt.get("prompt_token_ids")
     blocks = vllm_config.cache_config.num_gpu_blocks
-    params = getattr(request, "sampling_params", None)
-    prompt = getattr(request, "prompt_token_ids", None)
-    if not blocks or params is None or prompt is None or frontend is None:
+    if not blocks or prompt is None or isinstance(prompt, str) or frontend is None or \
+            not isinstance(params, SamplingParams):
         return
     pool = (blocks - 1) * vllm_config.cache_config.block_size  # the null block is never lent
     chunk = int(vllm_config.scheduler_config.max_num_batched_tokens)

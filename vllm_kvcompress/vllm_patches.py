@@ -232,6 +232,23 @@ def _patch_input_processor() -> None:
     InputProcessor.process_inputs = process_inputs
 
 
+def _patch_async_generate() -> None:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    original = AsyncLLM.generate
+
+    def generate(self, prompt: Any, sampling_params: Any, *args: Any, **kwargs: Any) -> Any:
+        # A plain function around the async generator: the OpenAI server calls this before it
+        # starts a response and iterates the result only inside the stream, so a request that
+        # could never fit is refused here as an HTTP 400, not a 200 and an error event.
+        server_config.check_prompt_fits(
+            prompt, sampling_params, self.vllm_config,
+            getattr(self.input_processor, "_kvcompress_frontend", None))
+        return original(self, prompt, sampling_params, *args, **kwargs)
+
+    AsyncLLM.generate = generate
+
+
 def _patch_kv_pool_check() -> None:
     from vllm.v1.engine import core
 
@@ -601,6 +618,17 @@ MANIFEST: tuple[Patch, ...] = (
                  VllmName("vllm.config.cache", "CacheConfig.num_gpu_blocks", "server_config.py"),
                  VllmName("vllm.config.scheduler", "SchedulerConfig.max_num_batched_tokens",
                           "server_config.py"))),
+    Patch("vllm.v1.engine.async_llm.AsyncLLM.generate",
+          "refuse a request whose compressed footprint could never fit the KV pool when the "
+          "server hands over its rendered tokens, before a streaming response starts (the "
+          "returned generator is iterated inside the stream, where process_inputs' refusal "
+          "would be a 200 followed by an error event)", _patch_async_generate,
+          hooks=(Hook("vllm.v1.engine.async_llm", "AsyncLLM.generate",
+                      "prompt, sampling_params, *args, **kwargs"),),
+          reads=(VllmName("vllm.v1.engine.async_llm", "AsyncLLM.vllm_config",
+                          "vllm_patches.py"),
+                 VllmName("vllm.v1.engine.async_llm", "AsyncLLM.input_processor",
+                          "vllm_patches.py"))),
     Patch("vllm.v1.engine.core.get_kv_cache_configs",
           "startup: when the server default compresses while prefilling (prefill_budget), "
           "vLLM's check that the KV pool holds one max_model_len request is made against the "
