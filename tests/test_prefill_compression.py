@@ -15,6 +15,7 @@ TP=2 keeps TP=1's cuts (tests/test_tensor_parallel.py).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +216,96 @@ def test_prefill_memory_bench_writes_flat_peaks(tmp_path: Path) -> None:
     assert [r["peak_blocks"] for r in plain] == [cdiv(768, BLOCK), cdiv(1536, BLOCK)]
     assert all(r["cuts"] > 0 for r in compressed)
     assert (out / "prefill_memory.csv").is_file() and (out / "prefill_memory.png").stat().st_size
+
+
+#: A pool of 23 usable blocks (736 tokens): six 300-token prompts cut to 80 tokens while
+#: prefilling are admitted by their footprint (80 + 64 tokens = 5 blocks), then outgrow the pool
+#: while decoding (80 + 100 tokens = 6 blocks each), so vLLM preempts.
+SMALL_POOL_BLOCKS = 24
+PREEMPT_XARGS = {"kv_policy": "snapkv", "kv_prefill_budget": 80, "kv_window": 16}
+PREEMPT_TOKENS = 100
+
+
+@pytest.fixture(scope="module")
+def small_pool_llm(tiny_model: Path, llm: Any) -> Iterator[Any]:
+    engine = recording_llm(tiny_model, num_blocks=SMALL_POOL_BLOCKS, max_num_batched_tokens=CHUNK,
+                           max_model_len=512)
+    yield engine
+    del engine
+
+
+def run_with_preemptions(llm: Any, requests: list[tuple[str, list[int]]]
+                         ) -> tuple[dict[str, list[int]], dict[str, list[tuple[int, int]]]]:
+    """Steps the requests to the end, checking the pool's accounting after every step: the
+    distinct blocks the requests hold plus the free ones are exactly the usable pool (none
+    leaked, none counted twice), and a request still prefilling holds at most budget + one
+    chunk. Returns the outputs and, per request, its preemptions as ``(output tokens so far,
+    engine compactions so far)``: where its attempts split."""
+    from vllm import SamplingParams
+
+    scheduler, pool, runner = engine_internals(llm)
+    manager = scheduler._kvcompress.manager
+    usable = pool.num_gpu_blocks - 1  # the null block is never lent
+    budget = PREEMPT_XARGS["kv_prefill_budget"]
+    for req_id, ids in requests:
+        llm.llm_engine.add_request(req_id, {"prompt_token_ids": ids}, SamplingParams(
+            max_tokens=PREEMPT_TOKENS, temperature=0.0, ignore_eos=True,
+            extra_args=PREEMPT_XARGS))
+    outputs: dict[str, list[int]] = {}
+    splits: dict[str, list[tuple[int, int]]] = {req_id: [] for req_id, _ in requests}
+    seen = dict.fromkeys(splits, 0)
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                outputs[out.request_id] = list(out.outputs[0].token_ids)
+        log = runner._kvcompress.compaction_log  # the worker's state exists after a step
+        held = {block.block_id for blocks in manager.req_to_blocks.values() for block in blocks}
+        assert len(held) + pool.get_num_free_blocks() == usable
+        for internal, request in scheduler.requests.items():
+            outer = internal.rsplit("-", 1)[0]
+            if request.num_preemptions > seen[outer]:  # preempted in this step's schedule()
+                seen[outer] = request.num_preemptions
+                splits[outer].append((request.num_output_tokens, len(log.get(internal, []))))
+            if request.num_computed_tokens < request.num_tokens - 1:
+                physical = request.num_computed_tokens - manager.kvc.evicted.get(internal, 0)
+                assert physical <= budget + CHUNK, (internal, physical)
+    return outputs, splits
+
+
+def test_preempted_requests_resume_exactly_and_leak_nothing(small_pool_llm: Any,
+                                                            reference: ReferenceModel) -> None:
+    """vLLM's own preemption choice (the latest request) with requests admitted by their
+    compressed footprint: preemptions happen (the pool cannot hold six decoding requests),
+    every preempted request re-prefills chunk-wise under the same cuts, and each attempt equals
+    the chunk-wise reference: before its preemption, the prompt and the tokens it had produced;
+    after it, a reference that prefills prompt + those tokens with the engine's re-prefill
+    cuts and produces the rest. Accounting holds after every step; the pool ends as it
+    started."""
+    _, pool, runner = engine_internals(small_pool_llm)
+    start_free = pool.get_num_free_blocks()
+    requests = [(f"preempt-{i}", prompt_ids(1100 + i, 300)) for i in range(6)]
+    outputs, splits = run_with_preemptions(small_pool_llm, requests)
+    log = runner._kvcompress.compaction_log
+    assert sum(len(s) for s in splits.values()) >= 2, splits
+    assert any(produced > 0 for s in splits.values() for produced, _ in s), splits
+    resumed_exactly = 0
+    for req_id, ids in requests:
+        got = outputs[req_id]
+        assert len(got) == PREEMPT_TOKENS
+        internal = next(key for key in log if key.rsplit("-", 1)[0] == req_id)
+        engine_log = log[internal]
+        bounds = [(0, 0), *splits[req_id], (PREEMPT_TOKENS, len(engine_log))]
+        for (start, first), (end, last) in pairwise(bounds):
+            if end == start:
+                continue  # preempted before producing a token: that attempt left nothing
+            # The end of a re-prefill is logged as "resumed"; the reference names its cut by
+            # the rule that set it (the budget).
+            attempt = [{**c, "kind": "prefill" if c["kind"] == "resumed" else c["kind"]}
+                       for c in engine_log[first:last]]
+            ref = CompressedGeneration(reference, request_spec(PREEMPT_XARGS), attempt)
+            want = ref.generate(ids + got[:start], end - start, chunk=None)
+            assert_same_compactions(attempt, ref.compactions, (req_id, start))
+            assert got[start:end] == want, (req_id, start, end)
+            resumed_exactly += start > 0
+    assert resumed_exactly >= 1
+    assert pool.get_num_free_blocks() == start_free
