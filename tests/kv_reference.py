@@ -162,27 +162,66 @@ class ReferenceModel:
         out = self.model(torch.tensor([prompt_ids]), use_cache=True)
         cache = out.past_key_values
         token = int(out.logits[0, -1].argmax())
-        generated = [token]
         if kept is not None:
-            for layer_idx, layer in enumerate(cache.layers):
-                index = torch.tensor(kept[layer_idx], dtype=torch.long)
-                heads, dim = layer.keys.shape[1], layer.keys.shape[3]
-                if index.dim() == 1:
-                    index = index.expand(heads, -1)
-                gather = index[None, :, :, None].expand(1, heads, -1, dim)
-                layer.keys = layer.keys.gather(2, gather).contiguous()
-                layer.values = layer.values.gather(2, gather).contiguous()
-                if merged:
-                    layer.values = merged[layer_idx][None].to(layer.values.dtype).contiguous()
+            _cut(cache, kept, merged)
+        return [token, *self._decode(cache, token, len(prompt_ids), max_tokens - 1)]
+
+    @torch.no_grad()
+    def greedy_on_compressed_prefix(self, context_ids: list[int], kept: KeptIndices,
+                                    suffix_ids: list[int], max_tokens: int,
+                                    merged: dict[int, torch.Tensor] | None = None
+                                    ) -> list[int]:
+        """Greedy continuation of ``context_ids + suffix_ids`` where the context was compressed
+        BEFORE the suffix existed (compress once, reuse): the context is prefilled with full
+        attention, each layer's cache is cut to ``kept``, then the suffix is prefilled attending
+        to the kept keys and to itself, at logical positions ``len(context) ..`` (RoPE) and the
+        next physical cache slots, and is never cut.
+
+        Args:
+            context_ids: the context's token ids (length ``L``).
+            kept: layer -> per KV head kept context indices (this reference's own selection on
+                the context alone, ``select(context_ids, spec)``).
+            suffix_ids: the tokens after the context (the question), at least one.
+            max_tokens: tokens to generate.
+            merged: layer -> ``[H, kept, D]`` values for the kept slots (``merge: on``).
+        """
+        cache = self.model(torch.tensor([context_ids]), use_cache=True).past_key_values
+        _cut(cache, kept, merged)
+        physical, logical = cache.get_seq_length(), len(context_ids)
+        out = self.model(torch.tensor([suffix_ids]), past_key_values=cache, use_cache=True,
+                         position_ids=torch.arange(logical, logical + len(suffix_ids))[None],
+                         cache_position=torch.arange(physical, physical + len(suffix_ids)))
+        token = int(out.logits[0, -1].argmax())
+        return [token, *self._decode(cache, token, logical + len(suffix_ids), max_tokens - 1)]
+
+    def _decode(self, cache: object, token: int, logical: int, steps: int) -> list[int]:
+        """``steps`` greedy tokens after ``token`` (at logical position ``logical``), appended
+        at the cache's next physical slots."""
         physical = cache.get_seq_length()
-        logical = len(prompt_ids)
-        for step in range(max_tokens - 1):
+        generated = []
+        for step in range(steps):
             out = self.model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
                              position_ids=torch.tensor([[logical + step]]),
                              cache_position=torch.tensor([physical + step]))
             token = int(out.logits[0, -1].argmax())
             generated.append(token)
         return generated
+
+
+def _cut(cache: object, kept: KeptIndices, merged: dict[int, torch.Tensor] | None = None
+         ) -> None:
+    """Cuts each layer of a transformers cache to its kept indices (``[H][kept]`` or one shared
+    ``[kept]`` list), values replaced by ``merged`` where given."""
+    for layer_idx, layer in enumerate(cache.layers):
+        index = torch.tensor(kept[layer_idx], dtype=torch.long)
+        heads, dim = layer.keys.shape[1], layer.keys.shape[3]
+        if index.dim() == 1:
+            index = index.expand(heads, -1)
+        gather = index[None, :, :, None].expand(1, heads, -1, dim)
+        layer.keys = layer.keys.gather(2, gather).contiguous()
+        layer.values = layer.values.gather(2, gather).contiguous()
+        if merged:
+            layer.values = merged[layer_idx][None].to(layer.values.dtype).contiguous()
 
 
 @dataclass

@@ -58,7 +58,9 @@ MAX_TOKENS = 17
 
 
 def run(tiny_model: Path, tp: int, cases: list[dict[str, Any]],
-        prompts: list[list[int]]) -> dict[str, Any]:
+        prompts: list[list[int]], then: list[list[int]] | None = None) -> dict[str, Any]:
+    """The script's result; ``then``: prompts sent with the same ``cases`` once the first ones
+    finished (``then_tokens``, ``then_cached``)."""
     env = {**os.environ, "VLLM_KVCOMPRESS_RECORD_KEPT": "1", "OMP_NUM_THREADS": "1",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -72,7 +74,7 @@ def run(tiny_model: Path, tp: int, cases: list[dict[str, Any]],
         operator["allowed_file_dir"] = str(Path(qfilters).parent)
     engine = {**ENGINE, "additional_config": {"kvcompress": operator}}
     config = {"model": str(tiny_model), "tp": tp, "engine": engine, "cases": cases,
-              "prompts": prompts, "max_tokens": MAX_TOKENS}
+              "prompts": prompts, "max_tokens": MAX_TOKENS, "then": then}
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(config)], env=env,
                           capture_output=True, text=True, timeout=600, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT=")]

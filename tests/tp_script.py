@@ -69,6 +69,16 @@ def main() -> None:
                         [SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0,
                                         ignore_eos=True, extra_args=x) for x in cfg["cases"]],
                         use_tqdm=False)
+    then = {}
+    if cfg.get("then"):
+        # Second requests after the first ones finished (the same settings, e.g. a context
+        # followed by a question that reuses its compressed prefix).
+        later = llm.generate([{"prompt_token_ids": p} for p in cfg["then"]],
+                             [SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0,
+                                             ignore_eos=True, extra_args=x)
+                              for x in cfg["cases"]], use_tqdm=False)
+        then = {"then_tokens": [list(o.outputs[0].token_ids) for o in later],
+                "then_cached": [o.num_cached_tokens for o in later]}
     logs = llm.collective_rpc(kept_log)
     every = llm.collective_rpc(compaction_log)
     stats = llm.llm_engine.engine_core.engine_core.scheduler._kvcompress.stats
@@ -86,6 +96,7 @@ def main() -> None:
         "blocks_freed": stats.blocks_freed,
         "free_before": free_before,
         "free_after": pool.get_num_free_blocks(),
+        **then,
     }))
 
 

@@ -31,7 +31,7 @@ ADDITIONAL_CONFIG_KEY = "kvcompress"
 
 #: Settings whose combination ``_check_decode_room`` checks.
 DECODE_FIELDS = frozenset({"decode_budget", "decode_interval", "prefill_budget", "sink_tokens",
-                           "window"})
+                           "window", "reuse_prefix"})
 
 
 class CompressionConfigError(ValueError):
@@ -70,10 +70,13 @@ def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str],
             prefix = name_of.get("policy", "policy").removesuffix("policy")
             raise CompressionConfigError(prefix + key, f"unknown key; allowed keys: {allowed}")
         try:
-            checked[key] = param.check(value, bounds)
+            checked_value = param.check(value, bounds)
         except ValueError as err:
             raise CompressionConfigError(name_of.get(key, key),
                                          f"must be {err} (got {_shown(value)})") from None
+        if checked_value is None and param.default is not None:
+            continue  # None means "not set here" (``kv_policy: None`` is not a policy named None)
+        checked[key] = checked_value
     if checked.get("ratio") is not None and checked.get("budget") is not None:
         fields = " and ".join(name_of.get(f, f) for f in ("ratio", "budget"))
         raise CompressionConfigError(fields, "give one of them, not both")
@@ -81,13 +84,16 @@ def _check_values(values: Mapping[str, Any], name_of: Mapping[str, str],
 
 
 def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) -> None:
-    """``decode_budget`` must hold the sinks, the window and one interval of new tokens.
+    """``decode_budget`` must hold the sinks, the window and one interval of new tokens;
+    ``prefill_budget`` the sinks and the window; ``reuse_prefix: on`` goes with neither.
 
-    A cross-field rule, so it is checked on the merged settings (every layer's values), naming
-    ``decode_budget`` as the deciding layer spells it.
+    Cross-field rules, so they are checked on the merged settings (every layer's values),
+    naming the setting as the deciding layer spells it.
 
     Raises:
-        CompressionConfigError: ``decode_budget < sink_tokens + window + decode_interval``.
+        CompressionConfigError: ``decode_budget < sink_tokens + window + decode_interval``,
+            ``prefill_budget < sink_tokens + window``, ``prefill_budget`` with PyramidKV, or
+            ``reuse_prefix: on`` with ``decode_budget`` or ``prefill_budget``.
     """
     params = all_params()
 
@@ -106,6 +112,13 @@ def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) ->
             "is not supported with policy 'pyramidkv' (its per-layer budgets are shares of the "
             "whole prompt, which a chunk does not know)")
     budget = values.get("decode_budget")
+    if values.get("reuse_prefix") == "on" and (budget is not None or prefill is not None):
+        # A published prefix must be a function of the context and the settings alone.
+        raise CompressionConfigError(
+            name_of.get("reuse_prefix", "reuse_prefix"),
+            "'on' cannot be combined with decode_budget or prefill_budget (a published "
+            "compressed prefix must depend on the context and the settings only; those "
+            "compactions depend on generated tokens and on where prefill chunks end)")
     if budget is None:
         return
     sinks, window, interval = value("sink_tokens"), value("window"), value("decode_interval")

@@ -295,8 +295,23 @@ def _cache_hit_cap_tokens(manager: Any, request: Any) -> int | None:
     return max_blocks * manager.coordinator.single_type_managers[0].block_size
 
 
+def _compressed_prefix_hit(manager: Any, request: Any, limit: int | None) -> Any:
+    """``get_computed_blocks``' result for a hit on a published compressed prefix
+    (``reuse_prefix``), or ``None`` (vLLM's own lookup runs). The scheduler side installs the
+    lookup; ``limit`` is vLLM's bound on the hit (``None``: ``num_tokens - 1``)."""
+    lookup = getattr(manager, "_kvcompress_reuse", None)
+    if lookup is None or not manager.prefix_cache_lookup_enabled(request):
+        return None
+    found = lookup(request, request.num_tokens - 1 if limit is None else limit)
+    if found is None:
+        return None
+    blocks, num_tokens = found
+    return manager.create_kv_cache_blocks((blocks,)), num_tokens, 0
+
+
 def _capped_cache_hits(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``KVCacheManager.get_computed_blocks`` under the plugin's prefix-cache hit cap.
+    """``KVCacheManager.get_computed_blocks`` under the plugin's prefix-cache hit cap, after
+    the lookup of published compressed prefixes.
 
     Where vLLM bounds the lookup itself (``max_cache_hit_length``, 0.33+; ``None`` means
     ``request.num_tokens - 1``), the cap is passed through it, combined with a caller's bound
@@ -306,6 +321,9 @@ def _capped_cache_hits(original: Callable[..., Any]) -> Callable[..., Any]:
 
     def get_computed_blocks(self, request: Any, max_cache_hit_length: int | None = None,
                             *args: Any, **kwargs: Any) -> Any:
+        compressed = _compressed_prefix_hit(self, request, max_cache_hit_length)
+        if compressed is not None:
+            return compressed
         if takes_hit_limit:
             cap = _cache_hit_cap_tokens(self, request)
             if cap is not None:
@@ -369,11 +387,15 @@ def _patch_scheduler() -> None:
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any,
                            *args: Any, **kwargs: Any) -> Any:
         report = report_of(model_runner_output)
-        if report is not None and self._kvcompress is not None:
-            # vLLM finishes the requests in this set with FINISHED_ERROR (finish_reason
-            # "error") inside update_from_output and frees their blocks; others go on.
-            self.encoder_cache_mismatch_reqs.update(
-                self._kvcompress.on_report(report, self.requests))
+        if self._kvcompress is not None:
+            if report is not None:
+                # vLLM finishes the requests in this set with FINISHED_ERROR (finish_reason
+                # "error") inside update_from_output and frees their blocks; others go on.
+                self.encoder_cache_mismatch_reqs.update(
+                    self._kvcompress.on_report(report, self.requests))
+            # The step's compactions are written: publish reuse_prefix prompts (before vLLM
+            # frees finished requests, so their blocks go to the cached end of the free queue).
+            self._kvcompress.publish_written(report)
         return original_update(self, scheduler_output, model_runner_output, *args, **kwargs)
 
     Scheduler.__init__ = __init__
@@ -562,6 +584,7 @@ _TRITON_ATTN = "vllm.v1.attention.backends.triton_attn"
 _MODEL_CONFIG = "vllm.config.model"
 _WORKER = "engine/worker_side.py"
 _SCHED_SIDE = "engine/scheduler_side.py"
+_REUSE = "engine/prefix_reuse.py"
 _FORWARD = "layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs"
 
 MANIFEST: tuple[Patch, ...] = (
@@ -646,7 +669,11 @@ MANIFEST: tuple[Patch, ...] = (
           "(their cache hashes stay valid) and attach the plan as SchedulerOutput.kvcompress; "
           "cap prefix-cache hits so a scoring policy's window is recomputed (its queries: "
           "through max_cache_hit_length where vLLM has it, 0.33+, else by trimming the hit); "
-          "finish a request whose compaction raised with FINISHED_ERROR, alone",
+          "finish a request whose compaction raised with FINISHED_ERROR, alone; reuse_prefix: "
+          "publish a compacted prompt's blocks in vLLM's cache map under keys of our own once "
+          "its step has run (update_from_output), and answer a waiting request's lookup with "
+          "a published compressed prefix (physical counts in the manager, so vLLM copies a "
+          "partial last block on write)",
           _patch_scheduler,
           hooks=(Hook(_KV_MANAGER, "KVCacheManager.allocate_slots", "request, *args, **kwargs"),
                  Hook(_KV_MANAGER, "KVCacheManager.get_computed_blocks",
@@ -660,7 +687,11 @@ MANIFEST: tuple[Patch, ...] = (
                       "scheduler_output, model_runner_output, *args, **kwargs"),
                  # CompressedFullAttentionManager (engine/scheduler_side.py) overrides these.
                  Hook(_SINGLE_TYPE, "FullAttentionManager.get_num_blocks_to_allocate",
-                      "request_id, num_tokens, *args, **kwargs"),
+                      "request_id, num_tokens, new_computed_blocks, total_computed_tokens, "
+                      "num_local_computed_tokens, *args, **kwargs"),
+                 Hook(_SINGLE_TYPE, "FullAttentionManager.add_local_computed_blocks",
+                      "request_id, new_computed_blocks, num_local_computed_tokens, *args, "
+                      "**kwargs"),
                  Hook(_SINGLE_TYPE, "FullAttentionManager.allocate_new_blocks",
                       "request_id, num_tokens, num_tokens_main_model, *args, **kwargs"),
                  Hook(_SINGLE_TYPE, "FullAttentionManager.cache_blocks",
@@ -674,10 +705,25 @@ MANIFEST: tuple[Patch, ...] = (
               VllmName(_KV_MANAGER, "KVCacheManager.coordinator", "vllm_patches.py, "
                        + _SCHED_SIDE),
               VllmName(_KV_MANAGER, "KVCacheManager.block_pool", _SCHED_SIDE),
+              VllmName(_KV_MANAGER, "KVCacheManager.prefix_cache_lookup_enabled",
+                       "vllm_patches.py", call="(request)"),
+              # engine/prefix_reuse.py: published compressed prefixes in vLLM's cache map.
+              VllmName(_BLOCK_POOL, "BlockPool.enable_caching", _SCHED_SIDE),
+              VllmName(_BLOCK_POOL, "BlockPool.hash_block_size", _REUSE),
+              VllmName(_BLOCK_POOL, "BlockPool.cached_block_hash_to_block", _REUSE),
+              VllmName(_BLOCK_POOL, "BlockPool._insert_block_hash", _REUSE,
+                       call="(block_hash_with_group_id, block, None)"),
+              VllmName(_BLOCK_POOL, "BlockHashToBlockMap.get_one_block", _REUSE, call="(key)"),
+              VllmName(_KV_UTILS, "make_block_hash_with_group_id", _REUSE,
+                       call="(block_hash, group_id)"),
+              VllmName(_KV_UTILS, "generate_block_hash_extra_keys", _REUSE,
+                       call="(request, start, end, 0)"),
+              VllmName(_SINGLE_TYPE, "FullAttentionManager.kv_cache_group_id", _SCHED_SIDE),
               VllmName(_COORDINATOR, "KVCacheCoordinator.single_type_managers",
                        "vllm_patches.py, " + _SCHED_SIDE),
               VllmName(_SINGLE_TYPE, "FullAttentionManager", _SCHED_SIDE),
-              VllmName(_SINGLE_TYPE, "FullAttentionManager.block_size", "vllm_patches.py"),
+              VllmName(_SINGLE_TYPE, "FullAttentionManager.block_size",
+                       "vllm_patches.py, " + _SCHED_SIDE),
               VllmName(_SINGLE_TYPE, "FullAttentionManager.req_to_blocks", _SCHED_SIDE),
               VllmName(_SCHEDULER, "Scheduler.requests", "vllm_patches.py"),
               VllmName(_SCHEDULER, "Scheduler.encoder_cache_mismatch_reqs", "vllm_patches.py"),
@@ -702,6 +748,8 @@ MANIFEST: tuple[Patch, ...] = (
                 for name in ("request_id", "sampling_params", "num_tokens",
                              "num_prompt_tokens", "num_output_tokens", "num_computed_tokens",
                              "num_preemptions")),
+              *(VllmName(_REQUEST, f"Request.{name}", _REUSE)
+                for name in ("block_hashes", "all_token_ids")),
           )),
     Patch("vllm.v1.worker.gpu_model_runner.GPUModelRunner._update_states/_prepare_inputs/"
           "_model_forward/_determine_batch_execution_and_padding/sample_tokens",

@@ -68,14 +68,19 @@ class StepPlan:
         release: request ids whose query ring the workers drop now: a prompt-only request
             whose prefill ended without a compaction (skipped for lack of memory), so its
             recorded window queries will never be read.
+        adopt: request id -> tokens evicted, for requests that start this step on a compressed
+            prefix from the prefix cache (``reuse_prefix``): their first blocks hold the kept
+            tokens of that prefix, so their block-table row starts with this offset between
+            logical and physical positions, as if they had compacted themselves.
     """
 
     compact: dict[str, CompactionPlan] = field(default_factory=dict)
     stash: dict[str, int] = field(default_factory=dict)
     release: tuple[str, ...] = ()
+    adopt: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.compact or self.stash or self.release)
+        return bool(self.compact or self.stash or self.release or self.adopt)
 
 
 @dataclass(frozen=True)

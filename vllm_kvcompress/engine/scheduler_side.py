@@ -25,6 +25,13 @@ Decode-time compression (``decode_budget``): the same move, on a decode step who
 length reaches ``decode_budget + decode_interval`` (source: the request's current blocks and
 length, kept: ``decode_budget``) and at the end of a re-prefill after preemption; evicted counts
 accumulate. ``CompressionSpec.compaction_target`` is the rule.
+
+Compress once, reuse (``reuse_prefix: on``, ``prefix_reuse.py``): a request's prompt-end
+compaction is published to the prefix cache once its step has run (``publish_written``); a later
+request with the same settings whose prompt starts with a published context takes it as a prefix
+hit (``compressed_prefix_hit``): its first blocks are the shared compressed ones, its evicted
+count is ``context_len - kept`` from the start (the workers adopt it: ``StepPlan.adopt``), and
+its own tokens are never compressed.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import Any
 from ..admission import admitted_spec
 from ..config import CompressionSpec
 from .messages import CompactionPlan, StepPlan, WorkerReport
+from .prefix_reuse import CompressedPrefixes, context_key
 from .stats import CompressionStats
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -61,6 +69,23 @@ class DecodeTrack:
     window: int
 
 
+@dataclass(frozen=True)
+class Publication:
+    """A compressed prompt to publish once the step that writes it has run.
+
+    Attributes:
+        key: ``prefix_reuse.context_key`` of the prompt under the request's settings.
+        context_len: the prompt's length.
+        kept: tokens its compacted blocks hold.
+        blocks: those blocks (vLLM ``KVCacheBlock`` objects), in order.
+    """
+
+    key: bytes
+    context_len: int
+    kept: int
+    blocks: tuple[Any, ...]
+
+
 @dataclass
 class ManagerState:
     """What the compressed-KV manager adds to vLLM's full-attention manager.
@@ -75,6 +100,10 @@ class ManagerState:
         settled: preempted-and-resumed request ids whose re-prefill has been handled.
         ring_queries: request id -> queries per layer its workers keep (its ``window``), for
             decode-compressed requests with a query-reading policy (the query ring's memory).
+        reused: request id -> logical length of the compressed prefix it started on (a prefix
+            hit under ``reuse_prefix``); such a request is never compacted.
+        adopting: reused requests whose workers have not been told their evicted count yet.
+        publishing: request id -> its compacted prompt, published after this step's forward.
     """
 
     evicted: dict[str, int] = field(default_factory=dict)
@@ -82,6 +111,9 @@ class ManagerState:
     decoding: dict[str, DecodeTrack] = field(default_factory=dict)
     settled: set[str] = field(default_factory=set)
     ring_queries: dict[str, int] = field(default_factory=dict)
+    reused: dict[str, int] = field(default_factory=dict)
+    adopting: set[str] = field(default_factory=set)
+    publishing: dict[str, Publication] = field(default_factory=dict)
     #: Called when ``ring_queries`` loses a request (the planner reports the new total).
     on_ring_change: Callable[[], None] | None = None
 
@@ -91,8 +123,17 @@ class ManagerState:
         self.no_cache.discard(request_id)
         self.decoding.pop(request_id, None)
         self.settled.discard(request_id)
+        self.forget_hit(request_id)
+        self.publishing.pop(request_id, None)
         if self.ring_queries.pop(request_id, None) is not None and self.on_ring_change:
             self.on_ring_change()
+
+    def forget_hit(self, request_id: str) -> None:
+        """Drops what a compressed prefix hit set (a waiting request looks up again)."""
+        if self.reused.pop(request_id, None) is not None:
+            self.evicted.pop(request_id, None)
+            self.no_cache.discard(request_id)
+        self.adopting.discard(request_id)
 
 
 def make_compressed_manager_class(base: type) -> type:
@@ -105,11 +146,25 @@ def make_compressed_manager_class(base: type) -> type:
     class CompressedFullAttentionManager(base):  # type: ignore[misc, valid-type]
         kvc: ManagerState
 
-        def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args: Any,
+        def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int,
+                                       new_computed_blocks: Any, total_computed_tokens: int,
+                                       num_local_computed_tokens: int, *args: Any,
                                        **kwargs: Any) -> int:
+            # Physical counts throughout: a compressed prefix hit's last block is partial (and
+            # copied on write) when its kept count, not its logical length, ends inside it.
             evicted = self.kvc.evicted.get(request_id, 0)
-            return super().get_num_blocks_to_allocate(request_id, num_tokens - evicted, *args,
-                                                      **kwargs)
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens - evicted, new_computed_blocks,
+                total_computed_tokens - evicted, num_local_computed_tokens - evicted, *args,
+                **kwargs)
+
+        def add_local_computed_blocks(self, request_id: str, new_computed_blocks: Any,
+                                      num_local_computed_tokens: int, *args: Any,
+                                      **kwargs: Any) -> None:
+            evicted = self.kvc.evicted.get(request_id, 0)
+            super().add_local_computed_blocks(request_id, new_computed_blocks,
+                                              num_local_computed_tokens - evicted, *args,
+                                              **kwargs)
 
         def allocate_new_blocks(self, request_id: str, num_tokens: int,
                                 num_tokens_main_model: int, *args: Any, **kwargs: Any) -> list:
@@ -144,11 +199,14 @@ class SchedulerCompression:
             together (``num_layers * num_q_heads * head_size * dtype size``), for the query
             ring's reported memory.
         chunk: the most tokens one prefill step computes (``max_num_batched_tokens``).
+        prefixes: the published compressed prefixes (``None``: prefix caching is off, so
+            ``reuse_prefix`` publishes and finds nothing).
     """
 
     def __init__(self, server_spec: CompressionSpec, manager: Any, block_pool: Any,
                  block_size: int, num_layers: int, stats: CompressionStats,
-                 query_bytes: int = 0, chunk: int = 8192) -> None:
+                 query_bytes: int = 0, chunk: int = 8192,
+                 prefixes: CompressedPrefixes | None = None) -> None:
         self.server_spec = server_spec
         self.manager = manager
         self.block_pool = block_pool
@@ -158,6 +216,7 @@ class SchedulerCompression:
         self.query_bytes = query_bytes
         #: Tokens per prefill chunk at most (``max_num_batched_tokens``).
         self.chunk = chunk
+        self.prefixes = prefixes
         manager.kvc.on_ring_change = self.report_ring
 
     def report_ring(self) -> None:
@@ -239,6 +298,56 @@ class SchedulerCompression:
                 return None
         return max(end - spec.window, 0) // self.block_size
 
+    def compressed_prefix_hit(self, request: Any, limit: int) -> tuple[list[Any], int] | None:
+        """A waiting request's hit on a published compressed prefix (``reuse_prefix: on``):
+        ``(blocks, logical tokens computed)``, or ``None`` (vLLM's own lookup then runs).
+
+        On a hit the request is set up as if it had compacted that prefix itself: ``evicted``
+        is ``context_len - kept`` (the manager allocates by physical length, a partial last
+        block is copied on write), its blocks are never hashed, and its own tokens are never
+        compacted. Called on every lookup of a waiting request, so an earlier hit that was not
+        scheduled is replaced.
+
+        Args:
+            request: a waiting vLLM ``Request`` (nothing computed, no blocks).
+            limit: the longest hit allowed (``num_tokens - 1``: the last token is computed).
+        """
+        if self.prefixes is None:
+            return None
+        state = self.manager.kvc
+        state.forget_hit(request.request_id)
+        spec = self.request_spec(request)
+        if not spec.enabled or spec.reuse_prefix != "on" or not self.prefixes:
+            return None
+        found = self.prefixes.find(request, spec.key(), limit)
+        if found is None:
+            return None
+        prefix, blocks = found
+        req_id = request.request_id
+        state.reused[req_id] = prefix.context_len
+        state.adopting.add(req_id)
+        state.evicted[req_id] = prefix.context_len - prefix.kept
+        state.no_cache.add(req_id)
+        return blocks, prefix.context_len
+
+    def publish_written(self, report: WorkerReport | None) -> None:
+        """After a step's forward: publishes the prompts it compacted under ``reuse_prefix``,
+        except those whose compaction failed (their blocks are half written)."""
+        state = self.manager.kvc
+        if not state.publishing:
+            return
+        failed = set(report.failed) if report is not None else set()
+        pending, state.publishing = state.publishing, {}
+        for req_id, publication in pending.items():
+            held = tuple(self.manager.req_to_blocks.get(req_id) or ())
+            written = held[:len(publication.blocks)]
+            if req_id in failed or len(written) < len(publication.blocks) or any(
+                    a is not b for a, b in zip(written, publication.blocks, strict=True)):
+                continue
+            if self.prefixes.publish(publication.key, publication.context_len,
+                                     publication.kept, publication.blocks):
+                self.stats.record_published()
+
     @staticmethod
     def needs_queries(spec: CompressionSpec) -> bool:
         """Whether the spec's policy reads the window's queries (cached per spec)."""
@@ -264,10 +373,18 @@ class SchedulerCompression:
         compact: dict[str, CompactionPlan] = {}
         stash: dict[str, int] = {}
         release: list[str] = []
+        adopt: dict[str, int] = {}
         to_free: list[list[Any]] = []
         for req_id, n_new in num_scheduled_tokens.items():
             request = requests.get(req_id)
             if request is None:
+                continue
+            if req_id in state.reused:
+                # Started on a published compressed prefix: its own tokens stay whole.
+                if req_id in state.adopting:
+                    state.adopting.discard(req_id)
+                    adopt[req_id] = state.evicted[req_id]
+                    self.stats.record_reuse(state.reused[req_id])
                 continue
             after = request.num_computed_tokens
             decoding = state.decoding.get(req_id)
@@ -321,6 +438,12 @@ class SchedulerCompression:
                     compact[req_id] = plan
                     if self.needs_queries(spec):
                         stash[req_id] = spec.window
+                    if (kind == "prompt" and spec.reuse_prefix == "on" and self.prefixes is not None
+                            and physical_end == prompt_len):
+                        state.publishing[req_id] = Publication(
+                            context_key(request, prompt_len, spec.key(),
+                                        self.prefixes.hash_block_size),
+                            prompt_len, kept, tuple(self.manager.req_to_blocks[req_id]))
                 elif spec.decode_budget is None and self.needs_queries(spec):
                     # Prompt-only and skipped for lack of memory: nothing will read the window
                     # queries its earlier chunks recorded; the workers drop them now rather than
@@ -329,7 +452,7 @@ class SchedulerCompression:
         for blocks in to_free:
             self.block_pool.free_blocks(reversed(blocks))
         self.report_ring()
-        return StepPlan(compact, stash, tuple(release))
+        return StepPlan(compact, stash, tuple(release), adopt)
 
     def _will_compress(self, spec: CompressionSpec, end: int, resumed: bool) -> bool:
         """Whether a request in a non-final prefill chunk may be compacted later (its window
@@ -456,8 +579,13 @@ def install_scheduler_compression(scheduler: Any) -> None:
     query_bytes = (num_layers * model.model_arch_config.total_num_attention_heads
                    * model.get_head_size()
                    * model.dtype.itemsize)
+    block_pool = scheduler.kv_cache_manager.block_pool
+    prefixes = (CompressedPrefixes(block_pool, manager.block_size, manager.kv_cache_group_id)
+                if block_pool.enable_caching else None)
     scheduler._kvcompress = SchedulerCompression(
-        spec, manager, scheduler.kv_cache_manager.block_pool, scheduler.block_size, num_layers,
-        stats, query_bytes, chunk=vllm_config.scheduler_config.max_num_batched_tokens)
+        spec, manager, block_pool, scheduler.block_size, num_layers,
+        stats, query_bytes, chunk=vllm_config.scheduler_config.max_num_batched_tokens,
+        prefixes=prefixes)
     scheduler.kv_cache_manager._kvcompress_hit_cap = scheduler._kvcompress.max_cache_hit_blocks
     scheduler.kv_cache_manager._kvcompress_admission = scheduler._kvcompress.admits
+    scheduler.kv_cache_manager._kvcompress_reuse = scheduler._kvcompress.compressed_prefix_hit

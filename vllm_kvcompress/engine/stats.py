@@ -49,6 +49,9 @@ class CompressionStats:
             ``window`` queries (a gauge, all ranks together).
         query_ring_pool_bytes: memory the workers' query-ring pools hold (allocated, all
             ranks together; pools grow by doubling and go when their last request does).
+        prefixes_published: compressed prompts put in the prefix cache (``reuse_prefix``).
+        prefix_reuse_hits: requests that started on a published compressed prefix.
+        prefix_reuse_tokens: logical context tokens those requests did not prefill.
         ratio_bucket_counts: histogram counts per ``RATIO_BUCKETS`` bound (not cumulative).
         ratio_sum: sum of kept ratios (for the histogram's ``_sum``).
         path: where ``flush`` writes; ``None`` keeps the counters in memory only.
@@ -71,6 +74,9 @@ class CompressionStats:
     prefill_blocks_freed: int = 0
     query_ring_bytes: int = 0
     query_ring_pool_bytes: int = 0
+    prefixes_published: int = 0
+    prefix_reuse_hits: int = 0
+    prefix_reuse_tokens: int = 0
     ratio_bucket_counts: list[int] = field(default_factory=lambda: [0] * len(RATIO_BUCKETS))
     ratio_sum: float = 0.0
     path: str | None = None
@@ -101,6 +107,18 @@ class CompressionStats:
         self.prefill_compactions += 1
         self.prefill_tokens_evicted += source_len - kept
         self.prefill_blocks_freed += blocks_freed
+        self.flush()
+
+    def record_published(self) -> None:
+        """Counts one compressed prompt published to the prefix cache and flushes."""
+        self.prefixes_published += 1
+        self.flush()
+
+    def record_reuse(self, context_len: int) -> None:
+        """Counts one request started on a published compressed prefix of ``context_len``
+        logical tokens and flushes."""
+        self.prefix_reuse_hits += 1
+        self.prefix_reuse_tokens += context_len
         self.flush()
 
     def record_failed(self, count: int) -> None:
@@ -167,6 +185,12 @@ class StatsCollector:
              "Tokens evicted by compactions to prefill_budget"),
             ("prefill_blocks_freed", stats.prefill_blocks_freed,
              "KV blocks returned to the pool by compactions to prefill_budget"),
+            ("prefixes_published", stats.prefixes_published,
+             "Compressed prompts put in the prefix cache (reuse_prefix)"),
+            ("prefix_reuse_hits", stats.prefix_reuse_hits,
+             "Requests that started on a published compressed prefix"),
+            ("prefix_reuse_tokens", stats.prefix_reuse_tokens,
+             "Context tokens not prefilled thanks to published compressed prefixes"),
         ):
             yield CounterMetricFamily(f"vllm_kvcompress:{name}", doc, value=value)
         skipped = CounterMetricFamily("vllm_kvcompress:requests_not_compressed",

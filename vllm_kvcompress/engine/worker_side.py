@@ -13,6 +13,10 @@ row's evicted count (cumulative) makes ``seq_lens`` and vLLM's slot mapping phys
 minus evicted), while positions stay logical, so RoPE is unchanged and no attention backend needs
 a mask.
 
+A request that starts on a compressed prefix from the prefix cache (``reuse_prefix``, the plan's
+``adopt``) gets the same row offset from its first step: its first blocks are that prefix's kept
+tokens, shared with the request that compressed them (vLLM copies a partial last block on write).
+
 A step without layer work costs the hook one check per layer; the remap costs one vectorised
 check per step when no row carries evicted tokens.
 """
@@ -178,6 +182,13 @@ class WorkerCompression:
             self.pending.pop(req_id, None)
             self.queries.release(req_id)
             self.poisoned.discard(req_id)
+        plan = plan_of(scheduler_output)
+        if plan is not None:
+            # Requests starting on a compressed prefix from the prefix cache: vLLM adds their
+            # rows during this step's update (``added`` reads the count), or they are there.
+            for req_id, evicted in plan.adopt.items():
+                self.evicted_rows.set(req_id, runner.input_batch.req_id_to_index.get(req_id),
+                                      evicted)
         for req_id, (blocks, evicted) in self.pending.items():
             state = runner.requests.get(req_id)
             if state is None:

@@ -22,6 +22,9 @@ from typing import Any
 HEAD_SELECT_MODES = ("shared", "per_head")
 #: ``merge``: evicted tokens dropped (off) or folded into kept ones (on).
 MERGE_MODES = ("off", "on")
+#: ``reuse_prefix``: a compressed prompt is private to its request (off) or published to the
+#: prefix cache and reused by later requests with the same settings (on).
+REUSE_PREFIX_MODES = ("off", "on")
 
 
 #: Deployment quantities a parameter's range may be bounded by (``Param.bound``).
@@ -258,4 +261,10 @@ COMMON_PARAMS: tuple[Param, ...] = (
     Param("merge", str, "off", "on: evicted tokens' values are folded (window-attention "
           "weighted) into their most similar kept token, per KV head (ZeroMerge-style).",
           choices=MERGE_MODES),
+    Param("reuse_prefix", str, "off", "on: compress once, reuse: the compressed prompt is kept in "
+          "the prefix cache, and a later request with exactly these settings whose prompt starts "
+          "with it prefills only its own new tokens (kept whole) on the compressed KV; send the "
+          "context alone first (e.g. max_tokens 1), then context + question. Prompt-end "
+          "compression only (not with decode_budget or prefill_budget).",
+          choices=REUSE_PREFIX_MODES),
 )
