@@ -309,3 +309,47 @@ def test_preempted_requests_resume_exactly_and_leak_nothing(small_pool_llm: Any,
             resumed_exactly += start > 0
     assert resumed_exactly >= 1
     assert pool.get_num_free_blocks() == start_free
+
+
+def test_throughput_bench_admits_more_by_compressed_footprint(small_pool_llm: Any) -> None:
+    """`kvcompress bench throughput --prefill-budgets`' loop on the small pool: requests that
+    compress while prefilling are admitted by budget + chunk (5 blocks) instead of their whole
+    prompt (10 blocks), so more run at once than with end-of-prefill compression at the same
+    final kept count; the pool is never over-committed, the step-time split adds up, and no
+    block is left behind."""
+    from vllm_kvcompress.bench.throughput import all_configurations, run_config
+
+    _, pool, _ = engine_internals(small_pool_llm)
+    start_free = pool.get_num_free_blocks()
+    prompts = [prompt_ids(1200 + i, 300) for i in range(8)]
+    configs = all_configurations(["snapkv"], [80 / 300], [80], 300)
+    assert [c.label for c in configs] == ["none", "snapkv", "snapkv@prefill_budget=80"]
+    rows = {c.label: run_config(small_pool_llm, prompts, c.policy, c.ratio, 16, "bench",
+                                c.prefill_budget) for c in configs}
+    for row in rows.values():
+        assert row["requests"] == 8 and 0 < row["peak_blocks"] <= SMALL_POOL_BLOCKS - 1
+        assert 0 < row["prefill_step_seconds"] + row["decode_step_seconds"] <= row["seconds"]
+        assert row["decode_steps"] > 0 and row["decode_batch_mean"] >= 1
+    assert rows["snapkv@prefill_budget=80"]["prefill_budget"] == 80
+    assert rows["snapkv"]["peak_running"] > rows["none"]["peak_running"]
+    assert rows["snapkv@prefill_budget=80"]["peak_running"] > rows["snapkv"]["peak_running"]
+    assert pool.get_num_free_blocks() == start_free
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--prefill-budgets", "256"], "needs --chunk"),
+    (["--prefill-budgets", "900", "--chunk", "256"], r"--prefill-budgets: \[900\]"),
+    (["--prefill-budgets", "20", "--chunk", "256"], r"--prefill-budgets: \[20\]"),
+    (["--prefill-budgets", "256", "--chunk", "256", "--policies", "pyramidkv"],
+     "no policy of --policies"),
+    (["--reps", "0"], "--reps"),
+])
+def test_throughput_bench_prefill_options_are_checked(argv: list[str], message: str) -> None:
+    import argparse
+
+    from vllm_kvcompress.bench import throughput
+
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    with pytest.raises(ValueError, match=message):
+        throughput.validate(parser.parse_args(argv))
