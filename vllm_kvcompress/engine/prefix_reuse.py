@@ -58,11 +58,21 @@ class PublishedPrefix:
         kept: tokens its blocks hold (per layer and KV head).
         block_keys: the cache-map key of each of its ``cdiv(kept, block_size)`` blocks, in
             order (``BlockHashWithGroupId``: block key + group id).
+        anchor: ``context_anchor`` of the context (which lookups try it).
     """
 
     context_len: int
     kept: int
     block_keys: tuple[bytes, ...]
+    anchor: bytes = b""
+
+
+def context_anchor(request: Any, context_len: int, hash_block_size: int) -> bytes:
+    """What a lookup narrows the published contexts by: vLLM's hash of the first hash block
+    (covering the cache salt and LoRA too), or ``b""`` for a context shorter than one block.
+    Only contexts starting like the request are tried, so a lookup's cost does not grow with
+    what unrelated requests published."""
+    return bytes(request.block_hashes[0]) if context_len >= hash_block_size else b""
 
 
 def context_key(request: Any, context_len: int, settings_key: str, hash_block_size: int
@@ -113,8 +123,8 @@ class CompressedPrefixes:
         self._with_group = make_block_hash_with_group_id
         #: context key -> its live publication.
         self.entries: dict[bytes, PublishedPrefix] = {}
-        #: context length -> entries of that length (the lengths a lookup tries).
-        self._lengths: Counter[int] = Counter()
+        #: anchor -> context length -> entries (the lengths a lookup tries).
+        self._lengths: dict[bytes, Counter[int]] = {}
         self._publications = 0
 
     def __len__(self) -> int:
@@ -125,10 +135,15 @@ class CompressedPrefixes:
         """The longest published context that ``request``'s tokens start with, under these
         settings, no longer than ``limit`` tokens, and its blocks (all still cached).
 
-        Cost: one key per distinct published length up to ``limit`` (a sha256 of at most one
-        block of tokens and the settings), for requests that opted in only.
+        Cost: one key (a sha256 of at most one block of tokens and the settings) per distinct
+        length up to ``limit`` among the published contexts that start like the request (the
+        same first hash block, or shorter than one block), for requests that opted in only.
         """
-        for length in sorted((n for n in self._lengths if n <= limit), reverse=True):
+        anchors = [b""]
+        if request.block_hashes and limit >= self.hash_block_size:
+            anchors.append(bytes(request.block_hashes[0]))
+        lengths = {n for anchor in anchors for n in self._lengths.get(anchor, ()) if n <= limit}
+        for length in sorted(lengths, reverse=True):
             key = context_key(request, length, settings_key, self.hash_block_size)
             prefix = self.entries.get(key)
             if prefix is None:
@@ -139,11 +154,13 @@ class CompressedPrefixes:
             self._drop(key)
         return None
 
-    def publish(self, key: bytes, context_len: int, kept: int, blocks: Sequence[Any]) -> bool:
+    def publish(self, key: bytes, anchor: bytes, context_len: int, kept: int,
+                blocks: Sequence[Any]) -> bool:
         """Puts a request's compressed blocks in the prefix cache under ``key``.
 
         Args:
             key: ``context_key`` of the request's prompt under its settings.
+            anchor: ``context_anchor`` of the prompt.
             context_len: the prompt's length.
             kept: tokens its blocks hold.
             blocks: its ``cdiv(kept, block_size)`` compacted blocks (written: the step that
@@ -166,8 +183,8 @@ class CompressedPrefixes:
             keys.append(block_key)
         if key in self.entries:
             self._drop(key)
-        self.entries[key] = PublishedPrefix(context_len, kept, tuple(keys))
-        self._lengths[context_len] += 1
+        self.entries[key] = PublishedPrefix(context_len, kept, tuple(keys), anchor)
+        self._lengths.setdefault(anchor, Counter())[context_len] += 1
         return True
 
     def _cached_blocks(self, prefix: PublishedPrefix) -> list[Any] | None:
@@ -183,9 +200,12 @@ class CompressedPrefixes:
 
     def _drop(self, key: bytes) -> None:
         prefix = self.entries.pop(key)
-        self._lengths[prefix.context_len] -= 1
-        if not self._lengths[prefix.context_len]:
-            del self._lengths[prefix.context_len]
+        lengths = self._lengths[prefix.anchor]
+        lengths[prefix.context_len] -= 1
+        if not lengths[prefix.context_len]:
+            del lengths[prefix.context_len]
+            if not lengths:
+                del self._lengths[prefix.anchor]
 
     def _sweep(self) -> None:
         """Drops entries vLLM evicted (before each publication: the index stays within the

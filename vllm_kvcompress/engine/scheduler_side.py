@@ -44,7 +44,7 @@ from typing import Any
 from ..admission import admitted_spec
 from ..config import CompressionSpec
 from .messages import CompactionPlan, StepPlan, WorkerReport
-from .prefix_reuse import CompressedPrefixes, context_key
+from .prefix_reuse import CompressedPrefixes, context_anchor, context_key
 from .stats import CompressionStats
 
 logger = logging.getLogger("vllm.kvcompress")
@@ -75,12 +75,14 @@ class Publication:
 
     Attributes:
         key: ``prefix_reuse.context_key`` of the prompt under the request's settings.
+        anchor: ``prefix_reuse.context_anchor`` of the prompt.
         context_len: the prompt's length.
         kept: tokens its compacted blocks hold.
         blocks: those blocks (vLLM ``KVCacheBlock`` objects), in order.
     """
 
     key: bytes
+    anchor: bytes
     context_len: int
     kept: int
     blocks: tuple[Any, ...]
@@ -344,8 +346,9 @@ class SchedulerCompression:
             if req_id in failed or len(written) < len(publication.blocks) or any(
                     a is not b for a, b in zip(written, publication.blocks, strict=True)):
                 continue
-            if self.prefixes.publish(publication.key, publication.context_len,
-                                     publication.kept, publication.blocks):
+            if self.prefixes.publish(publication.key, publication.anchor,
+                                     publication.context_len, publication.kept,
+                                     publication.blocks):
                 self.stats.record_published()
 
     @staticmethod
@@ -438,11 +441,12 @@ class SchedulerCompression:
                     compact[req_id] = plan
                     if self.needs_queries(spec):
                         stash[req_id] = spec.window
-                    if (kind == "prompt" and spec.reuse_prefix == "on" and self.prefixes is not None
-                            and physical_end == prompt_len):
+                    if (kind == "prompt" and spec.reuse_prefix == "on"
+                            and self.prefixes is not None and physical_end == prompt_len):
+                        hash_block = self.prefixes.hash_block_size
                         state.publishing[req_id] = Publication(
-                            context_key(request, prompt_len, spec.key(),
-                                        self.prefixes.hash_block_size),
+                            context_key(request, prompt_len, spec.key(), hash_block),
+                            context_anchor(request, prompt_len, hash_block),
                             prompt_len, kept, tuple(self.manager.req_to_blocks[req_id]))
                 elif spec.decode_budget is None and self.needs_queries(spec):
                     # Prompt-only and skipped for lack of memory: nothing will read the window
