@@ -38,6 +38,10 @@ models/qwen2.5-1.5b-instruct/config.json: | setup
 
 models-1.5b: models/qwen2.5-1.5b-instruct/config.json   ## Qwen2.5-Coder-1.5B-Instruct (not in `make models`)
 
+# The Qwen study's Q-Filters (bench-eval runs qfilters), next to the model folder.
+models/qwen2.5-0.5b-instruct.qfilters.safetensors: models/qwen2.5-0.5b-instruct/config.json
+	$(PY) -m vllm_kvcompress.cli calibrate models/qwen2.5-0.5b-instruct --out $@
+
 models: models/smollm2/config.json models/tiny-llama/config.json models/smollm2.qfilters.safetensors \
 	models/qwen2.5-0.5b-instruct/config.json
 
@@ -62,28 +66,49 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 	$(PY) scripts/soak.py --out runs/soak
 
 # `make bench`: the measured study behind docs/results.md. Every step writes JSON/CSV/PNG under
-# runs/; `make results` turns them into docs/results.md. One prompt set (runs/eval) serves the
-# accuracy questions: ours (bench-eval: the ten methods, each in its default selection mode, at
-# kept ratios 0.5, 0.25, 0.1 and 0.05 plus full KV) and kvpress on the same prompts (bench-peer,
-# which also runs its PyramidKV at our held ratio). Needles at 4k (the targets), multi-turn at
-# 1k, 4 prompts per cell. bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's
-# MergingPress, on the same needle prompts. bench-overhead: TTFT share per method at 4k.
-# Time measured here (SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer running side by
-# side on the 2 cores): at ratios 0.25/0.1 (2026-11-25) bench-eval 33 min (840 requests) and
-# bench-peer 54 min; ratios 0.5/0.05 added on 2026-11-26 as a resumed run (same prompts):
-# bench-eval 32 min (800 requests), bench-peer 41 min (780 records), so ~1 h 10 min and ~1 h 35
-# min for all five ratios.
+# runs/; `make results` turns them into docs/results.md.
+#
+# Accuracy: one prompt set per study, in a results store that runs extend (runs/qwen-eval; a rerun
+# with more prompts, tasks, ratios, policies, head modes or settings runs only what the store
+# lacks, and keeps every earlier row whose prompt and settings are unchanged; FRESH=--fresh starts
+# a backend afresh). bench-eval is ours, bench-peer kvpress on the same prompts (also its
+# PyramidKV at our held ratio). The default is the Qwen study of docs/eval-plan.md: Qwen2.5-0.5B
+# (dequantized Q4_K_M, bf16), five 4k tasks x 8 prompts, the ten methods in their default
+# modes, kept ratios 0.75-0.1, query-aware (EVAL_SETTINGS="query_aware query_agnostic" adds the
+# other setting; the engine reports it as not run until its query-agnostic path exists). Its
+# cost model (docs/eval-plan.md, busy core): about an hour for bench-eval; bench-peer's
+# multi-turn re-prefills turn 2 per distinct turn-1 answer.
+# EVAL_MODEL=smollm2: the SmolLM2 study (runs/eval: needles at 4k, multi-turn at 1k, 4 prompts per
+# cell, ratios 0.5-0.05; measured with SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
+# side by side on the 2 cores: ~1 h 10 min and ~1 h 35 min for all five ratios).
+# bench-merge: merge on/off for KeyDiff and ChunkKV, ours and kvpress's MergingPress, on the
+# SmolLM2 needle prompts. bench-overhead: TTFT share per method at 4k.
 # bench-merge ~35 min, bench-overhead ~20 min for its TTFT part (OVERHEAD_ARGS) plus ~15 min per
 # A/B cycle, bench-throughput 43 min (float32, 2026-11-26, idle), bench-long-output ~1 h 45 min,
-# bench-decode-quality ~20 min (10 prompts). Run one after the other that is about 7 h here. The
-# A/B part of bench-overhead needs an otherwise idle machine; re-run it alone with
-# `make bench-overhead OVERHEAD_ARGS="--ab-only --ab-cycles 2"` (keeps the TTFT table).
+# bench-decode-quality ~20 min (10 prompts). The A/B part of bench-overhead needs an otherwise
+# idle machine; re-run it alone with `make bench-overhead OVERHEAD_ARGS="--ab-only
+# --ab-cycles 2"` (keeps the TTFT table).
 # The *_ARGS variables are the study's settings; override them for a bigger one.
-EVAL_ARGS ?= --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 --samples-per-cell 4 \
-	--tasks niah_single niah_multikey niah_multivalue niah_multiturn \
+EVAL_MODEL ?= qwen
+EVAL_SETTINGS ?= query_aware
+FRESH ?=
+ifeq ($(EVAL_MODEL),smollm2)
+EVAL_OUT ?= runs/eval
+EVAL_DEPS := models/smollm2/config.json models/smollm2.qfilters.safetensors
+EVAL_ARGS ?= --model models/smollm2 --lengths 4096 --multiturn-lengths 1024 --depths 0 0.5 \
+	--samples-per-cell 4 --tasks niah_single niah_multikey niah_multivalue niah_multiturn \
 	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
 	expected_attention qfilters --head-select default --ratios 1.0 0.5 0.25 0.1 0.05
-# Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share runs/eval).
+else
+EVAL_OUT ?= runs/qwen-eval
+EVAL_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors
+EVAL_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 4096 \
+	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 \
+	--tasks niah_multikey niah_multivalue niah_multiturn niah_single_uuid niah_multikey_uuid \
+	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
+	expected_attention qfilters --head-select default --ratios 1.0 0.75 0.5 0.25 0.125 0.1
+endif
+# Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share EVAL_OUT).
 PEER_ARGS ?=
 # float32: this AMD EPYC has no native bf16 (oneDNN's fallback is several times slower).
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1 \
@@ -91,16 +116,15 @@ THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 
 bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead bench-long-output \
 	bench-decode-quality bench-prefill-memory results
 
-bench-eval: setup models/smollm2/config.json models/smollm2.qfilters.safetensors    ## ours: accuracy vs kept ratio, CIs, grid ablation
-	rm -rf runs/eval
-	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval $(EVAL_ARGS)
+bench-eval: setup $(EVAL_DEPS)    ## ours: accuracy vs kept ratio, CIs (EVAL_MODEL=smollm2: the SmolLM2 study)
+	$(PY) -m vllm_kvcompress.cli eval --out $(EVAL_OUT) $(EVAL_ARGS) --setting $(EVAL_SETTINGS) $(FRESH)
 
-bench-peer: setup models/smollm2/config.json models/smollm2.qfilters.safetensors kvpress-venv   ## kvpress on the same prompts (runs/eval)
-	$(PY) -m vllm_kvcompress.cli eval --fresh --out runs/eval --backend kvpress $(EVAL_ARGS) \
-	  $(PEER_ARGS)
+bench-peer: setup $(EVAL_DEPS) kvpress-venv   ## kvpress on the same prompts (EVAL_OUT)
+	$(PY) -m vllm_kvcompress.cli eval --out $(EVAL_OUT) --backend kvpress $(EVAL_ARGS) \
+	  --setting $(EVAL_SETTINGS) $(PEER_ARGS) $(FRESH)
 
-# Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the needle prompts
-# of EVAL_ARGS (same seed, same prompts), separately from bench-eval to keep that within budget.
+# Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the SmolLM2 study's
+# needle prompts (same seed, same prompts), separately from bench-eval to keep that within budget.
 MERGE_ARGS ?= --lengths 4096 --depths 0 0.5 --samples-per-cell 4 \
 	--tasks niah_single niah_multikey niah_multivalue --policies keydiff chunkkv \
 	--ratios 1.0 0.25 0.1 --head-select default --merge

@@ -192,7 +192,7 @@ def _kvpress_presses(qfilters_path: str) -> dict[str, Any]:
     """Method -> kvpress press at 25% kept (compression_ratio 0.75), built as the eval does."""
     import kvpress
 
-    from vllm_kvcompress.eval.kvpress_runner import build_press, press_spec
+    from vllm_kvcompress.eval.kvpress_peer.presses import build_press, press_spec
 
     params = {"window": WINDOW, "pool_kernel": POOL_KERNEL, "sink_tokens": SINKS,
               "future_positions": FUTURE_POSITIONS, "qfilters_path": qfilters_path}
@@ -247,7 +247,8 @@ def step_kvpress(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from vllm_kvcompress.eval import kvpress_runner as runner
+    from vllm_kvcompress.eval.kvpress_peer import generation, replay
+    from vllm_kvcompress.eval.kvpress_peer.runner import load_model
     from vllm_kvcompress.eval.tasks import score_answer
     from vllm_kvcompress.policies import TopK
     from vllm_kvcompress.policies.rotary import Rotary
@@ -259,8 +260,8 @@ def step_kvpress(args: argparse.Namespace) -> None:
     kept_dir = work / "kept-kvpress"
     kept_dir.mkdir(exist_ok=True)
     done = {r["id"] for r in read_jsonl(preds_path)}
-    model, tokenizer = runner.load_model(Path(args.model), args.dtype)
-    eos = runner.eos_token_ids(model)
+    model, tokenizer = load_model(Path(args.model), args.dtype)
+    eos = generation.eos_token_ids(model)
     num_layers = model.config.num_hidden_layers
     rotary = Rotary.from_hf(model, model.config.max_position_embeddings)
     ours = _our_scorers(args.qfilters)
@@ -273,7 +274,7 @@ def step_kvpress(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         queries, restore = _capture_queries()
         try:
-            shared = runner.shared_prefill(model, ids)
+            shared = replay.shared_prefill(model, ids)
         finally:
             restore()
         n_kept_ours = math.ceil(KEPT_RATIO * seq_len)
@@ -326,7 +327,7 @@ def step_kvpress(args: argparse.Namespace) -> None:
         # kvpress's accuracy (d): the eval runner's replay + greedy decode, per press.
         for method in ("none", *METHODS):
             press = None if method == "none" else presses[method]
-            result = runner.generate_shared(model, press, shared, sample["max_tokens"], eos)
+            result = replay.generate_shared(model, press, shared, sample["max_tokens"], eos)
             text = tokenizer.decode(result["output_ids"], skip_special_tokens=True)
             append_jsonl(preds_path, {
                 "id": sample["id"], "policy": method, "backend": "kvpress",

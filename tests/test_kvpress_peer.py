@@ -1,72 +1,76 @@
 """The kvpress peer backend: the policy mapping and selection modes (pure), the multi-turn prompt
-(the same as the package's), the runner end to end in .kvpress-venv, turn 2 included."""
+(the same as the package's), the peer package end to end in .kvpress-venv (`python -m
+kvpress_peer`), turn 2 and job lists included, and the query-agnostic setting against kvpress's
+own pipeline on SmolLM2."""
 
 from __future__ import annotations
 
-import importlib.util
+import ast
 import json
 import os
 import random
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from vllm_kvcompress.eval.kvpress_peer import inputs, presses
+
 REPO = Path(__file__).resolve().parents[1]
-RUNNER = REPO / "vllm_kvcompress" / "eval" / "kvpress_runner.py"
+#: The peer runs as `python -m kvpress_peer` with this folder on PYTHONPATH.
+PEER_PATH = REPO / "vllm_kvcompress" / "eval"
 KVPRESS_PYTHON = REPO / ".kvpress-venv" / "bin" / "python"
+SMOLLM2 = REPO / "models" / "smollm2"
 PARAMS = {"window": 32, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
-
-
-def _load_runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kvpress_runner_under_test", RUNNER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-runner = _load_runner()
 
 
 # --- the mapping (no kvpress here) ---
 
 
-def test_runner_imports_without_kvpress() -> None:
-    # The module imported above (the main venv has no kvpress): kvpress is imported lazily.
+def test_peer_imports_without_kvpress() -> None:
+    # The modules imported above (the main venv has no kvpress): kvpress is imported lazily.
+    from vllm_kvcompress.eval.kvpress_peer import generation, replay, runner
+
     assert "kvpress" not in sys.modules
-    assert "kvpress" not in vars(runner)
+    for module in (presses, inputs, generation, replay, runner):
+        assert "kvpress" not in vars(module)
+    # It imports nothing of vllm_kvcompress outside its own package.
+    for path in (PEER_PATH / "kvpress_peer").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level <= 1 and "vllm_kvcompress" not in (node.module or ""), path
+            elif isinstance(node, ast.Import):
+                assert all("vllm_kvcompress" not in a.name for a in node.names), path
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])
 def test_compression_ratio_is_one_minus_kept_ratio(ratio: float) -> None:
     for policy in ("streamingllm", "snapkv", "pyramidkv"):
-        spec = runner.press_spec(policy, ratio, PARAMS)
+        spec = presses.press_spec(policy, ratio, PARAMS)
         assert spec is not None
         assert spec[1]["compression_ratio"] == pytest.approx(1 - ratio)
-    name, kwargs = runner.press_spec("chunkkv", ratio, PARAMS)
+    name, kwargs = presses.press_spec("chunkkv", ratio, PARAMS)
     assert name == "ChunkKVPress"
     assert kwargs["press"][1]["compression_ratio"] == pytest.approx(1 - ratio)
 
 
 def test_press_classes_and_params() -> None:
     params = {"window": 16, "pool_kernel": 7, "chunk_size": 8, "sink_tokens": 2}
-    assert runner.press_spec("streamingllm", 0.25, params) == (
+    assert presses.press_spec("streamingllm", 0.25, params) == (
         "StreamingLLMPress",
         {"compression_ratio": 0.75, "n_sink": 2},
     )
     snap = {"compression_ratio": 0.75, "window_size": 16, "kernel_size": 7}
-    assert runner.press_spec("snapkv", 0.25, params) == ("SnapKVPress", snap)
-    assert runner.press_spec("pyramidkv", 0.25, params) == ("PyramidKVPress", snap)
-    assert runner.press_spec("chunkkv", 0.25, params) == (
+    assert presses.press_spec("snapkv", 0.25, params) == ("SnapKVPress", snap)
+    assert presses.press_spec("pyramidkv", 0.25, params) == ("PyramidKVPress", snap)
+    assert presses.press_spec("chunkkv", 0.25, params) == (
         "ChunkKVPress",
         {"press": ("SnapKVPress", snap), "chunk_length": 8},
     )
     # Missing params take the defaults (the engine's).
-    assert runner.press_spec("snapkv", 0.5, {})[1] == {
+    assert presses.press_spec("snapkv", 0.5, {})[1] == {
         "compression_ratio": 0.5,
         "window_size": 32,
         "kernel_size": 5,
@@ -75,16 +79,16 @@ def test_press_classes_and_params() -> None:
 
 @pytest.mark.parametrize("policy", ["none", "snapkv", "chunkkv", "streamingllm", "pyramidkv"])
 def test_none_and_full_ratio_are_no_press(policy: str) -> None:
-    assert runner.press_spec(policy, 1.0, PARAMS) is None
-    assert runner.press_spec("none", 0.25, PARAMS) is None
-    assert runner.build_press(None) is None
+    assert presses.press_spec(policy, 1.0, PARAMS) is None
+    assert presses.press_spec("none", 0.25, PARAMS) is None
+    assert presses.build_press(None) is None
 
 
 def test_selection_mode_per_press() -> None:
     """kvpress's ScorerPress picks a top-k per KV head; ChunkKVPress one set for all heads."""
-    from vllm_kvcompress.eval import run as eval_run
+    from vllm_kvcompress.eval import grading
 
-    assert runner.KVPRESS_MODES == {
+    assert presses.KVPRESS_MODES == {
         "none": "shared",
         "streamingllm": "per_head",
         "snapkv": "per_head",
@@ -96,8 +100,8 @@ def test_selection_mode_per_press() -> None:
         "expected_attention": "per_head",
         "qfilters": "per_head",
     }
-    assert set(runner.KVPRESS_MODES) == set(runner.POLICIES)
-    assert eval_run.KVPRESS_MODES == runner.KVPRESS_MODES  # the report reads the runner's table
+    assert set(presses.KVPRESS_MODES) == set(presses.POLICIES)
+    assert grading.KVPRESS_MODES is presses.KVPRESS_MODES  # the report reads the peer's table
 
 
 @pytest.mark.parametrize(
@@ -108,41 +112,45 @@ def test_turn2_ids_are_the_packages(output_ids: list[int], answer: list[int]) ->
     from vllm_kvcompress.eval.tasks import turn2_input_ids
 
     prompt, suffix, stops = [1, 2, 5], [3, 9, 10], [3, 0]
-    ids = runner.turn2_input_ids(prompt, output_ids, suffix, stops)
+    ids = inputs.turn2_input_ids(prompt, output_ids, suffix, stops)
     assert ids == [*prompt, *answer, *suffix]
     assert ids == turn2_input_ids(prompt, output_ids, suffix, stops)
 
 
 def test_unknown_policy_error_names_it() -> None:
-    with pytest.raises(runner.InputError, match=r"'h2o'.*allowed: none, streamingllm, snapkv"):
-        runner.press_spec("h2o", 0.25, PARAMS)
+    with pytest.raises(presses.InputError, match=r"'h2o'.*allowed: none, streamingllm, snapkv"):
+        presses.press_spec("h2o", 0.25, PARAMS)
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "0.5", True, None])
 def test_ratio_outside_range(ratio: Any) -> None:
-    with pytest.raises(runner.InputError, match="ratio"):
-        runner.press_spec("snapkv", ratio, PARAMS)
+    with pytest.raises(presses.InputError, match="ratio"):
+        presses.press_spec("snapkv", ratio, PARAMS)
 
 
 def _write_inputs(
-    folder: Path, samples: list[dict[str, Any]], configs: list[dict[str, Any]], **params: Any
+    folder: Path, samples: list[dict[str, Any]], configs: list[dict[str, Any]],
+    setting: str = "query_aware", **params: Any
 ) -> tuple[Path, Path]:
     samples_path, configs_path = folder / "samples.jsonl", folder / "configs.json"
     samples_path.write_text("".join(json.dumps(s) + "\n" for s in samples))
-    configs_path.write_text(json.dumps({"configs": configs, "params": {**PARAMS, **params}}))
+    configs_path.write_text(json.dumps({"configs": configs, "params": {**PARAMS, **params},
+                                        "setting": setting}))
     return samples_path, configs_path
 
 
 def _run(
     python: Path | str, model: Path, folder: Path, out: Path, *extra: str
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(PEER_PATH)}
     cmd = [
-        str(python), str(RUNNER), "--model", str(model), "--out", str(out),
+        str(python), "-m", "kvpress_peer", "--model", str(model), "--out", str(out),
         "--samples", str(folder / "samples.jsonl"), "--configs", str(folder / "configs.json"),
         *extra,
     ]  # fmt: skip
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=folder)
 
 
 def _sample(n: int = 64, **fields: Any) -> list[dict[str, Any]]:
@@ -182,6 +190,20 @@ def _config(policy: str = "snapkv", ratio: Any = 0.5) -> list[dict[str, Any]]:
             "line 1: 'followup.max_tokens'",
         ),
         (_sample(followup=[1]), _config(), {}, "line 1: 'followup' must be an object"),
+        (_sample(todo=[[1, 1]]), _config(), {}, "line 1: 'todo' item [1, 1]"),
+        (_sample(todo=[[0, 2]]), _config(), {}, "line 1: 'todo' item [0, 2]"),
+        (
+            _sample(followup={"suffix_ids": [1], "stop_ids": [2], "max_tokens": 4},
+                    todo=[[0, 2]]),
+            _config(),
+            {},
+            "turn 2 of configs [0] without their turn 1",
+        ),
+        (_sample(context_len=64), _config(), {}, "line 1: 'context_len' must be an int"),
+        (_sample(), _config(), {"setting": "query_agnostic"}, "'context_len' is required"),
+        (_sample(context_len=20), _config(), {"setting": "query_agnostic"},
+         "has 20 context tokens; snapkv needs >= 33"),
+        (_sample(), _config(), {"setting": "later"}, "'setting' must be one of"),
     ],
 )
 def test_bad_input_exits_2(
@@ -326,7 +348,7 @@ def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Pat
         assert none["kept_tokens"] == prompt_len
         for r in (by_key[(sample["id"], c["policy"])] for c in configs):
             assert r["backend"] == "kvpress" and r["kvpress_version"] == "0.5.5"
-            assert r["turn"] == 1 and r["kvpress_mode"] == runner.KVPRESS_MODES[r["policy"]]
+            assert r["turn"] == 1 and r["kvpress_mode"] == presses.KVPRESS_MODES[r["policy"]]
             assert r["prompt_tokens"] == prompt_len and r["prefill_s"] > 0
             ids = r["output_ids"]
             assert len(ids) == max_tokens or (0 < len(ids) < max_tokens and ids[-1] == 3)
@@ -353,24 +375,25 @@ def test_runner_end_to_end(kvpress_python: Path, tiny_model: Path, tmp_path: Pat
         streaming = by_key[(sample["id"], "streamingllm")]
         assert streaming["output_ids"] == reference[sample["id"]]["streamingllm_masked"]
 
-    # Resume: nothing to do, nothing appended.
+    # A crash left the last two records missing and the one before cut short; the results
+    # store hands the peer those two jobs only (`todo`): they are redone, identically, after the
+    # cut line (which stays; the store skips it).
     before = out.read_text()
-    proc = _run(kvpress_python, tiny_model, tmp_path, out)
-    assert proc.returncode == 0, proc.stderr
-    assert out.read_text() == before
-    # A crash left two records missing and the last one cut short: those two are redone.
     lines = before.splitlines(keepends=True)
-    out.write_text("".join(lines[:-2]) + lines[-2][:25])
+    out.write_text("".join(lines[:-3]) + lines[-3][:25])
+    last = samples[-1]
+    jobs = [{**sample, "todo": []} for sample in samples[:-1]]
+    _write_inputs(tmp_path, [*jobs, {**last, "todo": [[3, 1], [4, 1]]}], configs)
     proc = _run(kvpress_python, tiny_model, tmp_path, out)
     assert proc.returncode == 0, proc.stderr
-    cut = lines[-2][:25]
+    assert "kvpress: 100%" in proc.stderr and "2/2" in proc.stderr
     text = out.read_text()
-    assert cut + "\n" in text  # the cut line stays; the runner ignores it (and says so)
-    redone = [json.loads(line) for line in text.splitlines() if line.strip() and line != cut]
-    assert len(redone) == len(records)
+    cut = lines[-3][:25]
+    assert text.startswith("".join(lines[:-3]) + cut + "\n")
     strip = ("prefill_s", "decode_s")
+    redone = [json.loads(line) for line in text.splitlines()[len(lines) - 2:]]
     assert [{k: v for k, v in r.items() if k not in strip} for r in redone] == [
-        {k: v for k, v in r.items() if k not in strip} for r in records
+        {k: v for k, v in r.items() if k not in strip} for r in records[-2:]
     ]
 
 
@@ -405,12 +428,12 @@ def test_runner_multiturn(kvpress_python: Path, tiny_model: Path, tmp_path: Path
     turn2_prompts = []
     for cfg in configs:
         first, second = by_key[("multi", cfg["policy"], 1)], by_key[("multi", cfg["policy"], 2)]
-        ids = runner.turn2_input_ids(
+        ids = inputs.turn2_input_ids(
             samples[0]["input_ids"], first["output_ids"], follow["suffix_ids"], follow["stop_ids"]
         )
         assert second["prompt_tokens"] == len(ids)
         assert len(second["output_ids"]) <= follow["max_tokens"]
-        assert second["kvpress_mode"] == runner.KVPRESS_MODES[cfg["policy"]]
+        assert second["kvpress_mode"] == presses.KVPRESS_MODES[cfg["policy"]]
         if cfg["policy"] == "snapkv":  # the press ran on the turn-2 prompt
             assert second["kept_tokens"] == int(len(ids) * 0.25)
         turn2_prompts.append({"id": cfg["policy"], "input_ids": ids, "max_tokens": 5})
@@ -426,9 +449,15 @@ def test_runner_multiturn(kvpress_python: Path, tiny_model: Path, tmp_path: Path
     reference = json.loads(ref.stdout.strip().splitlines()[-1])
     assert by_key[("multi", "none", 2)]["output_ids"] == reference["none"]["generate"]
 
-    # Resume: turn-2 records lost are redone from the recorded turn-1 answers, identically.
+    # Turn-2 jobs whose turn 1 is recorded (the store hands over its answers) are redone from
+    # those answers, identically.
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(line for line in lines if '"turn": 2' not in line))
+    answers = {str(i): by_key[("multi", c["policy"], 1)]["output_ids"]
+               for i, c in enumerate(configs)}
+    _write_inputs(tmp_path, [{**samples[0], "todo": [[i, 2] for i in range(len(configs))],
+                              "turn1_output_ids": answers}, {**samples[1], "todo": []}],
+                  configs)
     proc = _run(kvpress_python, tiny_model, tmp_path, out)
     assert proc.returncode == 0, proc.stderr
     strip = ("prefill_s", "decode_s")
@@ -443,28 +472,29 @@ def test_runner_multiturn(kvpress_python: Path, tiny_model: Path, tmp_path: Path
 # real prefill with the press active (`prefill`) and from the press's hook replayed on one shared
 # press-free prefill (`replay_press`), all layers, then greedy decoding from each.
 EQUIVALENCE = r"""
-import importlib.util, json, random, sys
+import json, random, sys
 from pathlib import Path
 import torch
 
-spec = importlib.util.spec_from_file_location("kvpress_runner", sys.argv[1])
-runner = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(runner)
+sys.path.insert(0, sys.argv[1])
+from kvpress_peer import generation, presses, replay
+from kvpress_peer.runner import load_model
+
 torch.set_num_threads(1)
-model, _ = runner.load_model(Path(sys.argv[2]), "float32")
+model, _ = load_model(Path(sys.argv[2]), "float32")
 prompt_len, params = int(sys.argv[3]), json.loads(sys.argv[4])
 rng = random.Random(1)
 input_ids = [rng.randrange(4, 1000) for _ in range(prompt_len)]
-eos = runner.eos_token_ids(model)
-shared = runner.shared_prefill(model, input_ids)
+eos = generation.eos_token_ids(model)
+shared = replay.shared_prefill(model, input_ids)
 snapshot = [(c.keys.clone(), c.values.clone(), c.kwargs["hidden_states"].clone(),
              c.output[0].clone()) for c in shared.calls]
 results = []
-for policy in [*runner.POLICIES, "snapkv+merge"]:
+for policy in [*presses.POLICIES, "snapkv+merge"]:
     for ratio in [1.0] if policy == "none" else [0.5, 0.25, 0.1]:
-        press = runner.build_press(runner.press_spec(policy, ratio, params))
-        old, old_logits, _ = runner.prefill(model, press, input_ids)
-        new, _ = runner.replay_press(model, press, shared)
+        press = presses.build_press(presses.press_spec(policy, ratio, params))
+        old, old_logits, _ = generation.prefill(model, press, input_ids)
+        new, _ = replay.replay_press(model, press, shared)
         layers = []
         for a, b in zip(old.layers, new.layers, strict=True):
             layer = {"kept": [a.keys.shape[-2], b.keys.shape[-2]], "bitwise": True, "max_diff": 0.0}
@@ -475,8 +505,8 @@ for policy in [*runner.POLICIES, "snapkv+merge"]:
                     layer["bitwise"] = False
                     layer["max_diff"] = max(layer["max_diff"], float((x - y).abs().max()))
             layers.append(layer)
-        old_ids = runner.decode(model, old, int(old_logits.argmax()), prompt_len, 8, eos)
-        new_ids = runner.decode(model, new, int(shared.logits.argmax()), prompt_len, 8, eos)
+        old_ids = generation.decode(model, old, int(old_logits.argmax()), prompt_len, 8, eos)
+        new_ids = generation.decode(model, new, int(shared.logits.argmax()), prompt_len, 8, eos)
         results.append({
             "policy": policy, "ratio": ratio, "layers": layers, "n_layers": len(old.layers),
             "logits_bitwise": bool(torch.equal(old_logits, shared.logits)),
@@ -501,7 +531,7 @@ def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model
     prompt_len = 1703
     params = {**PARAMS, "window": 8, "future_positions": 64, "qfilters_path": str(tiny_qfilters)}
     proc = subprocess.run(
-        [str(kvpress_python), "-c", EQUIVALENCE, str(RUNNER), str(tiny_model), str(prompt_len),
+        [str(kvpress_python), "-c", EQUIVALENCE, str(PEER_PATH), str(tiny_model), str(prompt_len),
          json.dumps(params)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
@@ -509,7 +539,7 @@ def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
     # Every press the runner maps (the methods issue's included, MergingPress around SnapKV).
-    assert len(results) == 1 + (len(runner.POLICIES) - 1 + 1) * 3
+    assert len(results) == 1 + (len(presses.POLICIES) - 1 + 1) * 3
     assert report["n_calls"] == 4  # every attention layer recorded once
     for r in results:
         where = f"{r['policy']} {r['ratio']}"
@@ -580,18 +610,18 @@ def test_method_presses_map_to_kvpress_classes(tmp_path: Path) -> None:
     filters = tmp_path / "f.safetensors"
     filters.write_bytes(b"x")
     params = {**PARAMS, "future_positions": 64, "qfilters_path": str(filters)}
-    assert runner.press_spec("tova", 0.25, params) == ("TOVAPress", {"compression_ratio": 0.75})
-    assert runner.press_spec("knorm", 0.1, params)[0] == "KnormPress"
-    assert runner.press_spec("keydiff", 0.1, params)[0] == "KeyDiffPress"
-    assert runner.press_spec("expected_attention", 0.25, params) == (
+    assert presses.press_spec("tova", 0.25, params) == ("TOVAPress", {"compression_ratio": 0.75})
+    assert presses.press_spec("knorm", 0.1, params)[0] == "KnormPress"
+    assert presses.press_spec("keydiff", 0.1, params)[0] == "KeyDiffPress"
+    assert presses.press_spec("expected_attention", 0.25, params) == (
         "ExpectedAttentionPress",
         {"compression_ratio": 0.75, "n_future_positions": 64, "n_sink": 4},
     )
-    assert runner.press_spec("qfilters", 0.25, params) == (
+    assert presses.press_spec("qfilters", 0.25, params) == (
         "QFilterPress", {"compression_ratio": 0.75, "qfilters_path": str(filters)})
-    with pytest.raises(runner.InputError, match="qfilters_path"):
-        runner.press_spec("qfilters", 0.25, PARAMS)
-    assert set(runner.KVPRESS_MODES) == set(runner.POLICIES)
+    with pytest.raises(presses.InputError, match="qfilters_path"):
+        presses.press_spec("qfilters", 0.25, PARAMS)
+    assert set(presses.KVPRESS_MODES) == set(presses.POLICIES)
 
 
 @pytest.mark.peer
@@ -614,6 +644,104 @@ def test_runner_method_presses_end_to_end(kvpress_python: Path, tiny_model: Path
     assert set(by_policy) == {"none", *methods}
     for method in methods:
         record = by_policy[method]
-        assert record["kvpress_mode"] == runner.KVPRESS_MODES[method.removesuffix("+merge")]
+        assert record["kvpress_mode"] == presses.KVPRESS_MODES[method.removesuffix("+merge")]
         assert record["kept_tokens_per_layer"] == [int(160 * 0.25)] * 4
         assert record["output_ids"][0] == by_policy["none"]["output_ids"][0]
+
+
+# --- the query-agnostic setting, through the results store, against kvpress's own pipeline ---
+
+# Run with the kvpress venv's Python: kvpress's own pipeline (`KVPressTextGenerationPipeline.
+# _forward`, what `pipeline(context=..., question=...)` runs after tokenizing) on the context ids
+# and the question ids of each job the store handed the peer, with the same press.
+PIPELINE = r"""
+import json, sys
+from pathlib import Path
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from kvpress import KVPressTextGenerationPipeline
+from kvpress_peer import presses
+from kvpress_peer.runner import load_model
+
+torch.set_num_threads(1)
+model, tokenizer = load_model(Path(sys.argv[2]), "float32")
+pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+configs = json.loads(Path(sys.argv[4]).read_text())
+answers = {}
+for line in Path(sys.argv[3]).read_text().splitlines():
+    job = json.loads(line)
+    ids, n = job["input_ids"], job["context_len"]
+    for c in configs["configs"]:
+        press = presses.build_press(presses.press_spec(c["policy"], c["ratio"], configs["params"]))
+        inputs = {"context_ids": torch.tensor([ids[:n]]),
+                  "questions_ids": [torch.tensor([ids[n:]])]}
+        with torch.inference_mode():
+            answers[job["id"] + "|" + c["policy"]] = pipe._forward(
+                inputs, max_new_tokens=job["max_tokens"], press=press)[0]
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.peer
+def test_query_agnostic_is_kvpress_pipeline_with_a_question(kvpress_python: Path,
+                                                             tmp_path: Path) -> None:
+    """`kvcompress eval --backend kvpress --setting query_aware query_agnostic` on SmolLM2:
+    query-agnostic answers are kvpress's own pipeline's (context compressed, then the question
+    prefilled on it); with no press both settings answer the same, turn 2 included; every row
+    carries its setting and keys; a second run finds everything done."""
+    import argparse
+
+    from vllm_kvcompress.eval import run as eval_run
+
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.skip("models/smollm2 is not here (make models)")
+    out = tmp_path / "store"
+    parser = argparse.ArgumentParser()
+    eval_run.add_arguments(parser)
+    args = parser.parse_args([
+        "--model", str(SMOLLM2), "--out", str(out), "--backend", "kvpress",
+        "--kvpress-python", str(kvpress_python), "--tasks", "niah_single", "niah_multiturn",
+        "--lengths", "512", "--depths", "0.5", "--samples-per-cell", "1",
+        "--policies", "snapkv", "knorm", "--ratios", "1.0", "0.25",
+        "--setting", "query_aware", "query_agnostic", "--bootstrap", "50"])
+    eval_run.validate(args)
+    result = eval_run.run(args)
+    predictions = out / "predictions-kvpress.jsonl"
+    rows = _records(predictions)
+    samples = {s["id"]: s for s in map(json.loads, (out / "samples.jsonl").read_text().split(
+        "\n")[:-1])}
+    by_key = {(r["id"], r["policy"], r["setting"], r["turn"]): r for r in rows}
+    # 2 samples, 3 configs, 2 settings, and the multi-turn sample's turn 2.
+    assert len(rows) == len(by_key) == 3 * 3 * 2
+    assert all(r["prompt_key"] == samples[r["id"]]["prompt_key"] and r["config_key"]
+               for r in rows)
+    for sid, sample in samples.items():
+        n, length = sample["context_len"], len(sample["input_ids"])
+        for turn in (1, 2) if sample["followup"] else (1,):
+            assert (by_key[(sid, "none", "query_agnostic", turn)]["output_ids"]
+                    == by_key[(sid, "none", "query_aware", turn)]["output_ids"]), (sid, turn)
+        # The press ran on the context only; the question is held in full after it.
+        agnostic = by_key[(sid, "snapkv", "query_agnostic", 1)]
+        assert agnostic["context_len"] == n
+        assert agnostic["kept_tokens_per_layer"] == [int(n * 0.25) + length - n] * 30
+        assert by_key[(sid, "snapkv", "query_aware", 1)]["kept_tokens"] == int(length * 0.25)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    ref = subprocess.run(
+        [str(kvpress_python), "-c", PIPELINE, str(PEER_PATH), str(SMOLLM2),
+         str(out / "jobs-kvpress-query_agnostic.jsonl"),
+         str(out / "configs-kvpress-query_agnostic.json")],
+        capture_output=True, text=True, timeout=900, env=env)  # fmt: skip
+    assert ref.returncode == 0, ref.stderr
+    pipeline = json.loads(ref.stdout.strip().splitlines()[-1])
+    assert len(pipeline) == 2 * 3
+    for key, text in pipeline.items():
+        sid, policy = key.split("|")
+        assert by_key[(sid, policy, "query_agnostic", 1)]["text"] == text, key
+    assert {(s["setting"], s["policy"]) for s in result["summary"]} == {
+        (setting, p) for setting in ("query_aware", "query_agnostic")
+        for p in ("none", "snapkv", "knorm")}
+    # Everything is in the store: a second run runs nothing.
+    before = predictions.read_text()
+    eval_run.run(args)
+    assert predictions.read_text() == before

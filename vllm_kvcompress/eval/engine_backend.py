@@ -18,6 +18,18 @@ out, and the template's turn-2 tokens (``tasks.turn2_input_ids``), under the sam
 Turn 2 runs after the group's turn-1 passes, with prefix caching on: the turn-1 part hits the
 cache, and the whole turn-2 prompt is compressed (query-aware, turn 2's question in the window).
 
+Query-agnostic setting (``QUERY_AGNOSTIC``): the context is compressed before the question
+exists, through the engine's compress-once-reuse path (``kv_reuse_prefix: on``, docs/
+ARCHITECTURE.md). For each compressed configuration, request 1 sends the sample's first
+``context_len`` ids alone (one token, unrecorded) with the configuration's settings; its
+compressed context is published to the prefix cache. Request 2 sends the whole prompt with the
+same settings: it starts on the compressed context, prefills the question (and answer prefix)
+whole, and its answer is the prediction. ``none`` needs no request 1. Each row records whether
+request 2 really started on the compressed context (``context_reused``; a miss, e.g. the context
+evicted before request 2 ran, was compressed query-aware instead and is counted on stderr), and
+its ``kept_tokens`` / ``held_tokens`` are the context's plus the rest of the prompt. A turn 2
+starts with the same context and reuses it too.
+
 Memory held: each row records ``held_tokens``, the prompt tokens every layer keeps in the paged
 cache. One block table per request means every layer keeps the LARGEST layer budget, which for
 PyramidKV is more than its nominal ratio (``held_tokens``).
@@ -25,92 +37,47 @@ PyramidKV is more than its nominal ratio (``held_tokens``).
 
 from __future__ import annotations
 
-import functools
+import gc
 import json
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
-from ..config import CompressionSpec
+from .configs import (
+    DEFAULT_HEAD_SELECT,
+    QUERY_AGNOSTIC,
+    QUERY_AWARE,
+    VARIANTS,
+    RunConfig,
+    config_key,
+    config_label,
+    config_params,
+    head_select_supported,
+    held_tokens,
+    make_spec,
+    num_layers,
+)
 from .tasks import EvalSample, turn2_input_ids
 
+#: The configuration names scripts that drive this backend use with it (scripts/method_audit.py,
+#: scripts/defaults_ablation.py), next to the backend's own.
+__all__ = ["SETTINGS", "VARIANTS", "RunConfig", "config_key", "config_label", "max_model_len",
+           "operator_settings", "read_done", "request_args", "run"]
+
 BACKEND = "vllm"
-HEAD_SELECT = ("shared", "per_head")
-DEFAULT_HEAD_SELECT = "shared"
+#: The settings this backend runs (``configs.SETTINGS``): query-aware (one request per prompt)
+#: and query-agnostic (request 1: the context alone, compressed and published; request 2: the
+#: whole prompt, reusing it).
+SETTINGS = (QUERY_AWARE, QUERY_AGNOSTIC)
 
-
-#: Per-configuration parameter overrides: ChunkKV's chunk-grid ablation runs next to the default
-#: in the same engine, on the same prompts, sharing the baseline prefill. ``grid0``: chunks from
-#: token 0 (kvpress's grid), the sinks kept; ``sink0``: no sink tokens, so chunks also start at
-#: token 0 (the first cut's ablation, which changes two things at once).
-#: ``merge``: evicted tokens folded into kept ones (``kv_merge=on``), next to the same policy
-#: without it; kvpress's ``MergingPress`` runs as its peer.
-VARIANTS: dict[str, dict[str, Any]] = {"": {}, "grid0": {"chunk_grid": "from_zero"},
-                                       "sink0": {"sink_tokens": 0}, "merge": {"merge": "on"}}
-
-
-class RunConfig(NamedTuple):
-    """One configuration of the study.
-
-    Attributes:
-        policy: a registered policy, or ``none`` (always ratio 1.0).
-        ratio: kept ratio of the prompt.
-        head_select: ``shared`` (one token set per layer) or ``per_head`` (each KV head keeps its
-            own tokens); for the kvpress backend, the mode of the press (``kvpress_mode``).
-        variant: a key of ``VARIANTS`` (``""``: the run's parameters as given).
-    """
-
-    policy: str
-    ratio: float
-    head_select: str = DEFAULT_HEAD_SELECT
-    variant: str = ""
-
-
-def config_key(policy: str, ratio: float, head_select: str = DEFAULT_HEAD_SELECT,
-               variant: str = "") -> RunConfig:
-    """How a configuration is named in files; ``none`` is always ratio 1.0, ``shared``."""
-    if policy == "none":
-        return RunConfig("none", 1.0, DEFAULT_HEAD_SELECT, "")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
-    return RunConfig(policy, float(ratio), head_select, variant)
-
-
-def config_label(policy: str, head_select: str | None, variant: str = "") -> str:
-    """``chunkkv`` (shared, the default), ``chunkkv[per_head]``, ``chunkkv(grid0)``."""
-    label = policy
-    if policy != "none" and head_select not in (None, DEFAULT_HEAD_SELECT):
-        label += f"[{head_select}]"
-    if variant:
-        label += f"({variant})"
-    return label
-
-
-def config_params(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The run's policy parameters with the configuration's variant applied."""
-    return {**params, **VARIANTS[config.variant]}
-
-
-@functools.cache
-def head_select_supported() -> bool:
-    """Whether this build's policy layer takes ``head_select`` (``kv_head_select``)."""
-    try:
-        CompressionSpec(policy="snapkv", ratio=0.5, head_select="per_head")
-    except Exception:  # pydantic or the plugin's own error: both mean "no"
-        return False
-    return True
-
-
-def make_spec(config: RunConfig, params: dict[str, Any]) -> CompressionSpec:
-    """The spec a request of ``config`` resolves to (``head_select`` only where supported)."""
-    if config.policy == "none":
-        return CompressionSpec(policy="none")
-    extra = {"head_select": config.head_select} if head_select_supported() else {}
-    return CompressionSpec(policy=config.policy, ratio=config.ratio,
-                           **config_params(config, params), **extra)
+#: A finished request's row: (sample id, configuration, turn).
+DoneKey = tuple[str, RunConfig, int]
+#: Extra fields of a row (the results store's keys), given the sample, configuration and turn.
+RowFields = Callable[[EvalSample, RunConfig, int], dict[str, Any]]
 
 
 def operator_settings(params: dict[str, Any]) -> dict[str, Any]:
@@ -146,53 +113,46 @@ def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
     return xargs
 
 
-def held_tokens(spec: CompressionSpec, prompt_len: int, num_layers: int) -> int:
-    """Prompt tokens every layer holds in the paged cache after compression.
+def setting_args(setting: str, config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
+    """``request_args`` in a setting: query-agnostic compressed requests also ask the engine to
+    publish and reuse the compressed context (``kv_reuse_prefix``)."""
+    xargs = request_args(config, params)
+    if setting == QUERY_AGNOSTIC and config.policy != "none":
+        xargs["kv_reuse_prefix"] = "on"
+    return xargs
 
-    The largest layer budget (one block table per request), as the engine's scheduler
-    computes it: ``max over layers of policy.layer_budget(kept, layer, num_layers, L,
-    protected)`` with ``protected = min(sink_tokens + window, L)``; the whole prompt when the
-    request is not compressed.
 
-    Args:
-        spec: the request's resolved settings.
-        prompt_len: prompt tokens ``L``.
-        num_layers: the model's decoder layers.
+def context_length(sample: EvalSample) -> int:
+    """The sample's context length for the query-agnostic setting.
+
+    Raises:
+        ValueError: the sample has no ``context_len`` (a prompt file from before it existed), or
+            one that leaves no question after the context; names the sample.
     """
-    kept = spec.kept_tokens(prompt_len)
-    if kept is None:
-        return prompt_len
-    from ..policies import build_policy
-
-    policy = build_policy(spec)
-    if policy is None:
-        return prompt_len
-    protected = min(spec.sink_tokens + spec.window, prompt_len)
-    largest = max(policy.layer_budget(kept, layer, num_layers, prompt_len, protected)
-                  for layer in range(num_layers))
-    return min(largest, prompt_len)
+    length = getattr(sample, "context_len", None)
+    if length is None or not 0 < length < len(sample.input_ids):
+        raise ValueError(f"sample {sample.id}: the query-agnostic setting needs context_len "
+                         f"between 1 and the prompt length - 1 = {len(sample.input_ids) - 1} "
+                         f"(got {length}); rebuild the prompts (--fresh)")
+    return length
 
 
-def num_layers(model: str) -> int:
-    """Decoder layers of a HF model folder (``config.json``, ``text_config`` if nested)."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    config = config.get("text_config", config)
-    return int(config["num_hidden_layers"])
-
-
-def read_done(path: Path) -> dict[tuple[str, RunConfig, int], dict[str, Any]]:
-    """Predictions already in a file, by (sample id, config, turn), for resuming.
-
-    Lines written before head selection and turns existed read as ``shared``, turn 1.
+def read_done(path: Path, setting: str = QUERY_AWARE) -> dict[DoneKey, dict[str, Any]]:
+    """The rows already in a predictions file by (sample id, config, turn) for one setting: what
+    ``run`` skips when it is driven without the results store (``done=None``: scripts). Lines
+    written before head selection, turns and settings existed read as ``shared``, turn 1,
+    query-aware; a line cut short is redone.
     """
+    done: dict[DoneKey, dict[str, Any]] = {}
     if not path.exists():
-        return {}
-    done = {}
+        return done
     for line in path.read_text().splitlines():
         if line.strip():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash: redone
+            except json.JSONDecodeError:
+                continue
+            if row.get("setting", QUERY_AWARE) != setting:
                 continue
             key = config_key(row["policy"], row["ratio"],
                              row.get("head_select", DEFAULT_HEAD_SELECT), row.get("variant", ""))
@@ -227,17 +187,22 @@ def max_model_len(samples: list[EvalSample]) -> int:
 
 
 class _Request(NamedTuple):
+    """One request: ``record`` False for a warm-up whose only job is to fill the prefix cache."""
+
     sample: EvalSample
     config: RunConfig
     turn: int
     input_ids: list[int]
     max_tokens: int
+    record: bool = True
 
 
 def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, float]],
         params: dict[str, Any], model: str, out: Path, dtype: str = "float32",
-        prefix_reuse: bool = True, group_tokens: int = 40_000) -> Path:
-    """Runs every (sample, config, turn) not already in ``out`` and appends one JSON line each.
+        prefix_reuse: bool = True, group_tokens: int = 40_000, setting: str = QUERY_AWARE,
+        done: Mapping[DoneKey, dict[str, Any]] | None = None,
+        row_fields: RowFields | None = None) -> Path:
+    """Runs every (sample, config, turn) not in ``done`` and appends one JSON line each to ``out``.
 
     Args:
         samples: the prompts (token ids) with their answer lengths; those with a ``followup``
@@ -247,11 +212,28 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
         params: policy parameters shared by all configs (window, pool_kernel, chunk_size,
             sink_tokens), as ``kv_*`` extra args.
         model: model folder.
-        out: the predictions JSONL (appended; existing lines are kept and skipped).
+        out: the predictions JSONL (appended).
         dtype: engine dtype (``float32`` matches the kvpress side).
         prefix_reuse: see the module docstring.
         group_tokens: prompt tokens per group under prefix reuse.
+        setting: one of ``SETTINGS``; every row records it.
+        done: rows the results store already holds for these prompts and configurations, by
+            (sample id, config, turn): skipped; a turn-1 row also gives turn 2 its answer.
+            None: the rows already in ``out`` (``read_done``), for scripts without a store.
+        row_fields: extra fields of every row (the store's keys).
+
+    Raises:
+        ValueError: ``setting`` is not one this backend runs; query-agnostic without prefix
+            caching, or on a sample without a usable ``context_len``.
     """
+    if setting not in SETTINGS:
+        raise ValueError(f"--setting {setting}: the engine backend runs {', '.join(SETTINGS)}")
+    if setting == QUERY_AGNOSTIC:
+        if not prefix_reuse:
+            raise ValueError("--setting query_agnostic: the compressed context is reused through "
+                             "the prefix cache; drop --no-prefix-reuse")
+        for sample in samples:
+            context_length(sample)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -264,7 +246,7 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
         configs.insert(0, baseline)
     for config in configs:
         request_args(config, params)  # fails before the engine starts
-    done = read_done(out)
+    done = read_done(out, setting) if done is None else dict(done)
 
     def todo(sample: EvalSample, config: RunConfig, turn: int) -> bool:
         return (sample.id, config, turn) not in done
@@ -275,28 +257,50 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
         return out
     from vllm import LLM, SamplingParams
 
-    layers = num_layers(model)
+    # An engine of an earlier call (another setting) still waiting for the garbage collector
+    # would tear down vLLM's process-wide parallel state while this one starts.
+    gc.collect()
     llm = LLM(model=model, max_model_len=max(max_model_len(samples), 1024), enforce_eager=True,
               seed=0, dtype=dtype, block_size=32, enable_prefix_caching=prefix_reuse,
               max_num_seqs=64, max_num_batched_tokens=8192,
               additional_config=operator_settings(params))
-    engine = llm.llm_engine
     bar = tqdm(total=total, desc="eval (vllm-kvcompress)", unit="req")
     out.parent.mkdir(parents=True, exist_ok=True)
-    runner = _BatchRunner(engine, SamplingParams, params, layers, bar)
+    runner = _BatchRunner(llm.llm_engine, SamplingParams, params, num_layers(model), bar,
+                          setting, row_fields)
+    hits_before = _reuse_hits(llm)
     with out.open("a") as sink:
+
+        def write(rows: Iterable[dict[str, Any]]) -> None:
+            for row in rows:  # each as soon as it is done: an interrupted run loses nothing
+                done[(row["id"], config_key(row["policy"], row["ratio"], row["head_select"],
+                                            row["variant"]), row["turn"])] = row
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+
         groups = _groups(samples, group_tokens) if prefix_reuse else [samples]
         for group in groups:
             first = [_Request(s, c, 1, s.input_ids, s.max_tokens)
                      for s in group for c in configs if todo(s, c, 1)]
             base = [r for r in first if r.config == baseline]
             rest = [r for r in first if r.config != baseline]
-            for batch in ((base, rest) if prefix_reuse else (base + rest,)):
-                for row in runner.run(batch):
-                    done[(row["id"], config_key(row["policy"], row["ratio"],
-                                                row["head_select"], row["variant"]), 1)] = row
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+            if prefix_reuse:
+                # A prompt whose baseline is already in the store is prefilled once, unrecorded,
+                # so its compressed configurations still hit the cache (an extended run).
+                cached = {r.sample.id for r in base}
+                warm = {r.sample.id: r.sample for r in rest if r.sample.id not in cached}
+                base += [_Request(s, baseline, 1, s.input_ids, 1, record=False)
+                         for s in warm.values()]
+            batches = (base, rest) if prefix_reuse else (base + rest,)
+            if setting == QUERY_AGNOSTIC:
+                # Request 1 of each compressed configuration: the context alone, compressed and
+                # published; then request 2 (``rest``) reuses it.
+                contexts = [_Request(r.sample, r.config, 1,
+                                     r.input_ids[:context_length(r.sample)], 1, record=False)
+                            for r in rest]
+                batches = (base, contexts, rest)
+            for batch in batches:
+                write(runner.run(batch))
             second = []
             for s in group:
                 if s.followup is None:
@@ -308,27 +312,48 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
                     ids = turn2_input_ids(s.input_ids, turn1["output_ids"],
                                           s.followup.suffix_ids, s.followup.stop_ids)
                     second.append(_Request(s, c, 2, ids, s.followup.max_tokens))
-            for row in runner.run(second):
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+            write(runner.run(second))
     bar.close()
+    if runner.context_misses:
+        print(f"kvcompress eval: {runner.context_misses} query-agnostic request(s) did not start "
+              "on their compressed context (evicted before they ran) and were compressed "
+              "query-aware; their rows say context_reused: false", file=sys.stderr)
+    hits_after = _reuse_hits(llm)
+    hits = None if hits_after is None else hits_after - (hits_before or 0)
+    if setting == QUERY_AGNOSTIC and hits is not None and hits != runner.context_reuses:
+        # The rows read a hit off num_cached_tokens == context_len; the engine counts its own.
+        print(f"kvcompress eval: the engine counted {hits} compressed-context hits, the rows "
+              f"{runner.context_reuses}; context_reused is unreliable in this run",
+              file=sys.stderr)
     return out
+
+
+def _reuse_hits(llm: Any) -> int | None:
+    """Requests the engine started on a published compressed prefix so far (``None``: the
+    engine core runs in another process, so its counters are not readable here)."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    planner = getattr(getattr(core, "scheduler", None), "_kvcompress", None)
+    return None if planner is None else planner.stats.prefix_reuse_hits
 
 
 class _BatchRunner:
     """Adds a batch of requests to the engine and steps it until they are all finished."""
 
     def __init__(self, engine: Any, sampling_params: Any, params: dict[str, Any],
-                 layers: int, bar: tqdm) -> None:
+                 layers: int, bar: tqdm, setting: str, row_fields: RowFields | None) -> None:
         self.engine = engine
         self.sampling_params = sampling_params
         self.params = params
         self.layers = layers
         self.bar = bar
+        self.setting = setting
+        self.row_fields = row_fields
         self.count = 0
+        #: Query-agnostic requests that did (not) start on their compressed context.
+        self.context_reuses = self.context_misses = 0
 
     def run(self, batch: list[_Request]) -> Iterable[dict[str, Any]]:
-        """Yields one prediction row per request, in completion order."""
+        """Yields one prediction row per recorded request, in completion order."""
         pending: dict[str, _Request] = {}
         for request in batch:
             self.count += 1
@@ -338,26 +363,46 @@ class _BatchRunner:
             self.engine.add_request(
                 request_id, {"prompt_token_ids": request.input_ids},
                 self.sampling_params(max_tokens=request.max_tokens, temperature=0.0,
-                                     extra_args=request_args(config, self.params)))
+                                     extra_args=setting_args(self.setting, config,
+                                                             self.params)))
             pending[request_id] = request
         while pending:
             for output in self.engine.step():
                 if not output.finished or output.request_id not in pending:
                     continue
                 request = pending.pop(output.request_id)
-                yield self._row(request, output.outputs[0])
-                self.bar.update(1)
+                if request.record:
+                    yield self._row(request, output)
+                    self.bar.update(1)
 
-    def _row(self, request: _Request, completion: Any) -> dict[str, Any]:
+    def _row(self, request: _Request, output: Any) -> dict[str, Any]:
+        """The prediction row of a finished request (``output``: vLLM's ``RequestOutput``)."""
         config = request.config
+        completion = output.outputs[0]
         spec = make_spec(config, self.params)
         prompt_tokens = len(request.input_ids)
         kept = spec.kept_tokens(prompt_tokens)
+        kept = prompt_tokens if kept is None else min(kept, prompt_tokens)
+        held = held_tokens(spec, prompt_tokens, self.layers)
+        agnostic = {}
+        if self.setting == QUERY_AGNOSTIC and spec.enabled:
+            # The context as compressed on its own, the rest of the prompt whole.
+            context = context_length(request.sample)
+            reused = output.num_cached_tokens == context
+            self.context_misses += not reused
+            self.context_reuses += reused
+            agnostic = {"context_tokens": context, "context_reused": reused}
+            if reused:
+                context_kept = spec.kept_tokens(context)
+                kept = (context if context_kept is None else context_kept) + prompt_tokens - \
+                    context
+                held = held_tokens(spec, context, self.layers) + prompt_tokens - context
+        extra = {} if self.row_fields is None else self.row_fields(request.sample, config,
+                                                                    request.turn)
         return {
             "id": request.sample.id, "turn": request.turn, "policy": config.policy,
             "ratio": config.ratio, "head_select": config.head_select, "variant": config.variant,
-            "text": completion.text, "output_ids": list(completion.token_ids),
-            "prompt_tokens": prompt_tokens,
-            "kept_tokens": prompt_tokens if kept is None else min(kept, prompt_tokens),
-            "held_tokens": held_tokens(spec, prompt_tokens, self.layers),
-            "finish_reason": completion.finish_reason, "backend": BACKEND}
+            "setting": self.setting, "text": completion.text,
+            "output_ids": list(completion.token_ids), "prompt_tokens": prompt_tokens,
+            "kept_tokens": kept, "held_tokens": held, **agnostic,
+            "finish_reason": completion.finish_reason, "backend": BACKEND, **extra}

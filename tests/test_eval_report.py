@@ -1,0 +1,261 @@
+"""`kvcompress eval`'s report and `make results`: grading hand-made predictions of both
+backends (intervals, paired differences, held memory, targets, plots), the results page's
+sections, merge vs drop, and the live Qwen study's folder as the old code wrote it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_kvcompress.bench.results.page import build
+from vllm_kvcompress.eval import run as eval_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fake_run(folder: Path, n: int = 4) -> None:
+    """Hand-made predictions: ``n`` single-needle prompts and ``n`` multi-turn ones, ours
+    (shared and per_head) and kvpress's (PyramidKV also at our held ratio)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = [{"id": f"niah_single-4096-d{d:g}-{i}", "task": "niah_single", "length": 4096,
+                "depth": d, "answers": ["1234567"], "match": "any", "max_tokens": 16,
+                "needle_offsets": [60 + i]} for i in range(n) for d in (0.0, 1.0)]
+    samples += [{"id": f"niah_multiturn-4096-d0-{i}", "task": "niah_multiturn", "length": 4096,
+                 "depth": 0.0, "answers": ["1111111"], "match": "any", "max_tokens": 16,
+                 "needle_offsets": [70 + i, 900], "followup": {
+                     "question": "q", "suffix_ids": [3, 4], "stop_ids": [3],
+                     "answers": ["2222222"], "match": "any", "max_tokens": 16}}
+                for i in range(n)]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    right = {"vllm": {("none", "shared"), ("chunkkv", "shared"), ("pyramidkv", "shared")},
+             "kvpress": {("none", None)}}
+    configs = {"vllm": [("none", 1.0, "shared", ""), ("chunkkv", 0.25, "shared", ""),
+                        ("chunkkv", 0.25, "per_head", ""), ("pyramidkv", 0.25, "shared", ""),
+                        ("chunkkv", 0.25, "shared", "grid0"), ("chunkkv", 0.25, "shared", "sink0")],
+               "kvpress": [("none", 1.0, None, ""), ("chunkkv", 0.25, None, ""),
+                           ("pyramidkv", 0.25, None, ""), ("pyramidkv", 0.4, None, "")]}
+    for backend, mine in configs.items():
+        lines = []
+        for n, sample in enumerate(samples):
+            for policy, ratio, mode, variant in mine:
+                good = (policy, mode) in right[backend]
+                if variant == "sink0":  # no sinks: right on the first half of the prompts only
+                    good = n < len(samples) // 2
+                held = 400 if policy == "pyramidkv" and backend == "vllm" else ratio * 1000
+                line = {"id": sample["id"], "policy": policy, "ratio": ratio,
+                        "text": " 1234567." if good else " 12.", "prompt_tokens": 1000,
+                        "kept_tokens": int(ratio * 1000)}
+                if backend == "vllm":
+                    line.update(head_select=mode, held_tokens=held, variant=variant)
+                else:
+                    line["kept_tokens_per_layer"] = [held + 50, held - 50]
+                if sample["task"] == "niah_multiturn":
+                    line["text"] = " 1111111." if good else " 12."
+                    # Turn 2: full KV right, every compressed config wrong.
+                    lines.append({**line, "turn": 2, "text": " 2222222." if policy == "none"
+                                  else " 1111111.", "prompt_tokens": 1030})
+                lines.append(line)
+        (folder / f"predictions-{backend}.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_report_grades_every_backend_and_writes_plots(tmp_path: Path) -> None:
+    _fake_run(tmp_path)
+    result = eval_run.report(tmp_path)
+    table = {(s["backend"], s["label"], s["ratio"]): s for s in result["summary"]}
+    accuracy = {key: s["accuracy"] for key, s in table.items()}
+    assert accuracy == {
+        ("vllm", "none", 1.0): 1.0, ("vllm", "chunkkv", 0.25): 1.0,
+        ("vllm", "chunkkv[per_head]", 0.25): 0.0, ("vllm", "pyramidkv", 0.25): 1.0,
+        ("vllm", "chunkkv(grid0)", 0.25): 1.0, ("vllm", "chunkkv(sink0)", 0.25): 0.5,
+        ("kvpress", "none", 1.0): 1.0, ("kvpress", "chunkkv", 0.25): 0.0,
+        ("kvpress", "pyramidkv[per_head]", 0.25): 0.0,
+        ("kvpress", "pyramidkv[per_head]", 0.4): 0.0}
+    none = table[("vllm", "none", 1.0)]
+    assert none["samples"] == 12 and none["accuracy_ci"] == [1.0, 1.0]
+    # Multi-turn: turn 1 and turn 2 side by side, full KV included.
+    assert none["niah_multiturn"] == 1.0 and none["turn2"] == 1.0 and none["turn2_samples"] == 4
+    assert table[("vllm", "chunkkv", 0.25)]["turn2"] == 0.0
+    assert table[("vllm", "chunkkv", 0.25)]["turn2_ci"] == [0.0, 0.0]
+    # Held memory: ours PyramidKV 0.4 at nominal 0.25; kvpress's per-layer mean.
+    assert table[("vllm", "pyramidkv", 0.25)]["held_ratio"] == pytest.approx(0.4)
+    assert table[("kvpress", "pyramidkv[per_head]", 0.4)]["held_ratio"] == pytest.approx(0.4)
+    assert table[("vllm", "chunkkv", 0.25)]["held_ratio"] == pytest.approx(0.25)
+    # kvpress's selection mode per press.
+    assert table[("kvpress", "chunkkv", 0.25)]["head_select"] == "shared"
+    # Ours - kvpress, paired: nominal pairs (the grid variants are the ablation's), and PyramidKV
+    # also at the same held memory.
+    pairs = {(c["label"], c["ratio"], c["match"]): c for c in result["comparison"]}
+    assert set(pairs) == {("none", 1.0, "nominal"), ("chunkkv", 0.25, "nominal"),
+                          ("chunkkv[per_head]", 0.25, "nominal"),
+                          ("pyramidkv", 0.25, "nominal"), ("pyramidkv", 0.25, "held")}
+    assert pairs[("chunkkv", 0.25, "nominal")]["diff_ci"] == [1.0, 1.0]
+    assert pairs[("chunkkv", 0.25, "nominal")]["ge"]
+    assert pairs[("chunkkv[per_head]", 0.25, "nominal")]["diff"] == 0.0
+    assert pairs[("chunkkv[per_head]", 0.25, "nominal")]["ge"]  # [0, 0] reaches 0
+    assert pairs[("pyramidkv", 0.25, "held")]["kvpress_ratio"] == 0.4
+    assert pairs[("pyramidkv", 0.25, "held")]["kvpress_mode"] == "per_head"
+    assert pairs[("none", 1.0, "nominal")]["diff_ci"] == [0.0, 0.0]
+    targets = {t["target"].split(":")[0]: t for t in result["targets"]}
+    assert targets["chunkkv"]["met"] and targets["chunkkv"]["misses"] == []
+    assert "same held memory" in targets["pyramidkv"]["target"]
+    assert targets["chunkkv 0.25 kept"]["met"] and targets["chunkkv[per_head] 0.25 kept"][
+        "raw"] == [0.0, 1.0]
+    assert targets["chunkkv(sink0) 0.25 kept"]["raw"] == [0.75, 1.0]  # 6 of the 8 needles
+    turn2 = targets["chunkkv 0.25 kept, multi-turn"]
+    assert turn2["raw"] == [0.0, 1.0] and not turn2["met"]
+    for name in ("results.json", "results.csv", "accuracy_vs_ratio.png", "heatmap_vllm.png",
+                 "heatmap_kvpress.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    header = (tmp_path / "results.csv").read_text().splitlines()[0].split(",")
+    for column in ("turn", "head_select", "variant", "held_tokens", "held_ratio",
+                   "needle_offset"):
+        assert column in header
+
+
+def test_report_names_the_cells_where_ours_misses(tmp_path: Path) -> None:
+    _fake_run(tmp_path)
+    # kvpress right everywhere for chunkkv: ours shared equal (>= holds), per_head worse.
+    path = tmp_path / "predictions-kvpress.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        if line["policy"] == "chunkkv" and line.get("turn", 1) == 1:
+            line["text"] = " 1234567. 1111111."
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = eval_run.report(tmp_path)
+    targets = {t["target"].split(":")[0]: t for t in result["targets"]}
+    assert targets["chunkkv"]["met"]
+    assert not targets["chunkkv[per_head]"]["met"]
+    assert targets["chunkkv[per_head]"]["misses"] == ["0.25"]
+
+
+def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
+    """`make results`: docs/results.md from runs/, missing inputs named, images copied, every
+    accuracy table with intervals, the ablation with both grids."""
+    runs = tmp_path / "runs"
+    _fake_run(runs / "eval")  # ours and kvpress on the same prompts, with the grid variants
+    eval_run.report(runs / "eval")
+    row = {"policy": "none", "ratio": 1.0, "max_tokens": 16, "requests_per_s": 1.0,
+           "output_tokens_per_s": 10.0, "output_tokens_per_s_vs_none": 1.0, "peak_running": 4,
+           "peak_running_vs_none": 1.0, "peak_goal": 3.6, "peak_goal_met": True,
+           "preemptions": 0, "ttft_p50_s": 1.0, "ttft_p99_s": 2.0, "tpot_p50_s": 0.1,
+           "tpot_p99_s": 0.2}
+    compressed = {**row, "policy": "chunkkv", "ratio": 0.25, "output_tokens_per_s": 25.0,
+                  "output_tokens_per_s_vs_none": 2.5, "peak_running": 13,
+                  "peak_running_vs_none": 3.25, "peak_goal": 14.4, "peak_goal_met": False}
+    (runs / "bench-throughput").mkdir(parents=True)
+    (runs / "bench-throughput" / "throughput.json").write_text(json.dumps({
+        "machine": {"cpu": "cpu", "cores": 2, "date": "today"}, "command": "kvcompress bench",
+        "workload": {"requests": 24, "prompt_len": 1024, "pool_holds_full_requests": 4,
+                     "block_size": 32}, "rows": [row, compressed]}))
+    (runs / "bench-overhead").mkdir(parents=True)
+    (runs / "bench-overhead" / "overhead.json").write_text(json.dumps({
+        "machine": {"cpu": "cpu", "cores": 2, "date": "today"}, "command": "kvcompress bench "
+        "overhead", "dtype": "float32", "throughput": None,
+        "ttft": {"prompt_len": 4096, "kv_ratio": 0.25, "per_policy": {
+            "none": {"median_ttft_s": 10.0, "median_compaction_s": 0.0, "ttft_vs_none": 1.0,
+                     "compaction_share_of_ttft": 0.0},
+            "knorm[per_head]": {"median_ttft_s": 10.4, "median_compaction_s": 0.6,
+                                "ttft_vs_none": 1.04, "compaction_share_of_ttft": 0.0577}}}}))
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(runs, out)
+    assert "| knorm[per_head] | 10.40 | 1.040 | 0.600 | 5.8% | **no** |" in text
+    assert "| none | 10.00 | 1.000 | 0.000 | 0.0% | yes |" in text
+    # Our table: held ratio, n, all tasks with its interval, needles at 4k, both turns.
+    assert ("| none | 1 | 1.00 | 12 | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | "
+            "1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |") in text
+    assert "| pyramidkv | 0.25 | 0.40 | 12 | 1.00 [1.00, 1.00] |" in text
+    assert "| chunkkv[per_head] | 0.25 | 0.25 | 12 | 0.00 [0.00, 0.00] |" in text
+    # Ours vs kvpress: paired interval and the ">=" column; PyramidKV at the same memory.
+    assert ("| chunkkv | 0.25 | nominal | 0.25 | shared | 0.25 | 0.25 | 12 | 1.00 [1.00, 1.00] | "
+            "0.00 [0.00, 0.00] | 1.000 [1.000, 1.000] | yes |") in text
+    assert "| pyramidkv | 0.25 | held | 0.4 | per_head | 0.40 | 0.40 | 12 |" in text
+    assert "| ours >= kvpress |" in text and "misses: none." in text
+    assert "| kvpress | none | 1 | 1.00 | 4 | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] |" in text
+    # The ablation: the grids with intervals and their paired differences to the default.
+    ablation = text[text.index("## Ablation"):]
+    assert ("| 0.25 | 1.00 [1.00, 1.00] | 1.00 [1.00, 1.00] | 0.000 [0.000, 0.000] | "
+            "0.50 [0.25, 0.75] | -0.500 [-0.750, -0.250] | 0.00 [0.00, 0.00] |") in ablation
+    assert "`kv_chunk_grid=from_zero`" in ablation and "`kv_sink_tokens=0`" in ablation
+    assert "| chunkkv(sink0) | 0.25 | 0.25 | 12 | 0.50 [" in text  # in our table too
+    assert "| tok/s >= 3x none at 0.25 kept (chunkkv, 16 out) | 2.50x | **no** |" in text
+    assert "13 vs goal 14.4 | **no**" in text
+    assert "Throughput, 16 output tokens: best chunkkv 0.25 at 2.50x" in text
+    assert "chunkkv[per_head], ours - kvpress (paired, same prompts): 0.25: 0.00 [0.00, 0.00]" \
+        in text
+    assert (out.parent / "img" / "results" / "peer_heatmap_kvpress.png").exists()
+    # Every method x ratio side by side, a plot per family, the best method at 0.1 named.
+    methods = text[text.index("## Every method"):]
+    assert ("| window attention | chunkkv | 0.25 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
+            in methods)
+    assert "| window attention | pyramidkv | 0.25 |" in methods
+    assert "Best at kept ratio 0.1" in methods or "No paired needle prompts" in methods
+    assert (out.parent / "img" / "results" / "methods_window_attention.png").exists()
+    missing = build(tmp_path / "nowhere", tmp_path / "docs" / "empty.md")
+    missing = missing.replace(str(tmp_path / "nowhere"), "runs")
+    assert "runs/eval/results.json is missing: run `make bench-eval EVAL_MODEL=smollm2`" in missing
+    assert "runs/qwen-eval/results.json is missing: run `make bench-eval`" in missing
+    assert "run `make bench-peer EVAL_MODEL=smollm2`" in missing
+
+
+def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
+    """`--merge`: our snapkv(merge) rows pair with kvpress's `snapkv+merge` (MergingPress) rows,
+    not with its plain SnapKV; the results page shows merge vs drop for both, paired."""
+    from vllm_kvcompress.eval.configs import RunConfig, configurations
+    from vllm_kvcompress.eval.kvpress_backend import kvpress_policy
+    from vllm_kvcompress.eval.kvpress_peer.presses import InputError, press_spec
+
+    assert configurations(["snapkv", "chunkkv"], [0.25], merge=True)[-2:] == [
+        ("snapkv", 0.25, "shared", "merge"), ("chunkkv", 0.25, "shared", "merge")]
+    assert kvpress_policy(RunConfig("snapkv", 0.25, "shared", "merge")) == "snapkv+merge"
+    assert kvpress_policy(RunConfig("chunkkv", 0.25, "shared", "merge")) is None
+    assert kvpress_policy(RunConfig("sagekv", 0.25, "per_head", "")) is None
+    assert press_spec("snapkv+merge", 0.25, {})[0] == "MergingPress"
+    with pytest.raises(InputError, match="ScorerPress"):
+        press_spec("chunkkv+merge", 0.25, {})
+
+    run = tmp_path / "runs" / "eval"
+    run.mkdir(parents=True)
+    samples = [{"id": f"niah_single-4096-d0-{i}", "task": "niah_single", "length": 4096,
+                "depth": 0.0, "answers": ["1234567"], "match": "any", "max_tokens": 16,
+                "needle_offsets": [60 + i]} for i in range(6)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    # ours: merge right on every prompt, drop on none; kvpress: both right on half.
+    ours, peer = [], []
+    for i, sample in enumerate(samples):
+        base = {"id": sample["id"], "ratio": 0.25, "prompt_tokens": 1000, "kept_tokens": 250}
+        ours += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567",
+                  "head_select": "shared", "variant": "", "held_tokens": 1000},
+                 {**base, "policy": "snapkv", "text": " 12", "head_select": "shared",
+                  "variant": "", "held_tokens": 250},
+                 {**base, "policy": "snapkv", "text": " 1234567", "head_select": "shared",
+                  "variant": "merge", "held_tokens": 250}]
+        good = " 1234567" if i % 2 else " 12"
+        peer += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567",
+                  "kept_tokens_per_layer": [1000]},
+                 {**base, "policy": "snapkv", "text": good, "kept_tokens_per_layer": [250],
+                  "kvpress_mode": "per_head"},
+                 {**base, "policy": "snapkv+merge", "text": good,
+                  "kept_tokens_per_layer": [250], "kvpress_mode": "per_head"}]
+    for backend, lines in (("vllm", ours), ("kvpress", peer)):
+        (run / f"predictions-{backend}.jsonl").write_text(
+            "".join(json.dumps(line) + "\n" for line in lines))
+    result = eval_run.report(run)
+    keys = {(s["backend"], s["policy"], s["head_select"], s["variant"]) for s in result["summary"]}
+    assert ("kvpress", "snapkv", "per_head", "merge") in keys
+    pairs = {(c["policy"], c["variant"]): c for c in result["comparison"]}
+    assert pairs[("snapkv", "merge")]["kvpress_mode"] == "per_head"
+    assert pairs[("snapkv", "merge")]["diff"] == pytest.approx(0.5)
+    assert pairs[("snapkv", "")]["diff"] == pytest.approx(-0.5)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(tmp_path / "runs", out)
+    merge = text[text.index("## Merging evicted tokens"):]
+    assert ("| snapkv | 0.25 | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 1.000 [1.000, 1.000] | "
+            "0.50 [") in merge
+    assert "| 0.000 [0.000, 0.000] | 0.500 [" in merge
+
+

@@ -1,0 +1,5 @@
+"""``python -m vllm_kvcompress.bench.results``: see ``page``."""
+
+from .page import main
+
+main()

@@ -1,0 +1,107 @@
+"""Variants of a method on the same prompts: merging evicted tokens vs dropping them (ours and
+kvpress's MergingPress), and ChunkKV's chunk grid (the ablation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .cells import ScoreKey, cell, entry_label, order, paired_difference, paired_text, read_scores
+
+
+def merge_section(result: dict[str, Any], run: Path) -> list[str]:
+    """``merge: on`` vs off, ours and kvpress's MergingPress, paired on the same prompts."""
+    summary = result["summary"]
+    merged = sorted((s for s in summary if s.get("variant") == "merge"),
+                    key=lambda s: (s["backend"] != "vllm", *order(s)))
+    if not merged:
+        return []
+    scores = read_scores(run)
+
+    def paired(a_key: ScoreKey, b_key: ScoreKey) -> str:
+        return paired_text(paired_difference(scores.get(a_key, {}), scores.get(b_key, {})))
+
+    def find(backend: str, policy: str, ratio: float, variant: str) -> dict[str, Any] | None:
+        return next((s for s in summary if (s["backend"], s["policy"], s["ratio"],
+                                            s.get("variant", "")) ==
+                     (backend, policy, ratio, variant)), None)
+
+    lines = ["## Merging evicted tokens (`merge: on`) vs dropping them", "",
+             "All tasks, turn 1, mean [bootstrap 95% CI]; differences paired over the same "
+             "prompts. kvpress's peer is its `MergingPress` around the same press (value "
+             "folding into the most similar survivor, similarity and value-norm weighted); ours "
+             "folds with window-attention weights (docs/ARCHITECTURE.md). Neither raises the "
+             "merged slot's attention logit.", "",
+             "| method | kept ratio | ours | ours, merge | merge - drop (ours) | kvpress | "
+             "kvpress, merge | merge - drop (kvpress) | ours merge - kvpress merge |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in (m for m in merged if m["backend"] == "vllm"):
+        policy, ratio, mode = s["policy"], s["ratio"], s.get("head_select") or "shared"
+        plain = find("vllm", policy, ratio, "")
+        peer_plain = find("kvpress", policy, ratio, "")
+        peer_merge = find("kvpress", policy, ratio, "merge")
+        peer_mode = (peer_merge or peer_plain or {}).get("head_select") or "shared"
+        ours_key, peer_key = ("vllm", policy, ratio, mode), ("kvpress", policy, ratio, peer_mode)
+        ours_gain = paired((*ours_key, "merge", 1), (*ours_key, "", 1))
+        peer_gain = paired((*peer_key, "merge", 1), (*peer_key, "", 1))
+        versus = paired((*ours_key, "merge", 1), (*peer_key, "merge", 1))
+        lines.append(
+            f"| {entry_label(plain or s)} | {ratio:g} | {cell(plain, 'accuracy')} | "
+            f"{cell(s, 'accuracy')} | {ours_gain} | {cell(peer_plain, 'accuracy')} | "
+            f"{cell(peer_merge, 'accuracy')} | {peer_gain} | {versus} |")
+    return [*lines, ""]
+
+
+GRID_VARIANTS = (("grid0", "grid from token 0, 4 sinks (`kv_chunk_grid=from_zero`)"),
+                 ("sink0", "grid from token 0, no sinks (`kv_sink_tokens=0`)"))
+
+
+def ablation_section(peer: dict[str, Any], run: Path) -> list[str]:
+    """ChunkKV's chunk grid: the default (after the sinks) next to the grid from token 0 (with
+    the sinks kept, and without sinks) and kvpress, on the same (jittered) prompts in the same
+    engine run, with intervals and each variant's paired difference to the default."""
+    def table(backend: str, variant: str) -> dict[float, dict[str, Any]]:
+        return {s["ratio"]: s for s in peer["summary"]
+                if s["backend"] == backend and s["policy"] == "chunkkv"
+                and s.get("variant", "") == variant
+                and (backend != "vllm" or s.get("head_select", "shared") == "shared")}
+
+    variants = [(v, name) for v, name in GRID_VARIANTS if table("vllm", v)]
+    if not variants:
+        return []
+    scores = read_scores(run)
+    ours, kvpress = table("vllm", ""), table("kvpress", "")
+    lines = ["## Ablation: where ChunkKV's chunk grid starts", "",
+             "Same prompts and engine run as above (`--chunk-grid-ablation`: the variants are "
+             "extra configurations of the same run). Needle offsets are jittered, so no grid is "
+             "favoured by construction. The default grid starts after the 4 sink tokens; "
+             "`grid0` starts it at token 0 as kvpress's does and keeps the sinks; `sink0` (the "
+             "first cut's ablation, `--sink-tokens 0`) also starts it at token 0 but drops the "
+             "sinks, which changes two things at once. Mean [bootstrap 95% CI]; \"- default\" "
+             "is paired over prompts.", ""]
+    for column, title in (("accuracy", "All tasks, turn 1"), ("needle_4k", "Needles at 4k")):
+        if all(s.get(column) is None for s in ours.values()):
+            continue
+        header = ["kept ratio", "default (after the sinks)"]
+        for _, name in variants:
+            header += [name, "- default"]
+        header.append("kvpress")
+        lines += [f"{title}:", "", "| " + " | ".join(header) + " |",
+                  "|" + "---:|" * len(header)]
+        for ratio in sorted(ours, reverse=True):
+            cells = [f"{ratio:g}", cell(ours.get(ratio), column)]
+            for variant, _ in variants:
+                cells += [cell(table("vllm", variant).get(ratio), column),
+                          paired_grid(scores, variant, ratio, column == "needle_4k")]
+            cells.append(cell(kvpress.get(ratio), column))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def paired_grid(scores: dict[ScoreKey, dict[str, float]], variant: str, ratio: float,
+            needles_4k: bool) -> str:
+    """Paired ``variant - default`` of our shared ChunkKV at ``ratio`` (turn 1)."""
+    return paired_text(paired_difference(
+        scores.get(("vllm", "chunkkv", ratio, "shared", variant, 1), {}),
+        scores.get(("vllm", "chunkkv", ratio, "shared", "", 1), {}), needles_4k))

@@ -1,0 +1,155 @@
+"""Prefill and greedy decoding on HF transformers with a kvpress press, as kvpress's own
+pipeline does it: the press active during the prefill of the prompt (query-aware) or of the
+context alone (query-agnostic, then the question prefilled on the compressed cache without it),
+decoding without the press, RoPE positions continuing from the original length."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+
+def eos_token_ids(model: Any) -> set[int]:
+    """EOS ids from the model's generation_config and config (either may hold an int or a list)."""
+    ids: set[int] = set()
+    for source in (model.generation_config, model.config):
+        value = getattr(source, "eos_token_id", None)
+        if value is None:
+            continue
+        ids.update([value] if isinstance(value, int) else list(value))
+    return ids
+
+
+def kept_per_layer(cache: Any) -> list[int]:
+    """Cached tokens per layer."""
+    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+
+
+def decode(
+    model: Any, cache: Any, token: int, prompt_len: int, max_tokens: int, eos: set[int]
+) -> list[int]:
+    """Greedy decoding without a press from a (possibly compressed) prefilled cache.
+
+    Args:
+        model: the HF causal LM.
+        cache: the DynamicCache after the prefill (and its compression); grown in place.
+        token: the first generated token (argmax of the last prompt token's logits).
+        prompt_len: the ORIGINAL prompt length: decoded tokens get RoPE positions from there.
+        max_tokens: most new tokens, ``token`` included; stops after an EOS token (included, as
+            HF generate does).
+        eos: EOS token ids.
+
+    Returns:
+        The generated ids, ``token`` first.
+    """
+    import torch
+
+    output_ids = [token]
+    # RoPE positions continue from the original prompt length; cache_position indexes the
+    # (compressed) cache, whose length grows by one per step.
+    position = prompt_len
+    with torch.inference_mode():
+        while len(output_ids) < max_tokens and token not in eos:
+            cache_len = cache.get_seq_length()
+            out = model(
+                input_ids=torch.tensor([[token]], dtype=torch.long),
+                past_key_values=cache,
+                position_ids=torch.tensor([[position]], dtype=torch.long),
+                cache_position=torch.tensor([cache_len], dtype=torch.long),
+                use_cache=True,
+            )
+            position += 1
+            token = int(out.logits[0, -1].argmax())
+            output_ids.append(token)
+    return output_ids
+
+
+def prefill(model: Any, press: Any, input_ids: list[int]) -> tuple[Any, Any, float]:
+    """One prefill of the whole prompt with ``press`` active (the per-config path).
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        press: a kvpress press or None.
+        input_ids: the complete prompt.
+
+    Returns:
+        The (compressed) DynamicCache, the last prompt token's logits and the seconds taken.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.inference_mode():
+        ids = torch.tensor([input_ids], dtype=torch.long)
+        start = time.perf_counter()
+        with press(model) if press is not None else contextlib.nullcontext():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    return cache, out.logits[0, -1], seconds
+
+
+def prefill_question(model: Any, cache: Any, question_ids: list[int], context_len: int) -> Any:
+    """The query-agnostic setting's second step, as kvpress's pipeline answers a question: the
+    ids after the context (question, template, answer prefix) in one forward pass on the
+    (compressed) cache, no press, RoPE positions ``context_len ..`` (the original ones), the
+    cache position left to the model (the compressed cache's length).
+
+    Args:
+        model: the HF causal LM.
+        cache: the context's DynamicCache after its compression; grown in place.
+        question_ids: the ids after the context, ``[Q]``.
+        context_len: the context's ORIGINAL length.
+
+    Returns:
+        The last question token's logits, ``[vocab]``.
+    """
+    import torch
+
+    with torch.inference_mode():
+        positions = torch.arange(context_len, context_len + len(question_ids)).unsqueeze(0)
+        out = model(input_ids=torch.tensor([question_ids], dtype=torch.long),
+                    past_key_values=cache, position_ids=positions, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def generate(
+    model: Any, press: Any, input_ids: list[int], max_tokens: int, eos: set[int],
+    context_len: int | None = None,
+) -> dict[str, Any]:
+    """Prefill with ``press`` active, then greedy-decode without it.
+
+    The per-config path (``--no-shared-prefill``): one full prefill per (sample, config).
+
+    Args:
+        model: a HF causal LM (Llama family) with SDPA attention.
+        press: a kvpress press or None.
+        input_ids: the complete prompt.
+        max_tokens: most new tokens; stops after an EOS token (included, as HF generate does).
+        eos: EOS token ids.
+        context_len: query-agnostic: the press runs on the first ``context_len`` ids only, the
+            rest is prefilled after it without the press (``prefill_question``); None:
+            query-aware, the whole prompt under the press.
+
+    Returns:
+        ``output_ids``, ``kept_tokens`` (prompt tokens cached in layer 0 before decoding),
+        ``kept_tokens_per_layer``, ``prefill_s``, ``decode_s``.
+    """
+    if context_len is None:
+        cache, logits, prefill_s = prefill(model, press, input_ids)
+    else:
+        cache, _, prefill_s = prefill(model, press, input_ids[:context_len])
+        start = time.perf_counter()
+        logits = prefill_question(model, cache, input_ids[context_len:], context_len)
+        prefill_s += time.perf_counter() - start
+    kept = kept_per_layer(cache)
+    start = time.perf_counter()
+    output_ids = decode(model, cache, int(logits.argmax()), len(input_ids), max_tokens, eos)
+    decode_s = time.perf_counter() - start
+    return {
+        "output_ids": output_ids,
+        "kept_tokens": kept[0],
+        "kept_tokens_per_layer": kept,
+        "prefill_s": round(prefill_s, 4),
+        "decode_s": round(decode_s, 4),
+    }

@@ -1,0 +1,162 @@
+"""Our configurations as kvpress presses: which press, which parameters, which selection mode.
+
+The mapping imports nothing of kvpress (``build_press`` does, when called), so the main venv
+reads ``KVPRESS_MODES`` and ``press_spec`` from here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv", "tova", "knorm",
+            "keydiff", "expected_attention", "qfilters")
+DEFAULT_PARAMS: dict[str, Any] = {
+    "window": 32,
+    "pool_kernel": 5,
+    "chunk_size": 10,
+    "sink_tokens": 4,
+    "future_positions": 512,
+    "qfilters_path": None,
+}
+#: ``snapkv+merge``: kvpress's ``MergingPress`` around the policy's press (a ScorerPress).
+MERGE_SUFFIX = "+merge"
+MERGEABLE = ("streamingllm", "snapkv", "pyramidkv", "tova", "knorm", "keydiff",
+             "expected_attention", "qfilters")
+#: How each press selects tokens: ``per_head`` (ScorerPress: top-k over each KV head's scores) or
+#: ``shared`` (ChunkKVPress: scores summed over heads, one token set per layer). StreamingLLM's
+#: scores are positional, so its per-head top-k keeps the same tokens in every head.
+KVPRESS_MODES = {
+    "none": "shared",
+    "streamingllm": "per_head",
+    "snapkv": "per_head",
+    "chunkkv": "shared",
+    "pyramidkv": "per_head",
+    # TOVAPress averages the scores over all heads and repeats them per KV head: every head's
+    # top-k is the same token set.
+    "tova": "shared",
+    "knorm": "per_head",
+    "keydiff": "per_head",
+    "expected_attention": "per_head",
+    "qfilters": "per_head",
+}
+
+# A press spec: kvpress class name and constructor kwargs; a kwarg may itself be a spec (ChunkKV
+# wraps a scorer press).
+PressSpec = tuple[str, dict[str, Any]]
+
+
+class InputError(ValueError):
+    """Bad input (file, JSON, field); the runner prints it on one line and exits with status 2."""
+
+
+def press_spec(policy: str, ratio: float, params: dict[str, Any]) -> PressSpec | None:
+    """Map one of our configs to a kvpress press, without importing kvpress.
+
+    Args:
+        policy: one of ``POLICIES``.
+        ratio: fraction of prompt tokens whose KV is kept, in (0, 1]; kvpress's
+            ``compression_ratio`` is the fraction removed, ``1 - ratio``.
+        params: ``window``, ``pool_kernel``, ``chunk_size``, ``sink_tokens``,
+            ``future_positions``, ``qfilters_path`` (missing keys take ``DEFAULT_PARAMS``).
+
+    Returns:
+        ``(class_name, kwargs)`` for ``build_press``, or None when nothing is compressed
+        (policy ``none`` or ratio 1.0).
+
+    Raises:
+        InputError: unknown policy or a ratio outside (0, 1].
+    """
+    base, merge = policy.removesuffix(MERGE_SUFFIX), policy.endswith(MERGE_SUFFIX)
+    if merge:
+        if base not in MERGEABLE:
+            raise InputError(f"{policy!r}: kvpress's MergingPress wraps a ScorerPress; "
+                             f"allowed: {', '.join(p + MERGE_SUFFIX for p in MERGEABLE)}")
+        inner = press_spec(base, ratio, params)
+        return None if inner is None else ("MergingPress", {"press": inner})
+    if policy not in POLICIES:
+        raise InputError(f"unknown policy {policy!r}; allowed: {', '.join(POLICIES)} (and "
+                         f"POLICY{MERGE_SUFFIX} for {', '.join(MERGEABLE)})")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise InputError(f"ratio must be a number in (0, 1], got {ratio!r} (policy {policy!r})")
+    if policy == "none" or ratio == 1:
+        return None
+    p = {**DEFAULT_PARAMS, **params}
+    compression_ratio = 1.0 - float(ratio)
+    snapkv = {
+        "compression_ratio": compression_ratio,
+        "window_size": p["window"],
+        "kernel_size": p["pool_kernel"],
+    }
+    if policy == "streamingllm":
+        return "StreamingLLMPress", {
+            "compression_ratio": compression_ratio,
+            "n_sink": p["sink_tokens"],
+        }
+    if policy == "snapkv":
+        return "SnapKVPress", snapkv
+    if policy == "chunkkv":
+        return "ChunkKVPress", {"press": ("SnapKVPress", snapkv), "chunk_length": p["chunk_size"]}
+    if policy == "pyramidkv":
+        return "PyramidKVPress", snapkv
+    if policy == "tova":
+        return "TOVAPress", {"compression_ratio": compression_ratio}
+    if policy == "knorm":
+        return "KnormPress", {"compression_ratio": compression_ratio}
+    if policy == "keydiff":
+        return "KeyDiffPress", {"compression_ratio": compression_ratio}
+    if policy == "expected_attention":
+        return "ExpectedAttentionPress", {"compression_ratio": compression_ratio,
+                                          "n_future_positions": p["future_positions"],
+                                          "n_sink": p["sink_tokens"]}
+    # qfilters: kvpress's press with OUR calibrated filters (its own come from a model hub).
+    if not p["qfilters_path"]:
+        raise InputError("policy 'qfilters' needs params.qfilters_path (kvcompress calibrate)")
+    return "QFilterPress", {"compression_ratio": compression_ratio,
+                            "qfilters_path": p["qfilters_path"]}
+
+
+def build_press(spec: PressSpec | None) -> Any:
+    """Instantiate a ``press_spec`` result with kvpress (imported here, not at module import).
+
+    Args:
+        spec: ``(class_name, kwargs)``, kwargs possibly holding nested specs, or None.
+
+    Returns:
+        The kvpress press, or None for None.
+    """
+    if spec is None:
+        return None
+    import kvpress
+
+    name, kwargs = spec
+    built = {k: build_press(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    qfilters_path = built.pop("qfilters_path", None)
+    press = getattr(kvpress, name)(**built)
+    if qfilters_path is not None:
+        # QFilterPress loads its filters from a model hub in post_init_from_model; give it
+        # ours (the same convention: score = -<k, f>, f [layers, kv_heads, head_dim]).
+        from safetensors.torch import load_file
+
+        press.q_filters = load_file(qfilters_path)["q_filters"]
+        press.post_init_from_model = lambda model: None
+    return press
+
+
+def min_prompt_len(spec: PressSpec | None) -> int:
+    """Shortest prompt a press accepts (kvpress asserts on shorter ones).
+
+    Args:
+        spec: a ``press_spec`` result.
+
+    Returns:
+        SnapKV-based presses need more tokens than the window, StreamingLLM more than the sinks.
+    """
+    if spec is None:
+        return 1
+    _name, kwargs = spec
+    if "press" in kwargs:
+        return min_prompt_len(kwargs["press"])
+    if "window_size" in kwargs:
+        return kwargs["window_size"] + 1
+    return kwargs.get("n_sink", 0) + 1
+
