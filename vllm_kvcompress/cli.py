@@ -190,7 +190,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .eval import run as eval_run
 
     return _run_reported("kvcompress eval", eval_run, args,
-                         "results.json, results.csv, accuracy_vs_ratio.png, heatmap_*.png")
+                         "results.json, results.csv, accuracy_vs_ratio.png, "
+                         "accuracy_by_task_*.png, heatmap_*.png")
 
 
 def build_parser() -> argparse.ArgumentParser:

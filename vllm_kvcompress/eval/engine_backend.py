@@ -10,7 +10,14 @@ baseline (policy ``none``) of every sample in the group, then every other config
 group in one batch. Those requests hit the prompt's cached, uncompressed blocks and recompute
 only the policy's observation window (the engine caps prefix hits so the window gets queries),
 then compress as usual. It is the engine's ordinary path for a repeated prompt and saves one full
-prefill per configuration; ``--no-prefix-reuse`` prefills every request from scratch.
+prefill per configuration; ``--no-prefix-reuse`` prefills every request from scratch. Where the
+results store already holds a prompt's baseline but not all its other configurations (a run that
+adds ratios or policies), the prompt is prefilled once more without a row (one output token) so
+those configurations still hit the cache.
+
+The results store decides what runs (``done``: the rows it holds under the current keys) and
+stamps every row (``row_fields``: its keys); every row records its ``setting``. This backend runs
+the settings in ``SETTINGS``.
 
 Multi-turn samples (``EvalSample.followup``): once a configuration's turn 1 has finished, its
 turn 2 is a new request whose prompt is turn 1's prompt, turn 1's generated tokens as they came
