@@ -35,13 +35,16 @@ def kvpress_policy(config: RunConfig) -> str | None:
 
 
 def held_matched(samples: list[EvalSample], policies: list[str], ratios: list[float],
-                 params: dict[str, Any], model: str) -> list[RunConfig]:
+                 params: dict[str, Any], model: str, known: set[float] | None = None
+                 ) -> list[RunConfig]:
     """kvpress PyramidKV configurations at our PyramidKV's held ratio of each nominal ratio.
 
     Our engine keeps the largest layer budget in every layer, so at a nominal ratio it holds
     more than kvpress's PyramidKV (whose layers average the nominal budget). Running kvpress's
     press at our held ratio (mean over the prompts, 3 decimals) compares the two at the same
     memory. Nothing for ratios whose held ratio is the nominal one, or without ``pyramidkv``.
+    A ratio in ``known`` (PyramidKV ratios the store already ran) within 0.005 of the held ratio
+    is taken instead, so a study extended by a few prompts does not run a new ratio each time.
     """
     if "pyramidkv" not in policies or not samples:
         return []
@@ -54,6 +57,8 @@ def held_matched(samples: list[EvalSample], policies: list[str], ratios: list[fl
         held = mean(held_tokens(spec, len(s.input_ids), layers) / len(s.input_ids)
                     for s in samples)
         held = round(held, 3)
+        near = [k for k in known or () if abs(k - held) <= 0.005 and k not in ratios]
+        held = min(near, key=lambda k: abs(k - held)) if near else held
         if abs(held - ratio) > 0.005 and held < 1.0:
             config = config_key("pyramidkv", held)
             if config not in extra:

@@ -127,8 +127,9 @@ def _run_kvpress(args: argparse.Namespace, store: Store, samples: list[EvalSampl
         print(f"kvcompress eval: kvpress has no press for {', '.join(missing)} (ours only)",
               file=sys.stderr)
     configs = [c for c in configs if kvpress_backend.kvpress_policy(c) is not None]
+    known = {float(r["ratio"]) for r in store.keyed_rows("kvpress") if r["policy"] == "pyramidkv"}
     configs += kvpress_backend.held_matched(samples, args.policies, args.ratios, params,
-                                            args.model)
+                                            args.model, known)
     settings = _settings(args, store, params, samples, configs)
     store.write_settings("kvpress", settings)
     for setting in args.setting:
