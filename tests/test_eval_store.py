@@ -155,23 +155,27 @@ def test_a_run_extends_the_store_and_runs_only_what_is_missing(
     assert all(r["setting"] == QUERY_AWARE and r["prompt_key"] and r["config_key"]
                for r in rows)
     # A changed window: snapkv's rows no longer count and run again; full KV's still count.
-    # The query-agnostic setting is asked for: the engine has no such path yet, said so.
+    # The query-agnostic setting is asked for too: full KV and snapkv run in it (the context
+    # compressed first, then reused by the whole prompt: engine_backend).
     capsys.readouterr()
     gc.collect()
     result = eval_run.run(_args(**common, samples_per_cell=2, limit=2, window=8,
                                 setting=[QUERY_AWARE, QUERY_AGNOSTIC]))
     third = predictions.read_text()
-    assert third.startswith(second) and len(third.splitlines()) == 6
+    assert third.startswith(second) and len(third.splitlines()) == 10
     added = [json.loads(line) for line in third.splitlines()[4:]]
-    assert {r["policy"] for r in added} == {"snapkv"}
+    assert sorted((r["setting"], r["policy"]) for r in added) == sorted(
+        [(QUERY_AWARE, "snapkv")] * 2 + [(QUERY_AGNOSTIC, "none")] * 2
+        + [(QUERY_AGNOSTIC, "snapkv")] * 2)
+    assert all(r["context_reused"] for r in added
+               if (r["setting"], r["policy"]) == (QUERY_AGNOSTIC, "snapkv"))
     assert result["ignored_rows"] == {"vllm": 2, "kvpress": 0}
     err = capsys.readouterr().err
     assert "2 vllm rows" in err and "ignored, kept in the file" in err
-    assert "not run in the engine: query_agnostic" in err
-    assert result["not_run"] == [{"backend": "vllm", "setting": QUERY_AGNOSTIC, "why": result[
-        "not_run"][0]["why"]}] and "no query-agnostic path" in result["not_run"][0]["why"]
-    assert {(s["policy"], s["samples"]) for s in result["summary"]} == {("none", 2),
-                                                                         ("snapkv", 2)}
+    assert result["not_run"] == []
+    assert {(s["setting"], s["policy"], s["samples"]) for s in result["summary"]} == {
+        (setting, policy, 2) for setting in (QUERY_AWARE, QUERY_AGNOSTIC)
+        for policy in ("none", "snapkv")}
     gc.collect()
 
 
