@@ -193,3 +193,30 @@ def test_compress_once_then_reuse(llm: Any, reference: ReferenceModel, tiny_mode
     want = reference.greedy_on_compressed_prefix(context, kept, question, MAX_TOKENS)
     assert list(two.outputs[0].token_ids) == want
     assert pool.get_num_free_blocks() == free
+
+
+@pytest.mark.parametrize("key", ["kv_decode_budget", "kv_prefill_budget"])
+def test_kvzip_refuses_budgets_it_cannot_honour(key: str) -> None:
+    """KVzip scores a whole prompt once: decode/prefill budgets are refused, naming the key."""
+    from vllm_kvcompress.config import CompressionConfigError
+
+    with pytest.raises(CompressionConfigError) as info:
+        request_spec({"kv_policy": "kvzip", key: 200})
+    assert info.value.field == key and "kvzip" in str(info.value)
+
+
+def test_kvzip_refused_where_it_cannot_run() -> None:
+    """Another architecture or tensor parallelism: one clear reason (startup / HTTP 400)."""
+    from vllm_kvcompress.admission import Frontend, admit
+    from vllm_kvcompress.config import CompressionConfigError, CompressionSpec
+    from vllm_kvcompress.deployment import kvzip_unsupported_reason
+
+    assert kvzip_unsupported_reason(["Qwen2ForCausalLM"]) is None
+    assert "tensor parallelism" in kvzip_unsupported_reason(["LlamaForCausalLM"], 2)
+    reason = kvzip_unsupported_reason(["GPT2LMHeadModel"])
+    assert "GPT2LMHeadModel" in reason
+    frontend = Frontend(CompressionSpec(), None, None, policy_unsupported={"kvzip": reason})
+    with pytest.raises(CompressionConfigError) as info:
+        admit({"kv_policy": "kvzip"}, frontend)
+    assert info.value.field == "kv_policy" and "GPT2LMHeadModel" in str(info.value)
+    assert admit({"kv_policy": "knorm"}, frontend).policy == "knorm"
