@@ -220,3 +220,23 @@ def test_kvzip_refused_where_it_cannot_run() -> None:
         admit({"kv_policy": "kvzip"}, frontend)
     assert info.value.field == "kv_policy" and "GPT2LMHeadModel" in str(info.value)
     assert admit({"kv_policy": "knorm"}, frontend).policy == "knorm"
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, 200), (0, 64), (64, 128), (192, 200)])
+def test_chunk_scores_match_a_loop(start: int, end: int) -> None:
+    """``chunk_scores`` (one batched logits matrix) == a loop over KV heads and query heads."""
+    from vllm_kvcompress.policies.kvzip import chunk_scores
+
+    gen = torch.Generator().manual_seed(start)
+    queries, own = torch.randn(4, 30, 64, generator=gen), torch.randn(2, 30, 64, generator=gen)
+    context = torch.randn(2, 200, 64, generator=gen)
+    want = torch.zeros(2, end - start)
+    sink = min(4, start)
+    for head in range(2):
+        keys = torch.cat([context[head, :sink], context[head, start:end], own[head]])
+        for query_head in (2 * head, 2 * head + 1):
+            logits = 0.125 * queries[query_head] @ keys.T
+            logits[:, -30:] += torch.full((30, 30), float("-inf")).triu(1)
+            weights = logits.softmax(-1)[:, sink:sink + end - start].amax(0)
+            want[head] = torch.maximum(want[head], weights)
+    torch.testing.assert_close(chunk_scores(queries, context, own, start, end, 4, 0.125), want)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..policies.kvzip import RepeatPrompt, chunk_scores, reconstruction_chunks
+from ..policies.kvzip import RepeatPrompt, reconstruction_chunks, scores_from_logits
 
 logger = logging.getLogger("vllm.kvcompress")
 
@@ -67,25 +67,24 @@ class ReconstructionAttention(torch.nn.Module):
                 *args: Any, **kwargs: Any) -> torch.Tensor:
         """``query [T, Hq*D]``, ``key``/``value [T, H*D]`` -> ``[T, Hq*D]`` (input dtype)."""
         num_tokens = query.shape[0]
-        queries = query.view(num_tokens, self.num_heads, self.head_size).transpose(0, 1)
-        own_keys = key.view(num_tokens, self.num_kv_heads, self.head_size).transpose(0, 1)
-        own_values = value.view(num_tokens, self.num_kv_heads, self.head_size).transpose(0, 1)
-        start, end = self.chunk
-        self.scores[:, start:end] = chunk_scores(queries, self.context_keys, own_keys, start,
-                                                 end, self.sink_tokens, self.scale)
-        group = self.num_heads // self.num_kv_heads
-        keys = torch.cat([self.context_keys, own_keys], dim=1).float()
+        heads, size = self.num_kv_heads, self.head_size
+        # [H, G * T, D]: a KV head's query heads are consecutive (vLLM's GQA layout).
+        queries = query.view(num_tokens, self.num_heads, size).transpose(0, 1).reshape(
+            heads, -1, size).float()
+        own_keys = key.view(num_tokens, heads, size).transpose(0, 1)
+        own_values = value.view(num_tokens, heads, size).transpose(0, 1)
+        keys = torch.cat([self.context_keys, own_keys], dim=1).float()  # [H, L + T, D]
         values = torch.cat([self.context_values, own_values], dim=1).float()
-        keys = keys.repeat_interleave(group, dim=0)
-        values = values.repeat_interleave(group, dim=0)
-        context_len = self.context_keys.shape[1]
-        visible = torch.ones(num_tokens, context_len + num_tokens, dtype=torch.bool,
-                             device=query.device)
-        visible[:, context_len:] = torch.ones(num_tokens, num_tokens, dtype=torch.bool,
-                                              device=query.device).tril()
-        out = torch.nn.functional.scaled_dot_product_attention(
-            queries.float(), keys, values, attn_mask=visible, scale=self.scale)
-        return out.transpose(0, 1).reshape(num_tokens, -1).to(query.dtype)
+        # One logits matrix serves the output (softmax over every key) and the scores
+        # (softmax over the sinks, the chunk and the own keys); the causal mask is applied in
+        # place by ``scores_from_logits``.
+        logits = self.scale * queries @ keys.transpose(1, 2)  # [H, G * T, L + T]
+        start, end = self.chunk
+        self.scores[:, start:end] = scores_from_logits(
+            logits, self.context_keys.shape[1], start, end, self.sink_tokens)
+        out = torch.softmax(logits, dim=-1) @ values  # [H, G * T, D]
+        out = out.view(self.num_heads, num_tokens, size).transpose(0, 1)
+        return out.reshape(num_tokens, -1).to(query.dtype)
 
 
 def decoder_layers(model: Any) -> list[Any]:

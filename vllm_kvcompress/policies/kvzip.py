@@ -138,17 +138,42 @@ def chunk_scores(queries: torch.Tensor, context_keys: torch.Tensor, own_keys: to
         ``[H, end - start]`` float32: per KV head, the largest weight over the group's query
         heads and the pass's queries, softmax over [sinks, chunk, own keys] (causal on own).
     """
-    num_q_heads, q_len, _ = queries.shape
-    num_kv_heads = context_keys.shape[0]
-    group = num_q_heads // num_kv_heads
+    head_dim = queries.shape[-1]
+    num_kv_heads, context_len, _ = context_keys.shape
+    keys = torch.cat([context_keys, own_keys], dim=1).float()  # [H, L + q, D]
+    grouped = queries.float().reshape(num_kv_heads, -1, head_dim)  # [H, G * q, D]
+    logits = scale * grouped @ keys.transpose(1, 2)  # [H, G * q, L + q]
+    return scores_from_logits(logits, context_len, start, end, sink_tokens)
+
+
+def scores_from_logits(logits: torch.Tensor, context_len: int, start: int, end: int,
+                       sink_tokens: int) -> torch.Tensor:
+    """``chunk_scores`` from a pass's attention logits over [context, own keys].
+
+    Args:
+        logits: ``[H, G * q, L + q]`` float32 (query heads of a KV head's group outer, queries
+            inner), causal mask on the own keys not yet applied (it is applied here, in place).
+        context_len: ``L``.
+        start: first context index the pass reconstructs.
+        end: one past the last.
+        sink_tokens: leading keys inside the scoring softmax.
+
+    Returns:
+        ``[H, end - start]`` float32.
+    """
+    num_kv_heads, rows, _ = logits.shape
+    q_len = logits.shape[-1] - context_len
+    own = logits[:, :, context_len:].view(num_kv_heads, rows // q_len, q_len, q_len)
+    own.masked_fill_(torch.ones(q_len, q_len, dtype=torch.bool, device=logits.device).triu(1),
+                     float("-inf"))
     sinks = min(sink_tokens, start)
-    keys = torch.cat([context_keys[:, :sinks], context_keys[:, start:end], own_keys], dim=1)
-    keys = keys.float().repeat_interleave(group, dim=0)  # [Hq, s + c + q, D]
-    logits = scale * queries.float() @ keys.transpose(1, 2)  # [Hq, q, s + c + q]
-    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=logits.device).triu(1)
-    logits[:, :, -q_len:].masked_fill_(causal, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)[:, :, sinks:sinks + end - start]
-    return weights.view(num_kv_heads, group, q_len, -1).amax(dim=(1, 2))
+    if start == 0 and end == context_len:
+        subset = logits  # one pass over the whole context: the subset is every key
+    else:
+        subset = torch.cat([logits[:, :, :sinks], logits[:, :, start:end],
+                            logits[:, :, context_len:]], dim=-1)
+    weights = torch.softmax(subset, dim=-1)
+    return weights[:, :, sinks:sinks + end - start].amax(dim=1)
 
 
 @dataclass(frozen=True)
