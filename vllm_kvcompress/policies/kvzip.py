@@ -38,7 +38,7 @@ from .params import Param
 
 KVZIP_CHUNK_SIZE = Param("kvzip_chunk_size", int, 2048, "kvzip: context tokens reconstructed by "
                          "each scoring pass (bounds the extra memory).", minimum=1,
-                         bound="max_model_len")
+                         bound="max_model_len", request_max=4096)
 
 #: Repeat prompt of the first chunk and of later ones (kvpress's text, verbatim).
 FIRST_CHUNK_PROMPT = "\n\nRepeat the previous context exactly."
