@@ -75,7 +75,7 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # PyramidKV at our held ratio). The default is the Qwen study of docs/eval-plan.md: Qwen2.5-0.5B
 # (dequantized Q4_K_M, bf16), five 4k tasks x 8 prompts, the ten methods in their default
 # modes, kept ratios 0.75-0.1, query-aware (EVAL_SETTINGS="query_aware query_agnostic" adds the
-# other setting; the engine reports it as not run until its query-agnostic path exists). Its
+# other setting: the context compressed alone and reused through kv_reuse_prefix). Its
 # cost model (docs/eval-plan.md, busy core): about an hour for bench-eval; bench-peer's
 # multi-turn re-prefills turn 2 per distinct turn-1 answer.
 # EVAL_MODEL=smollm2: the SmolLM2 study (runs/eval: needles at 4k, multi-turn at 1k, 4 prompts per

@@ -183,6 +183,7 @@ def test_vllm_serve_starts_beyond_its_pool_and_serves_long_prompts(
         error = refused.json()["error"]
         assert error["param"] == "vllm_xargs.kv_prefill_budget"
         assert "could never run" in error["message"]
+        assert "no compression (kv_policy none)" in error["message"]  # not the server's budget
         for endpoint in ("completions", "chat/completions"):
             refused_before_streaming(endpoint, {"kv_policy": "none"})  # no prefill budget
             refused_before_streaming(endpoint, {"kv_prefill_budget": 1100})  # over the pool

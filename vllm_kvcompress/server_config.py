@@ -456,8 +456,9 @@ def check_prompt_fits(prompt: Any, params: Any, vllm_config: Any, frontend: Fron
     needed = request_footprint(spec, len(prompt), max_tokens, chunk)
     if needed <= pool:
         return
-    budget = f"kv_prefill_budget {spec.prefill_budget}" if spec.prefill_budget is not None \
-        else "no kv_prefill_budget"
+    budget = ("no compression (kv_policy none)" if not spec.enabled else
+              "no kv_prefill_budget" if spec.prefill_budget is None else
+              f"kv_prefill_budget {spec.prefill_budget}")
     raise VLLMValidationError(
         f"kv_prefill_budget: this request would hold {needed} KV tokens at once ({len(prompt)} "
         f"prompt tokens, max_tokens {max_tokens}, {budget}, chunks of {chunk}), more than the "
