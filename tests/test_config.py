@@ -36,7 +36,7 @@ def test_precedence_defaults_yaml_cli_request() -> None:
 
 @pytest.mark.parametrize(("values", "field", "fragment"), [
     ({"kv_policy": "h2o"}, "kv_policy", "none, chunkkv, expected_attention, keydiff, knorm, "
-     "pyramidkv, qfilters, sagekv, snapkv, streamingllm, tova"),
+     "kvzip, pyramidkv, qfilters, sagekv, snapkv, streamingllm, tova"),
     ({"kv_ratio": 0}, "kv_ratio", "0 < ratio <= 1"),
     ({"kv_ratio": 1.5}, "kv_ratio", "0 < ratio <= 1"),
     ({"kv_ratio": -0.1}, "kv_ratio", "0 < ratio <= 1"),
@@ -50,6 +50,7 @@ def test_precedence_defaults_yaml_cli_request() -> None:
     ({"kv_window": 0}, "kv_window", "integer >= 1"),
     ({"kv_pool_kernel": 4}, "kv_pool_kernel", "odd"),
     ({"kv_chunk_size": 0}, "kv_chunk_size", "integer >= 1"),
+    ({"kv_kvzip_chunk_size": 0}, "kv_kvzip_chunk_size", "integer >= 1"),
     ({"kv_sink_tokens": -2}, "kv_sink_tokens", "integer >= 0"),
     ({"kv_rato": 0.5}, "kv_rato", "allowed keys: kv_policy, kv_ratio"),
 ])

@@ -330,6 +330,7 @@ class Frontend:
         server_files: path -> error (``None``: fits) of the server's own data files, checked
             at startup (requests that pick a policy reading them use these results).
         token: identifies this front end in ``AdmittedSpec``.
+        policy_unsupported: policy -> why it cannot run on this deployment (``kvzip``).
     """
 
     server: CompressionSpec
@@ -338,6 +339,7 @@ class Frontend:
     rules: RequestRules = field(default_factory=RequestRules)
     server_files: Mapping[str, str | None] = field(default_factory=dict)
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    policy_unsupported: Mapping[str, str] = field(default_factory=dict)
 
 
 def _policy_fields() -> list[str]:
@@ -389,6 +391,9 @@ def admit(extra_args: Mapping[str, Any] | None, frontend: Frontend) -> Compressi
     if values.get("policy") not in (None, NO_POLICY) and frontend.unsupported:
         raise CompressionConfigError(names["policy"], "compression is not available on this "
                                      f"deployment: {frontend.unsupported}")
+    if values.get("policy") in frontend.policy_unsupported:
+        raise CompressionConfigError(names["policy"], f"{values['policy']!r} is not available "
+                                     f"here: {frontend.policy_unsupported[values['policy']]}")
     params = all_params()
     paths = {name: spec[name] for name in values if params[name].type is Path}
     replaced = {}

@@ -92,8 +92,9 @@ def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) ->
 
     Raises:
         CompressionConfigError: ``decode_budget < sink_tokens + window + decode_interval``,
-            ``prefill_budget < sink_tokens + window``, ``prefill_budget`` with PyramidKV, or
-            ``reuse_prefix: on`` with ``decode_budget`` or ``prefill_budget``.
+            ``prefill_budget < sink_tokens + window``, ``prefill_budget`` with PyramidKV,
+            ``prefill_budget`` or ``decode_budget`` with KVzip, or ``reuse_prefix: on`` with
+            ``decode_budget`` or ``prefill_budget``.
     """
     params = all_params()
 
@@ -112,6 +113,13 @@ def _check_decode_room(values: Mapping[str, Any], name_of: Mapping[str, str]) ->
             "is not supported with policy 'pyramidkv' (its per-layer budgets are shares of the "
             "whole prompt, which a chunk does not know)")
     budget = values.get("decode_budget")
+    if values.get("policy") == "kvzip":
+        for name in ("prefill_budget", "decode_budget"):
+            if values.get(name) is not None:
+                raise CompressionConfigError(
+                    name_of.get(name, name),
+                    "is not supported with policy 'kvzip' (it scores a whole prompt once, "
+                    "by reconstructing it after the prompt's forward)")
     if values.get("reuse_prefix") == "on" and (budget is not None or prefill is not None):
         # A published prefix must be a function of the context and the settings alone.
         raise CompressionConfigError(

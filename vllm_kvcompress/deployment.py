@@ -96,6 +96,28 @@ def deployment_unsupported_reason(vllm_config: Any) -> str | None:
     return "; ".join(reasons) or None
 
 
+#: Architectures whose decoder layers KVzip's reconstruction pass drives directly
+#: (``engine/reconstruction.py``: ``model.model.layers[i]`` with ``self_attn.attn``).
+KVZIP_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def kvzip_unsupported_reason(architectures: list[str] | None, tensor_parallel: int = 1
+                             ) -> str | None:
+    """Why policy ``kvzip`` cannot run on this deployment, or ``None`` when it can.
+
+    Args:
+        architectures: the model config's ``architectures``.
+        tensor_parallel: tensor-parallel size.
+    """
+    reasons = []
+    if not set(architectures or ()) & set(KVZIP_ARCHITECTURES):
+        reasons.append(f"kvzip runs on {', '.join(KVZIP_ARCHITECTURES)} models, not "
+                       f"{', '.join(architectures or ['this model'])}")
+    if tensor_parallel > 1:
+        reasons.append("kvzip does not run under tensor parallelism")
+    return "; ".join(reasons) or None
+
+
 def model_shape(model_config: Any) -> ModelShape:
     """What per-model data must match, from vLLM's model config (all TP ranks together)."""
     return ModelShape(model=str(model_config.model),

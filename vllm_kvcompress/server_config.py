@@ -41,6 +41,7 @@ from .config import (
 from .deployment import (
     deployment_unsupported_reason,
     engine_compression_supported,
+    kvzip_unsupported_reason,
     model_shape,
     parallel_unsupported_reason,
 )
@@ -214,6 +215,14 @@ def engine_args_additional_config(engine_args: Any, args: argparse.Namespace) ->
         if spec.enabled and reason:
             raise SystemExit(f"vllm-kvcompress: compression disabled: {reason} (server "
                              f"default policy {spec.policy!r})")
+        if spec.policy == "kvzip":
+            model_config = engine_args.create_model_config()
+            kvzip_reason = kvzip_unsupported_reason(
+                getattr(model_config.hf_config, "architectures", None),
+                engine_args.tensor_parallel_size)
+            if kvzip_reason:
+                raise SystemExit(f"vllm-kvcompress: policy 'kvzip' is not available: "
+                                 f"{kvzip_reason}")
         if spec.enabled and model_data_hook(spec) is not None:
             check_model_data(spec, model_shape(engine_args.create_model_config()), cli_names())
     except CompressionConfigError as err:
@@ -318,10 +327,16 @@ def open_frontend(vllm_config: Any) -> Frontend:
     _, detail = engine_compression_supported()
     unsupported = deployment_unsupported_reason(vllm_config)
     rules = RequestRules.from_operator(settings.controls, bounds.deployment, shape)
+    kvzip_reason = kvzip_unsupported_reason(
+        getattr(model.hf_config, "architectures", None),
+        vllm_config.parallel_config.tensor_parallel_size)
+    if settings.spec.policy == "kvzip" and kvzip_reason:
+        raise CompressionConfigError("policy", f"'kvzip' is not available here: {kvzip_reason}")
     logger.info("vllm-kvcompress: server default %s; operator settings %s; KV eviction in the "
                 "engine: %s", settings.spec.explicit(), settings.controls or "defaults",
                 f"active ({detail})" if unsupported is None else f"NOT ACTIVE: {unsupported}")
-    _FRONTEND = Frontend(settings.spec, shape, unsupported, rules, server_files)
+    _FRONTEND = Frontend(settings.spec, shape, unsupported, rules, server_files,
+                         policy_unsupported={"kvzip": kvzip_reason} if kvzip_reason else {})
     return _FRONTEND
 
 

@@ -426,8 +426,12 @@ def _patch_model_runner() -> None:
     original_forward = GPUModelRunner._model_forward
 
     def _model_forward(self, *args: Any, **kwargs: Any) -> Any:
-        with worker_side.active_step(getattr(self, "_kvcompress", None)):
-            return original_forward(self, *args, **kwargs)
+        state = getattr(self, "_kvcompress", None)
+        with worker_side.active_step(state):
+            output = original_forward(self, *args, **kwargs)
+        if state is not None and state.has_work_after_forward:
+            state.after_forward(self)  # KVzip: reconstruction passes, then compaction
+        return output
 
     original_dispatch = GPUModelRunner._determine_batch_execution_and_padding
 
@@ -757,7 +761,9 @@ MANIFEST: tuple[Patch, ...] = (
           "new blocks are appended; make seq_lens physical (positions stay logical, so RoPE is "
           "unchanged) where the runner derives them; expose the step's "
           "compaction work to the attention hook only inside the model forward (cleared in "
-          "finally); never replay a full CUDA graph on a step with layer work (dispatched "
+          "finally); after the forward, run KVzip's reconstruction passes through the model's "
+          "decoder layers and compact those requests; never replay a full CUDA graph on a "
+          "step with layer work (dispatched "
           "again without FULL: piecewise where captured, else eager); agree on "
           "failures across TP ranks and report them on the step's output",
           _patch_model_runner,
@@ -784,6 +790,7 @@ MANIFEST: tuple[Patch, ...] = (
                 for name in ("block_table", "req_id_to_index", "num_reqs", "max_num_reqs")),
               VllmName(_BATCH, "CachedRequestState.req_id", "vllm_patches.py"),
               VllmName(_BATCH, "CachedRequestState.block_ids", _WORKER),
+              VllmName(_BATCH, "CachedRequestState.prompt_token_ids", _WORKER),
               VllmName(_BLOCK_TABLE, "MultiGroupBlockTable.__getitem__", _WORKER),
               VllmName(_BLOCK_TABLE, "BlockTable.clear_row", _WORKER, call="(row)"),
               VllmName(_BLOCK_TABLE, "BlockTable.append_row", _WORKER, call="(blocks, row)"),

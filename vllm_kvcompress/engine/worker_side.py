@@ -40,6 +40,7 @@ from ..policies.base import (
     KEYS,
     MODEL_DATA,
     QUERIES,
+    RECONSTRUCTION_ATTENTION,
     ROTARY,
     VALUES,
     WINDOW_ATTENTION,
@@ -98,6 +99,9 @@ class CompactionTask:
         query_end: one past its last row.
         selections: selection layer -> kept indices ``[H, kept]``, for layer-wise index reuse.
         failed: compaction raised on this rank, or (tensor parallelism) on another one.
+        context_ids: ``[L]`` the prompt's ids, for a policy scored by reconstruction (KVzip),
+            which compacts after the forward (``WorkerCompression.after_forward``).
+        reconstruction: per layer ``[H, L]`` KVzip scores, once computed.
     """
 
     req_id: str
@@ -114,6 +118,13 @@ class CompactionTask:
     query_end: int
     selections: dict[int, torch.Tensor] = field(default_factory=dict)
     failed: bool = False
+    context_ids: list[int] | None = None
+    reconstruction: list[torch.Tensor] | None = None
+
+    @property
+    def after_forward(self) -> bool:
+        """Whether this task compacts after the model forward (KVzip), not inside each layer."""
+        return RECONSTRUCTION_ATTENTION in self.policy.inputs
 
 
 class WorkerCompression:
@@ -162,6 +173,13 @@ class WorkerCompression:
         #: The model's RoPE for scorers that read ``rotary``: a ``Rotary``, a callable that
         #: finds it in the loaded model (resolved on first use), or ``None`` (no RoPE).
         self.rotary: Any = None
+        #: Per layer, ``(kv_cache, access, scale, softcap)`` seen by this step's attention hook,
+        #: for the compactions that run after the forward (KVzip).
+        self.layer_caches: dict[int, tuple[torch.Tensor, Any, float | None, float]] = {}
+        #: Wall time of KVzip's reconstruction passes (scoring only).
+        self.reconstruction_seconds = 0.0
+        #: request id -> per layer ``[H, L]`` KVzip scores (``record``).
+        self.reconstruction_log: dict[str, list[torch.Tensor]] = {}
 
     # --- step boundaries ----------------------------------------------------------------------
 
@@ -170,6 +188,7 @@ class WorkerCompression:
         requests to their destination blocks (before this step's new blocks are appended)."""
         start = time.perf_counter()
         self.compactions = []
+        self.layer_caches = {}
         self.queries.plan([])
         tables = runner.input_batch.block_table
         if getattr(tables, "_kvcompress_evicted", None) is not self.evicted_rows:
@@ -233,14 +252,20 @@ class WorkerCompression:
                 self.failed.add(req_id)
                 self.queries.release(req_id)
                 continue
-            self.compactions.append(CompactionTask(
+            task = CompactionTask(
                 req_id=req_id, spec=spec, policy=policy, kept=job.kept,
                 source_len=job.source_len, logical_len=job.kept + job.evicted,
                 keep_queries=job.keep_queries,
                 src_blocks=torch.tensor(job.src_blocks, dtype=torch.int64),
                 dst_blocks=torch.tensor(job.dst_blocks, dtype=torch.int64),
                 in_place=job.in_place, query_start=int(starts[row]),
-                query_end=int(starts[row + 1])))
+                query_end=int(starts[row + 1]))
+            if task.after_forward:
+                state = runner.requests.get(req_id)
+                prompt = None if state is None else state.prompt_token_ids
+                if prompt is not None and task.logical_len == task.source_len:
+                    task.context_ids = list(prompt[:task.source_len])
+            self.compactions.append(task)
             self.pending[req_id] = (list(job.dst_blocks), job.evicted)
             if self.record:
                 self.compaction_log.setdefault(req_id, []).append(
@@ -287,6 +312,10 @@ class WorkerCompression:
                 self.pending.pop(req_id, None)
                 self.queries.release(req_id)
         for task in self.compactions:
+            if task.after_forward:
+                # Scored by a pass over every layer's cache: compacted after the forward.
+                self.layer_caches[layer_idx] = (kv_cache, access, scale, softcap)
+                continue
             if task.req_id in self.poisoned and not task.failed:
                 task.failed = True
             try:
@@ -301,6 +330,61 @@ class WorkerCompression:
                                  layer_idx)
                 self._fail(task)
         self.compaction_seconds += time.perf_counter() - start
+
+    @property
+    def has_work_after_forward(self) -> bool:
+        return any(task.after_forward for task in self.compactions)
+
+    def after_forward(self, runner: Any) -> None:
+        """Compacts the step's KVzip tasks once the forward has written the prompt's KV:
+        reconstruction passes over each request's cached context (``engine/reconstruction``),
+        then per layer the generic selection and compaction. A failure fails that request alone.
+
+        The scheduler freed these requests' source blocks when it planned this step; a freed
+        block is only handed out by a later ``schedule()``, so reading them here is safe.
+        """
+        from .reconstruction import reconstruction_scores, repeat_prompt
+
+        for task in self.compactions:
+            if not task.after_forward or task.failed:
+                continue
+            start = time.perf_counter()
+            try:
+                if self._tensor_parallel() is not None:
+                    raise ValueError("kvzip does not run under tensor parallelism")
+                if task.context_ids is None:
+                    raise ValueError("kvzip compresses a whole prompt once, at its end; it "
+                                     "cannot run on a request whose tokens were evicted before "
+                                     "(decode_budget, prefill_budget)")
+                if sorted(self.layer_caches) != list(range(self.num_layers)):
+                    raise RuntimeError(f"the attention hook saw layers {sorted(self.layer_caches)}"
+                                       f" of {self.num_layers}")
+                caches = [self.layer_caches[i] for i in range(self.num_layers)]
+                contexts = [access.read(cache, task.src_blocks, task.source_len)
+                            for cache, access, _, _ in caches]
+                model = runner.get_model()
+                head_size = contexts[0][0].shape[-1]
+                scales = [scale if scale is not None else head_size ** -0.5
+                          for _, _, scale, _ in caches]
+                task.reconstruction = reconstruction_scores(
+                    model, task.context_ids, contexts,
+                    repeat_prompt(runner.model_config.tokenizer), task.spec.kvzip_chunk_size,
+                    task.spec.sink_tokens, scales)
+                if self.record:
+                    self.reconstruction_log[task.req_id] = [t.cpu() for t in task.reconstruction]
+                scored = time.perf_counter()
+                self.reconstruction_seconds += scored - start
+                logger.info("vllm-kvcompress: kvzip request %s: reconstruction of %d tokens "
+                            "in %.3f s", task.req_id, task.source_len, scored - start)
+                del contexts
+                for layer_idx, (cache, access, scale, softcap) in enumerate(caches):
+                    self._compact_layer(task, layer_idx, cache, access, scale, softcap)
+            except Exception:
+                logger.exception("vllm-kvcompress: kvzip compaction of request %s failed; the "
+                                 "request is finished with an error", task.req_id)
+                self._fail(task)
+            task.reconstruction = None
+            self.compaction_seconds += time.perf_counter() - start
 
     def _fail(self, task: CompactionTask) -> None:
         task.failed = True
@@ -522,7 +606,10 @@ class WorkerCompression:
             kernels=kernels,
             attn_scale=scale, attn_softcap=softcap,
             kv_head_offset=self._kv_head_offset(kv_cache.shape[1]),
-            logical_len=task.logical_len)
+            logical_len=task.logical_len,
+            reconstruction_attention=(task.reconstruction[layer_idx]
+                                      if RECONSTRUCTION_ATTENTION in inputs
+                                      and task.reconstruction is not None else None))
         return obs, keys, values
 
 

@@ -37,7 +37,10 @@ VALUES = "values"
 WINDOW_ATTENTION = "window_attention"
 MODEL_DATA = "model_data"
 ROTARY = "rotary"
-INPUTS = frozenset({QUERIES, KEYS, VALUES, WINDOW_ATTENTION, MODEL_DATA, ROTARY})
+#: KVzip's scores: the engine runs the context-reconstruction forward (``policies/kvzip.py``).
+RECONSTRUCTION_ATTENTION = "reconstruction_attention"
+INPUTS = frozenset({QUERIES, KEYS, VALUES, WINDOW_ATTENTION, MODEL_DATA, ROTARY,
+                    RECONSTRUCTION_ATTENTION})
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,9 @@ class LayerObservation:
         shared_total: ``[L]`` float32, the scores summed over ALL KV heads of the layer (every
             tensor-parallel rank), set by the engine under tensor parallelism; ``shared``
             selection then uses it instead of the local sum, so every rank keeps the same tokens.
+        reconstruction_attention: ``[H, L]`` float32, the largest attention weight each context
+            token received while the model reconstructed the context (KVzip), computed by the
+            engine after the prompt's forward.
         logical_len: the sequence's logical length (positions ``0 .. logical_len-1`` seen so
             far) when earlier compactions evicted tokens (decode time); ``None``: ``seq_len``.
             The last ``window`` tokens always sit at positions ``logical_len - window ..``.
@@ -106,6 +112,7 @@ class LayerObservation:
     kv_head_offset: int = 0
     shared_total: torch.Tensor | None = None
     logical_len: int | None = None
+    reconstruction_attention: torch.Tensor | None = None
 
     @property
     def positions_end(self) -> int:

@@ -23,6 +23,7 @@ from .chunkkv import CHUNK_GRID, CHUNK_SIZE, REUSE_LAYERS, ChunkKV
 from .expected_attention import FUTURE_POSITIONS, ExpectedAttention
 from .keydiff import KeyDiff
 from .knorm import KeyNorm
+from .kvzip import KVZIP_CHUNK_SIZE, KVzip
 from .merge import MergeEvicted
 from .model_data import ModelDataHook
 from .params import COMMON_PARAMS, HEAD_SELECT_MODES, Param
@@ -269,6 +270,15 @@ for _info in (
                 "times value norm",
         parameters=(FUTURE_POSITIONS,),
         default_head_select="per_head",
+    ),
+    PolicyInfo(
+        name="kvzip",
+        build=lambda spec: TopK(KVzip(chunk_size=spec.kvzip_chunk_size),
+                                head_select=spec.head_select),
+        paper="https://arxiv.org/abs/2505.23416",
+        summary="query-agnostic: top tokens by the attention they get while the model "
+                "reconstructs the context (an extra pass after the prompt)",
+        parameters=(KVZIP_CHUNK_SIZE,),
     ),
     PolicyInfo(
         name="qfilters",
