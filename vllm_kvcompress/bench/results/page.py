@@ -5,12 +5,13 @@ ours and kvpress per setting), ``runs/eval/results.json`` (the SmolLM2 study,
 ``EVAL_MODEL=smollm2``; ``make bench-peer`` adds kvpress on the same prompts there, with
 ChunkKV's chunk-grid variants in the same run), ``runs/eval-peer/results.json`` if present (a
 separate ours-vs-kvpress study), ``runs/eval-merge/results.json`` (merge vs drop, ``make
-bench-merge``), ``runs/bench-overhead/overhead.json``, ``runs/bench-throughput/throughput.json``
-and the decode-time reports; per-prompt scores for paired intervals come from the
-``results.csv`` next to each JSON. Copies the PNGs to ``docs/img/results/``; writes the tables
-(every accuracy with its bootstrap 95% interval over prompts), the targets (met or not, with the
-number) and the commands that produced them. A missing input becomes a line saying which command
-makes it. One module per section.
+bench-merge``), ``runs/bench-overhead/overhead.json``, ``runs/bench-throughput/throughput.json``,
+the ``throughput.json`` of ``runs/bench-throughput-prefill`` and ``-1pool`` (admission by
+compressed size, ``make bench-throughput-prefill``) and the decode-time reports; per-prompt scores
+for paired intervals come from the ``results.csv`` next to each JSON. Copies the PNGs to
+``docs/img/results/``; writes the tables (every accuracy with its bootstrap 95% interval over
+prompts), the targets (met or not, with the number) and the commands that produced them. A
+missing input becomes a line saying which command makes it. One module per section.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from .cells import cell, ci_text, entry_label, order
 from .methods import methods_section
 from .peer import peer_section
 from .qwen import only_setting, qwen_headline, qwen_section
-from .serving import decode_section, overhead_section, throughput_section
+from .serving import (
+    ADMISSION_RUNS,
+    admission_section,
+    decode_section,
+    overhead_section,
+    throughput_section,
+)
 from .targets import targets_section
 from .variants import GRID_VARIANTS, ablation_section, merge_section
 
@@ -156,6 +163,10 @@ def build(runs: Path, out: Path) -> str:
         parts += throughput_section(throughput, images, path.parent)
     else:
         parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
+    admission = {name: json.loads((runs / name / "throughput.json").read_text())
+                 if (runs / name / "throughput.json").exists() else None
+                 for name, _, _ in ADMISSION_RUNS}
+    parts += admission_section(admission, images, runs)
     path = runs / "bench-overhead" / "overhead.json"
     overhead = None
     if path.exists():

@@ -80,8 +80,8 @@ def targets_section(evals: dict[str, dict[str, Any]], throughput: dict[str, Any]
                          f"{r['peak_goal']:.1f} | {verdict if verdict != 'not met' else '**no**'}"
                          " |")
             if r["ratio"] == 0.25:
-                met = r["output_tokens_per_s_vs_none"] >= 3.0
-                lines.append(f"| tok/s >= 3x none at 0.25 kept ({r['policy']}, "
+                met = r["output_tokens_per_s_vs_none"] >= 2.0  # issue 25's target
+                lines.append(f"| tok/s >= 2x none at 0.25 kept ({r['policy']}, "
                              f"{r['max_tokens']} out) | {r['output_tokens_per_s_vs_none']:.2f}x "
                              f"| {'yes' if met else '**no**'} |")
     return [*lines, ""]
