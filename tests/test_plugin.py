@@ -113,7 +113,10 @@ def test_no_flags_means_policy_none(serve_parser: argparse.ArgumentParser,
 def test_each_deployment_yaml_is_valid_for_vllm_serve_config(
         serve_parser: argparse.ArgumentParser, model_dir: str, path: Path) -> None:
     spec = engine_spec(serve_parser, [model_dir, "--config", str(path)])
-    assert spec["policy"] == {"public-endpoint": "chunkkv"}.get(path.stem, path.stem)
+    assert spec["policy"] == {"public-endpoint": "chunkkv",
+                              "keydiff-reuse": "keydiff"}.get(path.stem, path.stem)
+    if path.stem == "keydiff-reuse":
+        assert (spec["reuse_prefix"], spec["ratio"]) == ("on", 0.25)
 
 
 def test_operator_controls_reach_every_process(serve_parser: argparse.ArgumentParser,
