@@ -240,3 +240,14 @@ def test_chunk_scores_match_a_loop(start: int, end: int) -> None:
             weights = logits.softmax(-1)[:, sink:sink + end - start].amax(0)
             want[head] = torch.maximum(want[head], weights)
     torch.testing.assert_close(chunk_scores(queries, context, own, start, end, 4, 0.125), want)
+
+
+def test_default_chunk_size_is_valid_on_a_short_context_server() -> None:
+    """A server whose max_model_len is below kvzip's default chunk (2048) still starts: the
+    flags hand every default to the server layer, which is checked against the deployment."""
+    from vllm_kvcompress.config import resolve
+    from vllm_kvcompress.policies.params import Bounds
+
+    bounds = Bounds(deployment={"max_model_len": 1024, "num_layers": 2})
+    spec = resolve(({"kvzip_chunk_size": 2048}, {}, bounds))
+    assert spec.kvzip_chunk_size == 2048

@@ -36,9 +36,11 @@ import torch
 from .base import RECONSTRUCTION_ATTENTION, LayerObservation
 from .params import Param
 
+# No deployment bound (`max_model_len`): a chunk longer than the context is one pass over the
+# whole context, so the default stays valid on a server whose max_model_len is below it.
 KVZIP_CHUNK_SIZE = Param("kvzip_chunk_size", int, 2048, "kvzip: context tokens reconstructed by "
                          "each scoring pass (bounds the extra memory).", minimum=1,
-                         bound="max_model_len", request_max=4096)
+                         request_max=4096)
 
 #: Repeat prompt of the first chunk and of later ones (kvpress's text, verbatim).
 FIRST_CHUNK_PROMPT = "\n\nRepeat the previous context exactly."
