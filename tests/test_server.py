@@ -127,8 +127,8 @@ def test_help_lists_the_flags() -> None:
     for flag in ("--kv-policy", "--kv-ratio", "--kv-budget", "--kv-compress-config",
                  "--kv-chunk-size", "--kv-window"):
         assert flag in out.stdout
-    assert ("{none,chunkkv,expected_attention,keydiff,knorm,pyramidkv,qfilters,sagekv,snapkv,"
-            "streamingllm,tova}") in out.stdout
+    assert ("{none,chunkkv,expected_attention,keydiff,knorm,kvzip,pyramidkv,qfilters,sagekv,"
+            "snapkv,streamingllm,tova}") in out.stdout
     for flag in ("--kv-merge", "--kv-sage-queries", "--kv-future-positions",
                  "--kv-qfilters-path", "--kv-allowed-policies", "--kv-request-overrides",
                  "--kv-allowed-file-dir", "--kv-max-window", "--kv-min-decode-interval"):
