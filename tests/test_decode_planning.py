@@ -11,6 +11,8 @@ from vllm_kvcompress.engine.scheduler_side import ManagerState, SchedulerCompres
 from vllm_kvcompress.engine.stats import CompressionStats
 
 BLOCK = 16
+#: Prefill chunk (``max_num_batched_tokens``) of the planner under test.
+CHUNK = 32
 
 
 class FakePool:
@@ -42,7 +44,7 @@ class FakePool:
 def planner(pool: FakePool, **server: object) -> SchedulerCompression:
     manager = SimpleNamespace(req_to_blocks={}, kvc=ManagerState())
     return SchedulerCompression(CompressionSpec(**server), manager, pool, BLOCK, num_layers=2,
-                                stats=CompressionStats(), query_bytes=1000)
+                                stats=CompressionStats(), query_bytes=1000, chunk=CHUNK)
 
 
 def request(req_id: str, prompt: int, xargs: dict | None = None) -> SimpleNamespace:
@@ -191,7 +193,22 @@ def test_resumed_decode_compressed_request_recomputes_its_window() -> None:
     prefill = request("b", 200, {"kv_policy": "snapkv", "kv_window": 16,
                                  "kv_prefill_budget": 64})
     prefill.num_output_tokens, prefill.num_tokens = 5, 205  # its re-prefill is cut again
-    assert plan.max_cache_hit_blocks(prefill) == (205 - 16) // BLOCK
+    assert plan.max_cache_hit_blocks(prefill) == 64 // BLOCK  # no further than its budget
     keys_only = request("k", 90, {**DECODE, "kv_policy": "knorm"})
     keys_only.num_output_tokens, keys_only.num_tokens = 30, 120
     assert plan.max_cache_hit_blocks(keys_only) is None
+
+
+def test_prefill_budget_request_takes_no_more_than_its_budget_from_cache() -> None:
+    """A request compressing while prefilling takes at most its first ``prefill_budget``
+    tokens from the prefix cache, with or without queries to keep: a longer hit would hold more
+    than budget + one chunk and replace its chunk-wise cuts by an end-of-prompt selection.
+    Whole chunks of it only (``CHUNK`` = 32 here), so the chunk ends stay where a cold cache
+    puts them."""
+    plan = planner(FakePool(64))
+    for policy in ("snapkv", "streamingllm", "knorm"):
+        req = request(policy, 400, {"kv_policy": policy, "kv_window": 16,
+                                    "kv_prefill_budget": 100})
+        assert plan.max_cache_hit_blocks(req) == 96 // BLOCK, policy  # 3 chunks of 32
+    short = request("s", 60, {"kv_policy": "snapkv", "kv_window": 16, "kv_prefill_budget": 100})
+    assert plan.max_cache_hit_blocks(short) == 32 // BLOCK  # the window still recomputed

@@ -8,7 +8,8 @@ Llama, fp32, CPU_ATTN, chunked prefill of 64 tokens).
   shared with neighbours) it cuts where the engine did and checks the rule's condition there;
 * memory: a request never holds more than ``prefill_budget`` + one chunk, checked on every
   engine step, and the pool's free count returns to where it started;
-* prefix caching on: a repeated prompt hits the first one's uncompressed blocks and is exact.
+* prefix caching on: a repeated prompt takes only its budget's whole chunks from the cache and
+  keeps exactly what it kept on a cold cache.
 TP=2 keeps TP=1's cuts (tests/test_tensor_parallel.py).
 """
 
@@ -77,10 +78,12 @@ def check_against_reference(reference: ReferenceModel, xargs: dict[str, Any], id
     return ref.compactions
 
 
-def peak_blocks(llm: Any, requests: list[tuple[str, list[int], dict[str, Any] | None]]
+def peak_blocks(llm: Any, requests: list[tuple[str, list[int], dict[str, Any] | None]],
+                cached: dict[str, int] | None = None
                 ) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Runs the requests step by step; returns outputs and the most blocks each held while
-    prefilling (checked against budget + one chunk)."""
+    prefilling (checked against budget + one chunk); ``cached`` gets each request's prompt
+    tokens taken from the prefix cache."""
     scheduler, _, _ = engine_internals(llm)
     manager = scheduler._kvcompress.manager
     from vllm import SamplingParams
@@ -96,6 +99,8 @@ def peak_blocks(llm: Any, requests: list[tuple[str, list[int], dict[str, Any] | 
         for out in llm.llm_engine.step():
             if out.finished:
                 outputs[out.request_id] = list(out.outputs[0].token_ids)
+                if cached is not None:
+                    cached[out.request_id] = out.num_cached_tokens
         for internal, blocks in manager.req_to_blocks.items():
             outer = internal.rsplit("-", 1)[0]
             if outer in budgets:
@@ -159,24 +164,32 @@ def test_mixed_batch_with_neighbours(llm: Any, reference: ReferenceModel) -> Non
     assert pool.get_num_free_blocks() == start_free
 
 
-def test_a_repeated_prompt_hits_its_uncompressed_prefix_and_is_still_exact(
+def test_a_repeated_prompt_keeps_what_it_kept_on_a_cold_cache(
         llm: Any, reference: ReferenceModel) -> None:
-    """Prefix caching on: the second request with the same prompt takes the first one's
-    uncompressed prompt blocks from the cache (its compacted blocks are never hashed), up to its
-    last window, then cuts on its first computed chunk; both equal the reference."""
+    """Prefix caching on: the second request with the same prompt takes from the first one's
+    uncompressed prompt blocks only the whole chunks within its budget (its compacted blocks are
+    never hashed), then prefills and cuts chunk by chunk as the first did: same chunk ends, same
+    kept tokens, same output, both equal to the reference, never more than budget + one chunk."""
     _, pool, runner = engine_internals(llm)
     start_free = pool.get_num_free_blocks()
     xargs, length = CASES[0]
     ids = prompt_ids(990, length)
     log = runner._kvcompress.compaction_log
+    got: dict[str, list[int]] = {}
+    kept: dict[str, list[Any]] = {}
+    cached: dict[str, int] = {}
     for turn in ("first", "second"):
-        outputs, _ = peak_blocks(llm, [(f"repeat-{turn}", ids, xargs)])
+        outputs, _ = peak_blocks(llm, [(f"repeat-{turn}", ids, xargs)], cached)
+        got[turn] = outputs[f"repeat-{turn}"]
         internal = next(key for key in log if key.rsplit("-", 1)[0] == f"repeat-{turn}")
-        compactions = check_against_reference(reference, xargs, ids, outputs[f"repeat-{turn}"],
-                                              log[internal], chunk=None)
+        compactions = check_against_reference(reference, xargs, ids, got[turn], log[internal],
+                                               chunk=CHUNK)
+        kept[turn] = [(c.kind, c.source_len, c.kept, c.layers) for c in compactions]
         assert compactions[-1].kept == xargs["kv_prefill_budget"]
-    second = log[internal]
-    assert second[0]["source_len"] > xargs["kv_prefill_budget"] + CHUNK  # the cached prefix
+    # 80-token budget, chunks of 64: one whole chunk (4 blocks of 16) from the cache.
+    assert cached == {"repeat-first": 0,
+                      "repeat-second": xargs["kv_prefill_budget"] // CHUNK * CHUNK}
+    assert got["second"] == got["first"] and kept["second"] == kept["first"]
     assert pool.get_num_free_blocks() == start_free
 
 

@@ -285,8 +285,22 @@ class SchedulerCompression:
         of a preempted decode-compressed request too (prompt and outputs: its uncompressed
         prompt blocks may still be cached), which would otherwise reach its next compaction
         with fewer than ``window`` queries.
+
+        A request that compresses while prefilling (``prefill_budget = P``) takes at most its
+        first ``P`` tokens from cache, whatever its policy, and only whole chunks of them: a
+        longer hit would hold more than ``P`` + one chunk (the footprint it was admitted by) and
+        would skip the cuts the uncached prefill makes (an end-of-prompt selection instead);
+        whole chunks keep the chunk ends, so a request prefilled alone cuts where it would have
+        on a cold cache and keeps the same tokens.
         """
         spec = self.request_spec(request)
+        if spec.enabled and spec.prefill_budget is not None:
+            limit = spec.prefill_budget
+            if self.needs_queries(spec):
+                end = request.num_tokens if request.num_output_tokens > 0 else \
+                    request.num_prompt_tokens
+                limit = min(limit, max(end - spec.window, 0))
+            return limit // self.chunk * self.chunk // self.block_size
         if not spec.enabled or not self.needs_queries(spec):
             return None
         if request.num_output_tokens > 0:  # resumed after a preemption
