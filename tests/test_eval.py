@@ -49,6 +49,7 @@ def _args(**overrides: Any) -> argparse.Namespace:
     ("head_select", ["shared", "shared"], "--head-select"),
     ("multiturn_lengths", [128], "--multiturn-lengths: 128"),
     ("chunk_grid_ablation", True, "--chunk-grid-ablation needs chunkkv"),
+    ("max_num_batched_tokens", 16, "--max-num-batched-tokens: 16"),
 ])
 def test_options_are_checked_before_work(field: str, value: Any, message: str) -> None:
     overrides = {field: value}
@@ -75,6 +76,32 @@ def test_grid_variants_override_only_their_configuration() -> None:
     assert eb.config_label("none", "shared") == "none"
     with pytest.raises(ValueError, match="unknown variant"):
         eb.config_key("chunkkv", 0.25, "shared", "grid1")
+
+def test_prefill_variant_ends_at_the_same_budget_chosen_while_prefilling() -> None:
+    """``prefill``: the configuration's kept count of each prompt as ``kv_prefill_budget`` (so
+    it ends holding what the plain configuration holds), only for policies that can compress
+    while prefilling, only in the engine and the query-aware setting."""
+    from vllm_kvcompress.eval import engine_backend as eb
+
+    params = {"window": 32, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
+    for prompt in (4000, 3001):
+        plain = eb.make_spec(eb.RunConfig("chunkkv", 0.25), params, prompt)
+        xargs = eb.request_args(eb.RunConfig("chunkkv", 0.25, "shared", "prefill"), params, prompt)
+        assert xargs["kv_prefill_budget"] == plain.kept_tokens(prompt) == math.ceil(prompt / 4)
+        spec = eb.make_spec(eb.RunConfig("chunkkv", 0.25, "shared", "prefill"), params, prompt)
+        assert spec.prompt_end_target(prompt, plain.kept_tokens(prompt)) == plain.kept_tokens(
+            prompt)
+    # A budget below sinks + window is raised to it (the smallest a request may set).
+    tiny = eb.request_args(eb.RunConfig("snapkv", 0.1, "shared", "prefill"), params, 200)
+    assert tiny["kv_prefill_budget"] == 36
+    configs = configurations(["chunkkv", "pyramidkv"], [1.0, 0.25], prefill=True)
+    assert [eb.config_label(c.policy, c.head_select, c.variant) for c in configs] == [
+        "none", "chunkkv", "pyramidkv", "chunkkv(prefill)"]
+    with pytest.raises(ValueError, match="--prefill-variant: kvpress"):
+        eval_run.validate(_args(prefill_variant=True, backend="kvpress"))
+    with pytest.raises(ValueError, match="--prefill-variant: runs with --setting query_aware"):
+        eval_run.validate(_args(prefill_variant=True, setting=["query_agnostic"]))
+
 
 def test_new_options_parse() -> None:
     parser = argparse.ArgumentParser()
@@ -287,3 +314,43 @@ def test_overhead_ab_only_replaces_the_ab_and_keeps_the_ttft_table(
     assert (tmp_path / "overhead.png").is_file() and (tmp_path / "overhead.csv").is_file()
 
 
+
+
+@pytest.mark.engine
+def test_engine_backend_prefill_variant_cuts_while_prefilling(
+        tiny_model: Path, tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``prefill`` variant really compresses while prefilling (the engine counts prefill
+    compactions, in chunks of 64 here) and ends holding what the plain configuration holds."""
+    import gc
+
+    import vllm
+
+    from vllm_kvcompress.eval import engine_backend
+
+    engines: list[Any] = []
+
+    class Recorded(vllm.LLM):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(vllm, "LLM", Recorded)
+    samples = build_samples(tokenizer, ["niah_single"], [768], [0.0, 1.0], 1, 0)
+    configs = [eb_config for eb_config in configurations(["snapkv"], [0.25], prefill=True)]
+    params = {"window": 16, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
+    gc.collect()
+    out = engine_backend.run(samples, configs, params, str(tiny_model), tmp_path / "p.jsonl",
+                             max_num_batched_tokens=64)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {(r["id"], r["variant"]): r for r in rows if r["policy"] == "snapkv"}
+    assert len(by) == 2 * len(samples)
+    for sample in samples:
+        plain, prefill = by[(sample.id, "")], by[(sample.id, "prefill")]
+        assert prefill["kept_tokens"] == plain["kept_tokens"] == math.ceil(
+            len(sample.input_ids) / 4)
+    core = engines[0].llm_engine.engine_core.engine_core
+    stats = core.scheduler._kvcompress.stats
+    # Every prompt of ~700 tokens, budget ~175, chunks of 64: cut several times each.
+    assert stats.prefill_compactions >= 5 * len(samples), stats
+    del engines[:]
+    gc.collect()

@@ -4,9 +4,10 @@ settings they run in, and what each one holds in our engine.
 A configuration is one line of every table. ``--head-select shared per_head`` runs every
 (policy, ratio) in both modes (``default``: each policy in its own default mode, listed once);
 ``--chunk-grid-ablation`` adds ChunkKV with its chunk grid from token 0 (``grid0``: sinks kept;
-``sink0``: no sinks); ``--merge`` adds every policy with evicted tokens merged (``merge``). A
-variant overrides some policy parameters for its configuration only (``VARIANTS``), so an
-ablation shares the run's prompts and baseline prefills.
+``sink0``: no sinks); ``--merge`` adds every policy with evicted tokens merged (``merge``);
+``--prefill-variant`` every policy compressed while prefilling to its final budget
+(``prefill``). A variant overrides some policy parameters for its configuration only
+(``VARIANTS``), so an ablation shares the run's prompts and baseline prefills.
 
 Settings (``SETTINGS``): ``query_aware`` prefills the whole prompt, question included, and
 compresses at the end of prefill; ``query_agnostic`` compresses the context before the question
@@ -37,8 +38,16 @@ DEFAULT_MODE = "default"
 #: token 0 (the first cut's ablation, which changes two things at once).
 #: ``merge``: evicted tokens folded into kept ones (``kv_merge=on``), next to the same policy
 #: without it; kvpress's ``MergingPress`` runs as its peer.
+#: ``prefill``: compressed while prefilling (``kv_prefill_budget``, issue 25) down to the
+#: configuration's own final budget (``PREFILL_AT_KEPT``: the tokens the ratio keeps of the
+#: prompt), so it ends holding what the end-of-prefill configuration holds, chosen chunk by chunk.
+PREFILL_AT_KEPT = "kept"
 VARIANTS: dict[str, dict[str, Any]] = {"": {}, "grid0": {"chunk_grid": "from_zero"},
-                                       "sink0": {"sink_tokens": 0}, "merge": {"merge": "on"}}
+                                       "sink0": {"sink_tokens": 0}, "merge": {"merge": "on"},
+                                       "prefill": {"prefill_budget": PREFILL_AT_KEPT}}
+#: Policies the ``prefill`` variant cannot run (refused with ``prefill_budget``: their budgets
+#: are shares of the whole prompt, or their score needs the whole context).
+NO_PREFILL_BUDGET = frozenset({"pyramidkv", "kvzip"})
 
 
 class RunConfig(NamedTuple):
@@ -78,17 +87,34 @@ def config_label(policy: str, head_select: str | None, variant: str = "") -> str
     return label
 
 
-def config_params(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """The run's policy parameters with the configuration's variant applied."""
-    return {**params, **VARIANTS[config.variant]}
+def config_params(config: RunConfig, params: dict[str, Any],
+                  prompt_tokens: int | None = None) -> dict[str, Any]:
+    """The run's policy parameters with the configuration's variant applied.
+
+    Args:
+        config: the configuration.
+        params: the run's policy parameters.
+        prompt_tokens: the request's prompt length, which resolves ``PREFILL_AT_KEPT`` (left
+            as is without it: the results store's keys name the variant, not the number).
+    """
+    merged = {**params, **VARIANTS[config.variant]}
+    if merged.get("prefill_budget") == PREFILL_AT_KEPT and prompt_tokens is not None:
+        rest = {k: v for k, v in merged.items() if k != "prefill_budget"}
+        spec = CompressionSpec(policy=config.policy, ratio=config.ratio, **rest)
+        kept = spec.kept_tokens(prompt_tokens)
+        floor = spec.sink_tokens + spec.window  # the smallest budget a request may set
+        merged["prefill_budget"] = max(prompt_tokens if kept is None else kept, floor)
+    return merged
 
 
 def configurations(policies: list[str], ratios: list[float],
                    head_selects: list[str] | None = None,
-                   chunk_grid_ablation: bool = False, merge: bool = False) -> list[RunConfig]:
+                   chunk_grid_ablation: bool = False, merge: bool = False,
+                   prefill: bool = False) -> list[RunConfig]:
     """Configurations to run: the single ``none`` (ratio 1.0 keeps everything), then every
     (policy, ratio < 1, head selection), then the chunk-grid variants of shared ChunkKV, then
-    (``merge``) every policy in its default mode with evicted tokens merged."""
+    (``merge``) every policy in its default mode with evicted tokens merged, then (``prefill``)
+    every policy that can compress while prefilling, in its default mode, at its final budget."""
     from ..policies.registry import get_policy_info
 
     modes = head_selects or [DEFAULT_HEAD_SELECT]
@@ -103,6 +129,9 @@ def configurations(policies: list[str], ratios: list[float],
     if merge:
         configs += [config_key(p, r, get_policy_info(p).default_head_select, "merge")
                     for p in policies for r in ratios if r < 1.0]
+    if prefill:
+        configs += [config_key(p, r, get_policy_info(p).default_head_select, "prefill")
+                    for p in policies if p not in NO_PREFILL_BUDGET for r in ratios if r < 1.0]
     return configs
 
 
@@ -134,13 +163,15 @@ def head_select_supported() -> bool:
     return True
 
 
-def make_spec(config: RunConfig, params: dict[str, Any]) -> CompressionSpec:
-    """The spec a request of ``config`` resolves to (``head_select`` only where supported)."""
+def make_spec(config: RunConfig, params: dict[str, Any],
+              prompt_tokens: int | None = None) -> CompressionSpec:
+    """The spec a request of ``config`` resolves to (``head_select`` only where supported;
+    ``prompt_tokens``: see ``config_params``, needed by the ``prefill`` variant)."""
     if config.policy == "none":
         return CompressionSpec(policy="none")
     extra = {"head_select": config.head_select} if head_select_supported() else {}
     return CompressionSpec(policy=config.policy, ratio=config.ratio,
-                           **config_params(config, params), **extra)
+                           **config_params(config, params, prompt_tokens), **extra)
 
 
 def held_tokens(spec: CompressionSpec, prompt_len: int, num_layers: int) -> int:

@@ -96,8 +96,10 @@ def operator_settings(params: dict[str, Any]) -> dict[str, Any]:
     return {"kvcompress": {"allowed_file_dir": str(Path(paths[0]).resolve().parent)}}
 
 
-def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
-    """``SamplingParams.extra_args`` of a request of ``config``.
+def request_args(config: RunConfig, params: dict[str, Any],
+                 prompt_tokens: int | None = None) -> dict[str, Any]:
+    """``SamplingParams.extra_args`` of a request of ``config`` (``prompt_tokens``: the
+    request's prompt length, which the ``prefill`` variant's budget is taken from).
 
     ``kv_head_select`` is always sent where the policy layer knows it (a policy's default may
     differ from ``shared``); an engine without it only runs ``shared``, its one behaviour.
@@ -106,7 +108,8 @@ def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
     if config.policy == "none":
         return xargs
     xargs.update({"kv_ratio": config.ratio,
-                  **{f"kv_{k}": v for k, v in config_params(config, params).items()}})
+                  **{f"kv_{k}": v
+                     for k, v in config_params(config, params, prompt_tokens).items()}})
     for key, value in list(xargs.items()):
         if key.endswith("_path") and value:
             # Inside the allowed folder (operator_settings), by its real path: admission looks
@@ -120,10 +123,11 @@ def request_args(config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
     return xargs
 
 
-def setting_args(setting: str, config: RunConfig, params: dict[str, Any]) -> dict[str, Any]:
+def setting_args(setting: str, config: RunConfig, params: dict[str, Any],
+                 prompt_tokens: int | None = None) -> dict[str, Any]:
     """``request_args`` in a setting: query-agnostic compressed requests also ask the engine to
     publish and reuse the compressed context (``kv_reuse_prefix``)."""
-    xargs = request_args(config, params)
+    xargs = request_args(config, params, prompt_tokens)
     if setting == QUERY_AGNOSTIC and config.policy != "none":
         xargs["kv_reuse_prefix"] = "on"
     return xargs
@@ -208,7 +212,7 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
         params: dict[str, Any], model: str, out: Path, dtype: str = "float32",
         prefix_reuse: bool = True, group_tokens: int = 40_000, setting: str = QUERY_AWARE,
         done: Mapping[DoneKey, dict[str, Any]] | None = None,
-        row_fields: RowFields | None = None) -> Path:
+        row_fields: RowFields | None = None, max_num_batched_tokens: int = 8192) -> Path:
     """Runs every (sample, config, turn) not in ``done`` and appends one JSON line each to ``out``.
 
     Args:
@@ -228,10 +232,13 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
             (sample id, config, turn): skipped; a turn-1 row also gives turn 2 its answer.
             None: the rows already in ``out`` (``read_done``), for scripts without a store.
         row_fields: extra fields of every row (the store's keys).
+        max_num_batched_tokens: the engine's prefill chunk (tokens one step computes): where
+            the ``prefill`` variant cuts.
 
     Raises:
         ValueError: ``setting`` is not one this backend runs; query-agnostic without prefix
-            caching, or on a sample without a usable ``context_len``.
+            caching, with the ``prefill`` variant (a published context cannot be cut while
+            prefilling), or on a sample without a usable ``context_len``.
     """
     if setting not in SETTINGS:
         raise ValueError(f"--setting {setting}: the engine backend runs {', '.join(SETTINGS)}")
@@ -241,6 +248,9 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
                              "the prefix cache; drop --no-prefix-reuse")
         for sample in samples:
             context_length(sample)
+        if any(config_key(*c).variant == "prefill" for c in configs):
+            raise ValueError("--setting query_agnostic: the prefill variant runs query-aware "
+                             "only (kv_reuse_prefix is refused with kv_prefill_budget)")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -269,7 +279,7 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
     gc.collect()
     llm = LLM(model=model, max_model_len=max(max_model_len(samples), 1024), enforce_eager=True,
               seed=0, dtype=dtype, block_size=32, enable_prefix_caching=prefix_reuse,
-              max_num_seqs=64, max_num_batched_tokens=8192,
+              max_num_seqs=64, max_num_batched_tokens=max_num_batched_tokens,
               additional_config=operator_settings(params))
     bar = tqdm(total=total, desc="eval (vllm-kvcompress)", unit="req")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +381,8 @@ class _BatchRunner:
                 request_id, {"prompt_token_ids": request.input_ids},
                 self.sampling_params(max_tokens=request.max_tokens, temperature=0.0,
                                      extra_args=setting_args(self.setting, config,
-                                                             self.params)))
+                                                             self.params,
+                                                             len(request.input_ids))))
             pending[request_id] = request
         while pending:
             for output in self.engine.step():
@@ -386,8 +397,8 @@ class _BatchRunner:
         """The prediction row of a finished request (``output``: vLLM's ``RequestOutput``)."""
         config = request.config
         completion = output.outputs[0]
-        spec = make_spec(config, self.params)
         prompt_tokens = len(request.input_ids)
+        spec = make_spec(config, self.params, prompt_tokens)
         kept = spec.kept_tokens(prompt_tokens)
         kept = prompt_tokens if kept is None else min(kept, prompt_tokens)
         held = held_tokens(spec, prompt_tokens, self.layers)

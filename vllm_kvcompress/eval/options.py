@@ -73,6 +73,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run every policy (its default mode) with kv_merge=on "
                         "(variant merge); kvpress: MergingPress around the policy's press "
                         "where it is a ScorerPress")
+    parser.add_argument("--prefill-variant", action="store_true",
+                        help="vllm backend, query-aware: also run every policy that can "
+                        "compress while prefilling (its default mode) with kv_prefill_budget "
+                        "set to what its ratio keeps of the prompt (variant prefill): the same "
+                        "final budget, chosen chunk by chunk (chunks of "
+                        "--max-num-batched-tokens)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                        help="vllm backend: the engine's prefill chunk (tokens per step)")
     parser.add_argument("--limit", type=int, default=None,
                         help="at most this many samples per task, spread over the grid")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,6 +137,16 @@ def validate(args: argparse.Namespace) -> None:
                 raise ValueError(f"{option}: {length} is below 256 tokens")
     if args.chunk_grid_ablation and "chunkkv" not in args.policies:
         raise ValueError("--chunk-grid-ablation needs chunkkv in --policies")
+    if getattr(args, "prefill_variant", False):
+        if args.backend != "vllm":
+            raise ValueError("--prefill-variant: kvpress has no compression while prefilling; "
+                             "the option is for the vllm backend")
+        if args.setting != [QUERY_AWARE]:
+            raise ValueError("--prefill-variant: runs with --setting query_aware only (a "
+                             "context compressed for reuse is not cut while prefilling)")
+    if getattr(args, "max_num_batched_tokens", 8192) < 32:
+        raise ValueError(f"--max-num-batched-tokens: {args.max_num_batched_tokens} is below "
+                         "32 tokens")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.samples_per_cell < 1:

@@ -76,6 +76,7 @@ def _settings(args: argparse.Namespace, store: Store, params: dict[str, Any],
                 "head_select": sorted({c.head_select for c in configs}),
                 "tasks_version": TASKS_VERSION, "configs": configs, "samples": len(samples),
                 "prefix_reuse": not args.no_prefix_reuse, "bootstrap": args.bootstrap,
+                "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
                 "command": "kvcompress " + " ".join(sys.argv[1:]), "machine": machine(),
                 "context": context}
     if previous is not None and store.predictions(args.backend).exists():
@@ -89,7 +90,8 @@ def _run_engine(args: argparse.Namespace, store: Store, samples: list[EvalSample
                 params: dict[str, Any]) -> None:
     """Our engine, once per setting it can run; the others recorded as not run."""
     configs = configurations(args.policies, args.ratios, args.head_select,
-                             args.chunk_grid_ablation, getattr(args, "merge", False))
+                             args.chunk_grid_ablation, getattr(args, "merge", False),
+                             getattr(args, "prefill_variant", False))
     settings = _settings(args, store, params, samples, configs)
     skipped = {s: "the engine backend has no query-agnostic path yet (engine_backend.SETTINGS)"
                for s in args.setting if s not in engine_backend.SETTINGS}
@@ -112,7 +114,8 @@ def _run_engine(args: argparse.Namespace, store: Store, samples: list[EvalSample
 
         engine_backend.run(samples, configs, params, args.model, store.predictions("vllm"),
                            dtype=args.dtype, prefix_reuse=not args.no_prefix_reuse,
-                           setting=setting, done=done, row_fields=row_fields)
+                           setting=setting, done=done, row_fields=row_fields,
+                           max_num_batched_tokens=args.max_num_batched_tokens)
 
 
 def _run_kvpress(args: argparse.Namespace, store: Store, samples: list[EvalSample],
