@@ -313,3 +313,71 @@ def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
     assert "| 0.000 [0.000, 0.000] | 0.500 [" in merge
 
 
+
+
+def test_qwen_page_pairs_compression_while_prefilling_with_the_prompt_end(
+        tmp_path: Path) -> None:
+    """`--prefill-variant`: the Qwen section shows each policy's `prefill` rows next to its
+    end-of-prefill rows, with the paired difference over the same prompts and per task."""
+    run = tmp_path / "runs" / "qwen-eval"
+    run.mkdir(parents=True)
+    samples = [{"id": f"niah_multikey-4096-d0-{i}", "task": "niah_multikey", "length": 4096,
+                "depth": 0.0, "answers": ["1234567"], "match": "any", "max_tokens": 16,
+                "needle_offsets": [60 + i]} for i in range(8)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    rows = []
+    for i, sample in enumerate(samples):  # end of prefill right on all, while prefilling on 6
+        base = {"id": sample["id"], "prompt_tokens": 1000, "head_select": "shared"}
+        rows += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567", "variant": "",
+                  "kept_tokens": 1000, "held_tokens": 1000},
+                 {**base, "policy": "chunkkv", "ratio": 0.25, "text": " 1234567",
+                  "variant": "", "kept_tokens": 250, "held_tokens": 250},
+                 {**base, "policy": "chunkkv", "ratio": 0.25, "variant": "prefill",
+                  "text": " 1234567" if i < 6 else " 12", "kept_tokens": 250,
+                  "held_tokens": 250}]
+    (run / "predictions-vllm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "settings-vllm.json").write_text(json.dumps(
+        {"model": "models/qwen", "max_num_batched_tokens": 512, "command": "kvcompress eval"}))
+    eval_run.report(run)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(tmp_path / "runs", out)
+    part = text[text.index("#### Compressed while prefilling"):]
+    assert "after every chunk of 512 tokens" in part
+    assert ("| chunkkv | 0.25 | 8 | 1.00 [1.00, 1.00] | 0.75 [" in part
+            and "| -0.250 [" in part), part
+    assert "| chunkkv | 0.25 | 1.00 / 0.75 |" in part
+    # The variant stays out of the main tables.
+    assert "chunkkv(prefill)" not in text[:text.index("#### Compressed while prefilling")]
+
+
+def test_results_page_renders_peak_memory_against_prompt_length(tmp_path: Path) -> None:
+    """`make bench-prefill-memory`'s JSON as a table on the results page: `none` linear, the
+    budgeted request's peak and pool peak, its bound, and the verdict computed from the rows
+    (a row over its bound says so)."""
+    runs = tmp_path / "runs"
+    folder = runs / "bench-prefill-memory"
+    folder.mkdir(parents=True)
+    rows = []
+    for length, budget_peak in ((2048, 48), (8192, 48), (32768, 49)):
+        rows += [{"config": "none", "prompt_len": length, "peak_blocks": length // 32,
+                  "peak_pool_blocks": length // 32, "ttft_s": length / 1000, "steps": 4,
+                  "cuts": 0, "bound_blocks": length // 32},
+                 {"config": "snapkv prefill_budget 1024", "prompt_len": length,
+                  "peak_blocks": budget_peak, "peak_pool_blocks": 80, "ttft_s": 0.5,
+                  "steps": 4, "cuts": length // 512 - 2, "bound_blocks": 48}]
+    report = {"machine": {"cpu": "cpu", "cores": 2, "date": "today"},
+              "settings": {"model": "runs/x/tiny-llama-long", "budget": 1024, "chunk": 512,
+                           "policy": "snapkv", "window": 32, "block_size": 32,
+                           "dtype": "float32"}, "rows": rows}
+    (folder / "prefill_memory.json").write_text(json.dumps(report))
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(runs, out)
+    section = text[text.index("### Peak KV against prompt length"):]
+    assert "| 2,048 | 64 | 48 (80) | 48 | 2 | 2.0 | 0.5 |" in section
+    assert "| 32,768 | 1024 | 49 (80) | 48 | 62 | 32.8 | 0.5 |" in section
+    assert "The budgeted request **exceeds** its bound" in section
+    rows[-1]["peak_blocks"] = 48
+    (folder / "prefill_memory.json").write_text(json.dumps(report))
+    assert "The budgeted request never exceeds its bound" in build(runs, out)

@@ -7,7 +7,8 @@ ChunkKV's chunk-grid variants in the same run), ``runs/eval-peer/results.json`` 
 separate ours-vs-kvpress study), ``runs/eval-merge/results.json`` (merge vs drop, ``make
 bench-merge``), ``runs/bench-overhead/overhead.json``, ``runs/bench-throughput/throughput.json``,
 the ``throughput.json`` of ``runs/bench-throughput-prefill`` and ``-1pool`` (admission by
-compressed size, ``make bench-throughput-prefill``) and the decode-time reports; per-prompt scores
+compressed size, ``make bench-throughput-prefill``), ``runs/bench-prefill-memory/
+prefill_memory.json`` (peak KV against prompt length) and the decode-time reports; per-prompt scores
 for paired intervals come from the ``results.csv`` next to each JSON. Copies the PNGs to
 ``docs/img/results/``; writes the tables (every accuracy with its bootstrap 95% interval over
 prompts), the targets (met or not, with the number) and the commands that produced them. A
@@ -26,6 +27,7 @@ from .accuracy import accuracy_section
 from .cells import cell, ci_text, entry_label, order
 from .methods import methods_section
 from .peer import peer_section
+from .prefill_memory import PREFILL_MEMORY_RUN, prefill_memory_section
 from .qwen import only_setting, qwen_headline, qwen_section
 from .serving import (
     ADMISSION_RUNS,
@@ -167,6 +169,9 @@ def build(runs: Path, out: Path) -> str:
                  if (runs / name / "throughput.json").exists() else None
                  for name, _, _ in ADMISSION_RUNS}
     parts += admission_section(admission, images, runs)
+    path = runs / PREFILL_MEMORY_RUN / "prefill_memory.json"
+    parts += prefill_memory_section(json.loads(path.read_text()) if path.exists() else None,
+                                    images, runs)
     path = runs / "bench-overhead" / "overhead.json"
     overhead = None
     if path.exists():

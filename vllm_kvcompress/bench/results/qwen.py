@@ -9,6 +9,7 @@ from typing import Any
 from ...eval.configs import QUERY_AGNOSTIC, QUERY_AWARE
 from ...eval.tasks import TASKS
 from .cells import cell, ci_text, copy_image, entry_label, order, settings_line
+from .variants import prefill_section
 
 SETTING_TITLES = {QUERY_AWARE: "Query-aware (the question in the prompt when it is compressed)",
                   QUERY_AGNOSTIC: "Query-agnostic (the context compressed before the question "
@@ -52,11 +53,27 @@ def qwen_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
         mine = only_setting(result, setting)
         if mine["summary"]:
             lines += [*_all_tasks(mine), "", *_per_task(mine)]
+        prefill = prefill_section(mine, run, TASKS) if setting == QUERY_AWARE else []
+        if prefill:
+            lines += ["", "#### Compressed while prefilling vs at the prompt's end", "",
+                      "The `prefill` variant (`--prefill-variant`) sets `kv_prefill_budget` to "
+                      "what the configuration's ratio keeps of each prompt, so both end holding "
+                      "the same tokens' worth; it cuts after every chunk of "
+                      f"{_chunk_of(settings)} tokens, scoring with that chunk's own last window, "
+                      "where the other sees the whole prompt (question included) once. Same "
+                      "prompts, same store; the difference is paired over prompts.", "",
+                      *prefill]
         path = copy_image(run / f"accuracy_by_task_{setting}.png", images,
                           f"qwen_accuracy_by_task_{setting}.png")
         if path:
             lines += ["", f"![{setting}: accuracy vs kept ratio per task]({path})"]
     return [*lines, ""]
+
+
+def _chunk_of(settings: dict[str, Any]) -> str:
+    """The prefill chunk the engine run used (``max_num_batched_tokens``), as text."""
+    chunk = (settings.get("vllm") or {}).get("max_num_batched_tokens")
+    return "?" if chunk is None else f"{chunk:,}"
 
 
 def _all_tasks(result: dict[str, Any]) -> list[str]:

@@ -1,12 +1,22 @@
 """Variants of a method on the same prompts: merging evicted tokens vs dropping them (ours and
-kvpress's MergingPress), and ChunkKV's chunk grid (the ablation)."""
+kvpress's MergingPress), ChunkKV's chunk grid (the ablation), and compression while prefilling vs
+at the prompt's end."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .cells import ScoreKey, cell, entry_label, order, paired_difference, paired_text, read_scores
+from .cells import (
+    ScoreKey,
+    cell,
+    entry_label,
+    fmt,
+    order,
+    paired_difference,
+    paired_text,
+    read_scores,
+)
 
 
 def merge_section(result: dict[str, Any], run: Path) -> list[str]:
@@ -105,3 +115,49 @@ def paired_grid(scores: dict[ScoreKey, dict[str, float]], variant: str, ratio: f
     return paired_text(paired_difference(
         scores.get(("vllm", "chunkkv", ratio, "shared", variant, 1), {}),
         scores.get(("vllm", "chunkkv", ratio, "shared", "", 1), {}), needles_4k))
+
+
+def prefill_section(result: dict[str, Any], run: Path, tasks: tuple[str, ...] = ()
+                    ) -> list[str]:
+    """Compressed while prefilling (the ``prefill`` variant: ``kv_prefill_budget`` at the
+    configuration's own final budget) vs at the prompt's end, same prompts and engine store,
+    paired over prompts; the per-task means of both next to each other.
+
+    Args:
+        result: a query-aware report (``results.json`` of an eval store).
+        run: its folder (``results.csv`` for the paired intervals).
+        tasks: the task columns to break down (those with a value in the report).
+    """
+    summary = result["summary"]
+    prefill = sorted((s for s in summary if s["backend"] == "vllm"
+                      and s.get("variant") == "prefill"), key=order)
+    if not prefill:
+        return []
+    scores = read_scores(run)
+
+    def plain_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+        return next((s for s in summary if s["backend"] == "vllm"
+                     and (s["policy"], s["ratio"], s.get("head_select"), s.get("variant", ""))
+                     == (entry["policy"], entry["ratio"], entry.get("head_select"), "")), None)
+
+    lines = ["| method | kept ratio | prompts | at the prompt's end | while prefilling | "
+             "while - end (paired) | turn 2: end | turn 2: while |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in prefill:
+        plain = plain_of(s)
+        key = ("vllm", s["policy"], s["ratio"], s.get("head_select") or "shared")
+        diff = paired_text(paired_difference(scores.get((*key, "prefill", 1), {}),
+                                             scores.get((*key, "", 1), {})))
+        lines.append(f"| {entry_label(plain or s).removesuffix('(prefill)')} | {s['ratio']:g} | "
+                     f"{s['samples']} | {cell(plain, 'accuracy')} | {cell(s, 'accuracy')} | "
+                     f"{diff} | {cell(plain, 'turn2')} | {cell(s, 'turn2')} |")
+    columns = [t for t in tasks if any(s.get(t) is not None for s in prefill)]
+    if columns:
+        lines += ["", "Per task (at the prompt's end / while prefilling):", "",
+                  "| method | kept ratio | " + " | ".join(columns) + " |",
+                  "|---|---:|" + "---:|" * len(columns)]
+        for s in prefill:
+            plain = plain_of(s) or {}
+            cells = [f"{fmt(plain.get(t))} / {fmt(s.get(t))}" for t in columns]
+            lines.append(f"| {s['policy']} | {s['ratio']:g} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
