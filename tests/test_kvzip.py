@@ -251,3 +251,43 @@ def test_default_chunk_size_is_valid_on_a_short_context_server() -> None:
     bounds = Bounds(deployment={"max_model_len": 1024, "num_layers": 2})
     spec = resolve(({"kvzip_chunk_size": 2048}, {}, bounds))
     assert spec.kvzip_chunk_size == 2048
+
+
+@pytest.mark.server
+def test_vllm_serve_compresses_once_with_kvzip_and_reuses(server: Any, tiny_model: Path,
+                                                          reference: ReferenceModel) -> None:
+    """Through `vllm serve`'s OpenAI API: request 1 sends the context alone with kvzip and
+    `kv_reuse_prefix: on` (published: `/metrics`); request 2 sends the context + a question
+    with the same `vllm_xargs`, starts on the compressed context (a reuse hit covering the
+    whole context) and answers what the reference answers attending to its OWN kvzip selection
+    of the context."""
+    import requests
+    from transformers import AutoTokenizer
+
+    from vllm_kvcompress.local_server import metric_values
+
+    def post(prompt: list[int], max_tokens: int) -> Any:
+        return requests.post(f"{server.base_url}/v1/completions", timeout=300, json={
+            "model": str(tiny_model), "prompt": prompt, "max_tokens": max_tokens,
+            "temperature": 0.0, "ignore_eos": True, "vllm_xargs": xargs})
+
+    def counters() -> tuple[float, ...]:
+        text = server.metrics()
+        return tuple(metric_values(text, f"vllm_kvcompress:{name}_total")[0]
+                     for name in ("prefixes_published", "prefix_reuse_hits",
+                                  "prefix_reuse_tokens"))
+
+    xargs = {"kv_policy": "kvzip", "kv_ratio": 0.25, "kv_reuse_prefix": "on",
+             "kv_kvzip_chunk_size": CHUNK}
+    context, question = prompt_ids(2711, 250), prompt_ids(2712, 19)
+    published, hits, tokens = counters()
+    assert post(context, 1).status_code == 200
+    assert counters() == (published + 1, hits, tokens)
+    answer = post(context + question, MAX_TOKENS)
+    assert answer.status_code == 200, answer.text
+    assert counters() == (published + 1, hits + 1, tokens + len(context))
+    kept = reference_kept(reference, tiny_model, context, xargs)
+    want = reference.greedy_on_compressed_prefix(context, kept, question, MAX_TOKENS)
+    assert want != reference.greedy(context + question, MAX_TOKENS)  # eviction shows
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert answer.json()["choices"][0]["text"] == tokenizer.decode(want)
