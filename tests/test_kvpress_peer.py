@@ -99,9 +99,86 @@ def test_selection_mode_per_press() -> None:
         "keydiff": "per_head",
         "expected_attention": "per_head",
         "qfilters": "per_head",
+        # KVzipPress(layerwise=True): one bottom-k over each layer's (KV head, token) pairs.
+        "kvzip": "joint_heads",
     }
     assert set(presses.KVPRESS_MODES) == set(presses.POLICIES)
     assert grading.KVPRESS_MODES is presses.KVPRESS_MODES  # the report reads the peer's table
+
+
+def test_kvzip_is_kvzip_press_run_per_config() -> None:
+    """Our kvzip is KVzipPress with our per-layer budget (layerwise), sinks and chunk size; the
+    main venv's backend names it; the runner never replays it on a shared prefill (it runs the
+    model again to score), in either setting, while the other presses still share one."""
+    from vllm_kvcompress.eval.configs import RunConfig
+    from vllm_kvcompress.eval.kvpress_backend import kvpress_policy, peer_configs
+    from vllm_kvcompress.eval.kvpress_peer import runner
+
+    assert presses.press_spec("kvzip", 0.25, {**PARAMS, "sink_tokens": 2}) == (
+        "KVzipPress",
+        {"compression_ratio": 0.75, "layerwise": True, "n_sink": 2, "chunk_size": 2048},
+    )
+    spec = presses.press_spec("kvzip", 0.5, {"kvzip_chunk_size": 100})
+    assert spec[1]["chunk_size"] == 100 and spec[1]["n_sink"] == 4
+    assert presses.press_spec("kvzip", 1.0, PARAMS) is None
+    with pytest.raises(presses.InputError, match="ScorerPress"):
+        presses.press_spec("kvzip+merge", 0.25, PARAMS)
+    assert not presses.replayable(spec)
+    assert presses.replayable(None) and presses.replayable(presses.press_spec("snapkv", 0.5, {}))
+    assert presses.replayable(presses.press_spec("chunkkv", 0.5, {}))  # a wrapper: its press
+    assert kvpress_policy(RunConfig("kvzip", 0.25, "shared", "")) == "kvzip"
+    assert peer_configs([RunConfig("kvzip", 0.25, "per_head", "")]) == [
+        RunConfig("kvzip", 0.25, "", "")]
+
+    configs = [{"policy": p, "ratio": r, "spec": presses.press_spec(p, r, PARAMS), "key": None}
+               for p, r in (("none", 1.0), ("kvzip", 0.25), ("snapkv", 0.25))]
+    assert runner.replay_plan(configs, True) == [True, False, True]
+    assert runner.replay_plan(configs, False) == [False, False, False]
+
+    log: list[tuple[str, Any]] = []
+
+    class Records:
+        def write(self, sample: Any, cfg: dict[str, Any], turn: int, prompt: list[int],
+                  result: dict[str, Any], shared: bool) -> None:
+            log.append(("record", (cfg["policy"], shared)))
+
+    patched = {
+        "shared_prefill": lambda model, ids: log.append(("shared", len(ids))) or "SP",
+        "generate": lambda model, press, ids, max_tokens, eos, context_len=None: log.append(
+            ("generate", (press, context_len))) or {"output_ids": [1]},
+        "generate_shared": lambda model, press, shared, max_tokens, eos, question=None: (
+            log.append(("replay", (press, shared, question))) or {"output_ids": [1]}),
+        "clear_masks": lambda model: None,
+    }
+    sample = {"input_ids": list(range(4, 104)), "context_len": 80, "turn1": {},
+              "max_tokens": 2, "followup": None, "todo": [(0, 1), (1, 1), (2, 1)]}
+    names = ["none", "KVZIP", "SNAP"]  # stand-ins for the built presses
+    plan = runner.replay_plan(configs, True)
+    saved = {name: getattr(runner, name) for name in patched}
+    try:
+        for name, fn in patched.items():
+            setattr(runner, name, fn)
+        for agnostic in (False, True):
+            context = 80 if agnostic else None
+            question = list(range(84, 104)) if agnostic else None
+            log.clear()
+            runner._run_sample(None, sample, configs, names, set(), agnostic, plan, Records())
+            assert log == [
+                ("shared", 80 if agnostic else 100),
+                ("replay", ("none", "SP", question)), ("record", ("none", True)),
+                # kvzip: a prefill of its own with the press active (the context's alone when
+                # query-agnostic), between two replays of the shared one.
+                ("generate", ("KVZIP", context)), ("record", ("kvzip", False)),
+                ("replay", ("SNAP", "SP", question)), ("record", ("snapkv", True)),
+            ], agnostic
+            # kvzip alone: no shared prefill is made at all.
+            log.clear()
+            runner._run_sample(None, {**sample, "todo": [(1, 1)]}, configs, names, set(),
+                               agnostic, plan, Records())
+            assert log == [("generate", ("KVZIP", context)), ("record", ("kvzip", False))]
+    finally:
+        for name, fn in saved.items():
+            setattr(runner, name, fn)
 
 
 @pytest.mark.parametrize(
@@ -491,6 +568,8 @@ snapshot = [(c.keys.clone(), c.values.clone(), c.kwargs["hidden_states"].clone()
              c.output[0].clone()) for c in shared.calls]
 results = []
 for policy in [*presses.POLICIES, "snapkv+merge"]:
+    if not presses.replayable(presses.press_spec(policy, 0.5, params)):
+        continue  # KVzipPress: scored by running the model again, never replayed
     for ratio in [1.0] if policy == "none" else [0.5, 0.25, 0.1]:
         press = presses.build_press(presses.press_spec(policy, ratio, params))
         old, old_logits, _ = generation.prefill(model, press, input_ids)
@@ -538,8 +617,12 @@ def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     results = report["results"]
-    # Every press the runner maps (the methods issue's included, MergingPress around SnapKV).
-    assert len(results) == 1 + (len(presses.POLICIES) - 1 + 1) * 3
+    # Every press the runner replays (the methods issue's included, MergingPress around SnapKV;
+    # not KVzipPress, which always gets a prefill of its own).
+    replayed = [p for p in presses.POLICIES
+                if presses.replayable(presses.press_spec(p, 0.5, params))]
+    assert "kvzip" not in replayed
+    assert len(results) == 1 + (len(replayed) - 1 + 1) * 3
     assert report["n_calls"] == 4  # every attention layer recorded once
     for r in results:
         where = f"{r['policy']} {r['ratio']}"
@@ -572,7 +655,8 @@ def test_shared_prefill_matches_per_config_prefill_end_to_end(
 ) -> None:
     # The runner's default (shared prefill) and --no-shared-prefill write the same records but
     # for the timings and the shared_prefill flag; default params (window 32): 700 tokens give
-    # PyramidKV real budgets at 0.5.
+    # PyramidKV real budgets at 0.5. KVzip (first, so the replayed presses after it would decode
+    # through any key masks it left behind) takes a prefill of its own in both runs.
     rng = random.Random(2)
     samples = [
         {"id": f"s{n}", "input_ids": [rng.randrange(4, 1000) for _ in range(n)], "max_tokens": 6}
@@ -580,10 +664,10 @@ def test_shared_prefill_matches_per_config_prefill_end_to_end(
     ]
     configs = [{"policy": "none", "ratio": 1.0}] + [
         {"policy": p, "ratio": r}
-        for p in ("streamingllm", "snapkv", "chunkkv", "pyramidkv")
+        for p in ("kvzip", "streamingllm", "snapkv", "chunkkv", "pyramidkv")
         for r in (0.5, 0.1)
     ]
-    _write_inputs(tmp_path, samples, configs)
+    _write_inputs(tmp_path, samples, configs, kvzip_chunk_size=256)
     shared_out, per_config_out = tmp_path / "shared.jsonl", tmp_path / "per_config.jsonl"
     proc = _run(kvpress_python, tiny_model, tmp_path, shared_out)
     assert proc.returncode == 0, proc.stderr
@@ -592,8 +676,16 @@ def test_shared_prefill_matches_per_config_prefill_end_to_end(
     assert proc.returncode == 0, proc.stderr
     shared, per_config = _records(shared_out), _records(per_config_out)
     assert len(shared) == len(per_config) == len(samples) * len(configs)
-    assert all(r["shared_prefill"] is True for r in shared)
+    assert all(r["shared_prefill"] is (r["policy"] != "kvzip") for r in shared)
     assert all(r["shared_prefill"] is False for r in per_config)
+    # KVzipPress(layerwise=True) masks int(kv_heads * L * (1 - ratio)) entries in every layer,
+    # ranked over the layer's heads together: L - that / kv_heads kept per layer, on average.
+    for r in shared:
+        if r["policy"] == "kvzip":
+            length = r["prompt_tokens"]
+            kept = length - int(2 * length * (1 - r["ratio"])) / 2
+            assert r["kept_tokens_per_layer"] == [pytest.approx(kept)] * 4, r["ratio"]
+            assert r["kvpress_mode"] == "joint_heads"
     strip = ("prefill_s", "decode_s", "shared_prefill")
     assert [{k: v for k, v in r.items() if k not in strip} for r in shared] == [
         {k: v for k, v in r.items() if k not in strip} for r in per_config

@@ -93,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sink-tokens", type=int, default=4)
     parser.add_argument("--future-positions", type=int, default=512,
                         help="expected_attention: future positions its RoPE average covers")
+    parser.add_argument("--kvzip-chunk-size", type=int, default=None,
+                        help="kvzip: context tokens per reconstruction pass (kv_kvzip_chunk_size; "
+                        "kvpress: KVzipPress's chunk_size); default: the engine's, 2048, "
+                        "kvpress's too")
     parser.add_argument("--qfilters", default=None,
                         help="qfilters: the model's filter file (default: MODEL.qfilters."
                         "safetensors next to the model folder, written by `make models`)")
@@ -127,6 +131,9 @@ def validate(args: argparse.Namespace) -> None:
         args.qfilters = str(path)
     if getattr(args, "future_positions", 1) < 1:
         raise ValueError(f"--future-positions: {args.future_positions} is below 1")
+    kvzip_chunk_size = getattr(args, "kvzip_chunk_size", None)
+    if kvzip_chunk_size is not None and kvzip_chunk_size < 1:
+        raise ValueError(f"--kvzip-chunk-size: {args.kvzip_chunk_size} is below 1")
     for ratio in args.ratios:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"--ratios: {ratio} is not in (0, 1]")
@@ -171,7 +178,8 @@ def validate(args: argparse.Namespace) -> None:
 def run_params(args: argparse.Namespace) -> dict[str, Any]:
     """The policy parameters every request of the run gets (``kv_*`` extra args; the peer's
     press parameters): the window and selection parameters, and the parameters of the methods
-    the run has (ChunkKV's grid when set, Expected Attention's positions, Q-Filters' file)."""
+    the run has (ChunkKV's grid when set, Expected Attention's positions, Q-Filters' file,
+    KVzip's chunk size when set)."""
     params = {"window": args.window, "pool_kernel": args.pool_kernel,
               "chunk_size": args.chunk_size, "sink_tokens": args.sink_tokens}
     if getattr(args, "chunk_grid", None) is not None:
@@ -180,4 +188,8 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
         params["future_positions"] = args.future_positions
     if "qfilters" in args.policies:
         params["qfilters_path"] = args.qfilters
+    # Only when set: unset, both backends use 2048 and the results store's keys of kvzip
+    # configurations stay those of runs made before the option existed.
+    if "kvzip" in args.policies and getattr(args, "kvzip_chunk_size", None) is not None:
+        params["kvzip_chunk_size"] = args.kvzip_chunk_size
     return params

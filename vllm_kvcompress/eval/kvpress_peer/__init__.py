@@ -53,7 +53,13 @@ backend builds it. Query-aware, turn 2 is a fresh run of the same press on the f
 runs on the same context again and everything after it is prefilled without the press.
 
 Token selection (``kvpress_mode`` in every record, ``presses.KVPRESS_MODES``): kvpress's
-ScorerPress presses keep a top-k per KV head; ChunkKVPress and TOVAPress one token set per layer.
+ScorerPress presses keep a top-k per KV head; ChunkKVPress and TOVAPress one token set per layer;
+KVzipPress (``layerwise=True``) one top-k over each layer's (KV head, token) pairs together, by
+masking keys (``kept_tokens`` counts the unmasked ones, averaged over the KV heads).
+
+KVzipPress scores by running the model again over the context (its reconstruction passes), so
+it is never replayed: its jobs always take the per-config path, a prefill of the prompt (or of
+the context) with the press active (``runner.replay_plan``).
 
 Output: one JSON line per job, appended and flushed as soon as it is done (the results store of
 ``kvcompress eval`` decides what is left to run after an interruption). Bad input prints one

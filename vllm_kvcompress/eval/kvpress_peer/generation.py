@@ -21,9 +21,36 @@ def eos_token_ids(model: Any) -> set[int]:
     return ids
 
 
-def kept_per_layer(cache: Any) -> list[int]:
-    """Cached tokens per layer."""
-    return [int(layer.keys.shape[-2]) for layer in cache.layers]
+def attention_layers(model: Any) -> list[Any]:
+    """The attention modules kvpress hooks (``BasePress.__call__``'s choice), in forward order."""
+    language_model = getattr(model.model, "language_model", model.model)
+    return [layer.self_attn for layer in language_model.layers]
+
+
+def clear_masks(model: Any) -> None:
+    """Drops the evictions a masking press (KVzipPress) left on the attention modules
+    (``masked_key_indices``, read by kvpress's attention patch while the cache is longer than
+    the queries): kvpress clears them only at the next full prefill, which a replayed job
+    never runs."""
+    for attn in attention_layers(model):
+        if getattr(attn, "masked_key_indices", None) is not None:
+            attn.masked_key_indices = None
+
+
+def kept_per_layer(cache: Any, model: Any = None) -> list[float]:
+    """Cached tokens per layer; with ``model``, less the entries a masking press (KVzipPress,
+    which evicts by masking keys, not by shortening the cache) masked, averaged over the KV
+    heads (an int when every head keeps the same count)."""
+    kept: list[float] = [int(layer.keys.shape[-2]) for layer in cache.layers]
+    if model is None:
+        return kept
+    for i, attn in enumerate(attention_layers(model)):
+        masked = getattr(attn, "masked_key_indices", None)
+        if masked is not None and i < len(kept):
+            batch, heads = cache.layers[i].keys.shape[:2]
+            held = kept[i] - len(masked[0]) / (batch * heads)
+            kept[i] = int(held) if held == int(held) else held
+    return kept
 
 
 def decode(
@@ -132,8 +159,9 @@ def generate(
             query-aware, the whole prompt under the press.
 
     Returns:
-        ``output_ids``, ``kept_tokens`` (prompt tokens cached in layer 0 before decoding),
-        ``kept_tokens_per_layer``, ``prefill_s``, ``decode_s``.
+        ``output_ids``, ``kept_tokens`` (prompt tokens cached in layer 0 before decoding, less
+        those a masking press masked: see ``kept_per_layer``), ``kept_tokens_per_layer``,
+        ``prefill_s``, ``decode_s``.
     """
     if context_len is None:
         cache, logits, prefill_s = prefill(model, press, input_ids)
@@ -142,7 +170,7 @@ def generate(
         start = time.perf_counter()
         logits = prefill_question(model, cache, input_ids[context_len:], context_len)
         prefill_s += time.perf_counter() - start
-    kept = kept_per_layer(cache)
+    kept = kept_per_layer(cache, model)
     start = time.perf_counter()
     output_ids = decode(model, cache, int(logits.argmax()), len(input_ids), max_tokens, eos)
     decode_s = time.perf_counter() - start

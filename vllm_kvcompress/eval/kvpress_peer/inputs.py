@@ -11,7 +11,7 @@ from .presses import DEFAULT_PARAMS, InputError, press_spec
 
 #: Integer params and their smallest allowed value.
 INT_PARAMS = {"window": 1, "pool_kernel": 1, "chunk_size": 1, "sink_tokens": 0,
-              "future_positions": 1}
+              "future_positions": 1, "kvzip_chunk_size": 1}
 QUERY_AWARE = "query_aware"
 QUERY_AGNOSTIC = "query_agnostic"
 SETTINGS = (QUERY_AWARE, QUERY_AGNOSTIC)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv", "tova", "knorm",
-            "keydiff", "expected_attention", "qfilters")
+            "keydiff", "expected_attention", "qfilters", "kvzip")
 DEFAULT_PARAMS: dict[str, Any] = {
     "window": 32,
     "pool_kernel": 5,
@@ -17,14 +17,18 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "sink_tokens": 4,
     "future_positions": 512,
     "qfilters_path": None,
+    # Our engine's default (policies/kvzip.py KVZIP_CHUNK_SIZE) and KVzipPress's own.
+    "kvzip_chunk_size": 2048,
 }
 #: ``snapkv+merge``: kvpress's ``MergingPress`` around the policy's press (a ScorerPress).
 MERGE_SUFFIX = "+merge"
 MERGEABLE = ("streamingllm", "snapkv", "pyramidkv", "tova", "knorm", "keydiff",
              "expected_attention", "qfilters")
-#: How each press selects tokens: ``per_head`` (ScorerPress: top-k over each KV head's scores) or
-#: ``shared`` (ChunkKVPress: scores summed over heads, one token set per layer). StreamingLLM's
-#: scores are positional, so its per-head top-k keeps the same tokens in every head.
+#: How each press selects tokens: ``per_head`` (ScorerPress: top-k over each KV head's scores),
+#: ``shared`` (ChunkKVPress: scores summed over heads, one token set per layer) or
+#: ``joint_heads`` (KVzipPress: one top-k per layer over all its heads' tokens together, so the
+#: heads keep different counts). StreamingLLM's scores are positional, so its per-head top-k keeps
+#: the same tokens in every head.
 KVPRESS_MODES = {
     "none": "shared",
     "streamingllm": "per_head",
@@ -38,6 +42,12 @@ KVPRESS_MODES = {
     "keydiff": "per_head",
     "expected_attention": "per_head",
     "qfilters": "per_head",
+    # KVzipPress.compress_post (kvpress 0.5.5 presses/kvzip_press.py:369-405): with
+    # layerwise=True every layer prunes the same int(kv_heads * L * compression_ratio) entries,
+    # chosen by ONE bottom-k over the layer's (KV head, token) scores flattened
+    # (``scores.reshape(bsz, -1)``), then masked (``masked_key_indices``): neither one top-k per
+    # head (heads keep different counts) nor one token set per layer.
+    "kvzip": "joint_heads",
 }
 
 # A press spec: kvpress class name and constructor kwargs; a kwarg may itself be a spec (ChunkKV
@@ -57,7 +67,8 @@ def press_spec(policy: str, ratio: float, params: dict[str, Any]) -> PressSpec |
         ratio: fraction of prompt tokens whose KV is kept, in (0, 1]; kvpress's
             ``compression_ratio`` is the fraction removed, ``1 - ratio``.
         params: ``window``, ``pool_kernel``, ``chunk_size``, ``sink_tokens``,
-            ``future_positions``, ``qfilters_path`` (missing keys take ``DEFAULT_PARAMS``).
+            ``future_positions``, ``qfilters_path``, ``kvzip_chunk_size`` (missing keys take
+            ``DEFAULT_PARAMS``).
 
     Returns:
         ``(class_name, kwargs)`` for ``build_press``, or None when nothing is compressed
@@ -108,6 +119,13 @@ def press_spec(policy: str, ratio: float, params: dict[str, Any]) -> PressSpec |
         return "ExpectedAttentionPress", {"compression_ratio": compression_ratio,
                                           "n_future_positions": p["future_positions"],
                                           "n_sink": p["sink_tokens"]}
+    if policy == "kvzip":
+        # layerwise=True: our engine keeps the same budget in every layer (one physical length
+        # per request: policies/kvzip.py's docstring, docs/ARCHITECTURE.md "Per-layer budgets"),
+        # which is KVzipPress's layerwise=True (the same int(H * L * compression_ratio) pruned in
+        # every layer); its default, False, spreads one budget over all layers by score.
+        return "KVzipPress", {"compression_ratio": compression_ratio, "layerwise": True,
+                              "n_sink": p["sink_tokens"], "chunk_size": p["kvzip_chunk_size"]}
     # qfilters: kvpress's press with OUR calibrated filters (its own come from a model hub).
     if not p["qfilters_path"]:
         raise InputError("policy 'qfilters' needs params.qfilters_path (kvcompress calibrate)")
@@ -140,6 +158,28 @@ def build_press(spec: PressSpec | None) -> Any:
         press.q_filters = load_file(qfilters_path)["q_filters"]
         press.post_init_from_model = lambda model: None
     return press
+
+
+#: Presses that cannot be replayed on a shared prefill's recorded layer calls: KVzipPress scores
+#: by running the model again (its reconstruction passes, after the ``with`` block), so it needs
+#: the per-config path, a real prefill with the press active (``generation.generate``).
+NOT_REPLAYABLE = frozenset({"KVzipPress"})
+
+
+def replayable(spec: PressSpec | None) -> bool:
+    """Whether ``replay.replay_press`` gives the cache a prefill with this press would leave
+    (every press whose work is its ``forward_hook``; a wrapper is replayable if its press is).
+
+    Args:
+        spec: a ``press_spec`` result.
+    """
+    if spec is None:
+        return True
+    name, kwargs = spec
+    if name in NOT_REPLAYABLE:
+        return False
+    inner = kwargs.get("press")
+    return replayable(inner) if isinstance(inner, tuple) else True
 
 
 def min_prompt_len(spec: PressSpec | None) -> int:

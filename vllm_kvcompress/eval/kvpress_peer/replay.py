@@ -8,13 +8,8 @@ import contextlib
 import time
 from typing import Any, NamedTuple
 
+from .generation import attention_layers as _attention_layers
 from .generation import decode, kept_per_layer, prefill_question
-
-
-def _attention_layers(model: Any) -> list[Any]:
-    """The attention modules kvpress hooks (``BasePress.__call__``'s choice), in forward order."""
-    language_model = getattr(model.model, "language_model", model.model)
-    return [layer.self_attn for layer in language_model.layers]
 
 
 class LayerCall(NamedTuple):

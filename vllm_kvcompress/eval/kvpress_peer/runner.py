@@ -9,9 +9,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .generation import eos_token_ids, generate
+from .generation import clear_masks, eos_token_ids, generate
 from .inputs import QUERY_AGNOSTIC, load_configs, load_samples, turn2_input_ids
-from .presses import KVPRESS_MODES, MERGE_SUFFIX, InputError, build_press, min_prompt_len
+from .presses import (
+    KVPRESS_MODES,
+    MERGE_SUFFIX,
+    InputError,
+    build_press,
+    min_prompt_len,
+    replayable,
+)
 from .replay import SharedPrefill, generate_shared, shared_prefill
 
 EXIT_BAD_INPUT = 2
@@ -32,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shared-prefill",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="prefill each sample once and replay every press's hook on it (default); "
+        help="prefill each sample once and replay every press's hook on it (default; a press "
+        "that runs the model itself, KVzipPress, always gets a prefill of its own); "
         "--no-shared-prefill: one prefill per (sample, config) with the press active",
     )
     args = ap.parse_args(argv)
@@ -74,13 +82,13 @@ def _check_lengths(samples: list[dict[str, Any]], configs: list[dict[str, Any]],
 class _Records:
     """Appends one record per finished job to ``--out`` and advances the progress bar."""
 
-    def __init__(self, sink: Any, bar: Any, tokenizer: Any, setting: str, version: str,
-                 shared: bool) -> None:
+    def __init__(self, sink: Any, bar: Any, tokenizer: Any, setting: str, version: str) -> None:
         self.sink, self.bar, self.tokenizer = sink, bar, tokenizer
-        self.setting, self.version, self.shared = setting, version, shared
+        self.setting, self.version = setting, version
 
     def write(self, sample: dict[str, Any], cfg: dict[str, Any], turn: int,
-              input_ids: list[int], result: dict[str, Any]) -> None:
+              input_ids: list[int], result: dict[str, Any], shared: bool) -> None:
+        """One job's record; ``shared``: whether it was replayed on a shared prefill."""
         record = {
             "id": sample["id"], "turn": turn, "policy": cfg["policy"], "ratio": cfg["ratio"],
             "setting": self.setting,
@@ -91,7 +99,7 @@ class _Records:
             "prefill_s": result["prefill_s"], "decode_s": result["decode_s"],
             "backend": "kvpress", "kvpress_version": self.version,
             "kvpress_mode": KVPRESS_MODES[cfg["policy"].removesuffix(MERGE_SUFFIX)],
-            "shared_prefill": self.shared,
+            "shared_prefill": shared,
         }
         if self.setting == QUERY_AGNOSTIC:
             record["context_len"] = sample["context_len"]
@@ -106,15 +114,24 @@ class _Records:
             f"{cfg['policy']} {cfg['ratio']:g} t{turn} prefill {result['prefill_s']:.1f}s")
 
 
+def replay_plan(configs: list[dict[str, Any]], shared: bool) -> list[bool]:
+    """Per config: replayed on a shared prefill (``True``) or run by ``generate``, a prefill of
+    its own with the press active (``False``): every config without ``--shared-prefill``, and a
+    press that is not replayable (KVzipPress runs the model again to score) in any case."""
+    return [shared and replayable(c["spec"]) for c in configs]
+
+
 def _run_sample(model: Any, sample: dict[str, Any], configs: list[dict[str, Any]],
-                presses: list[Any], eos: set[int], agnostic: bool, shared: bool,
+                presses: list[Any], eos: set[int], agnostic: bool, replay: list[bool],
                 records: _Records) -> None:
     """Runs a sample's turn-1 jobs, then its turn-2 jobs (from the turn-1 answers just made or
-    recorded before)."""
+    recorded before); ``replay``: ``replay_plan``'s."""
     ids, context_len = sample["input_ids"], sample["context_len"]
     turn1 = dict(sample["turn1"])
-    # Query-agnostic: one press-free prefill of the context serves every job of both turns.
-    context = shared_prefill(model, ids[:context_len]) if agnostic and shared else None
+    # Query-agnostic: one press-free prefill of the context serves every replayed job of both
+    # turns.
+    context = (shared_prefill(model, ids[:context_len])
+               if agnostic and any(replay[c] for c, _t in sample["todo"]) else None)
 
     def run_turn(jobs: list[tuple[int, list[int]]], max_tokens: int, turn: int) -> None:
         by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -123,11 +140,14 @@ def _run_sample(model: Any, sample: dict[str, Any], configs: list[dict[str, Any]
         for prompt_key, indexes in by_prompt.items():
             prompt = list(prompt_key)
             # Query-aware: per prompt, not per config; freed before the next prompt's prefill.
-            whole = shared_prefill(model, prompt) if shared and not agnostic else None
+            whole = (shared_prefill(model, prompt)
+                     if not agnostic and any(replay[i] for i in indexes) else None)
             for index in indexes:
+                prefilled = (whole or context) if replay[index] else None
                 result = _one(model, presses[index], prompt, max_tokens, eos,
-                              context_len if agnostic else None, whole or context)
-                records.write(sample, configs[index], turn, prompt, result)
+                              context_len if agnostic else None, prefilled)
+                records.write(sample, configs[index], turn, prompt, result,
+                              prefilled is not None)
                 if turn == 1:
                     turn1[index] = result["output_ids"]
             del whole
@@ -145,6 +165,7 @@ def _one(model: Any, press: Any, prompt: list[int], max_tokens: int, eos: set[in
          context_len: int | None, shared: SharedPrefill | None) -> dict[str, Any]:
     """One job: from the shared prefill (of the prompt, or of the context when
     ``context_len`` is set) or, without one, from a prefill of its own."""
+    clear_masks(model)  # a KVzipPress job's masks must not reach the next job's cache
     if shared is None:
         return generate(model, press, prompt, max_tokens, eos, context_len)
     question = None if context_len is None else prompt[context_len:]
@@ -192,11 +213,10 @@ def run(args: argparse.Namespace) -> int:
                desc="kvpress") as bar):
         if cut_short:
             sink.write("\n")
-        records = _Records(sink, bar, tokenizer, setting, importlib.metadata.version("kvpress"),
-                           args.shared_prefill)
+        records = _Records(sink, bar, tokenizer, setting, importlib.metadata.version("kvpress"))
+        replay = replay_plan(configs, args.shared_prefill)
         for sample in samples:
-            _run_sample(model, sample, configs, presses, eos, agnostic, args.shared_prefill,
-                        records)
+            _run_sample(model, sample, configs, presses, eos, agnostic, replay, records)
     return 0
 
 
