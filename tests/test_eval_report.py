@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -255,6 +256,16 @@ def test_results_page_renders_admission_by_compressed_size(tmp_path: Path) -> No
     assert f"_{missing} is missing: run `make bench-throughput-prefill`._" in section
 
 
+def _needle_samples(run: Path, task: str, n: int) -> list[dict[str, Any]]:
+    """``n`` one-needle samples of ``task`` (answer 1234567) written to a new run folder."""
+    run.mkdir(parents=True)
+    samples = [{"id": f"{task}-4096-d0-{i}", "task": task, "length": 4096, "depth": 0.0,
+                "answers": ["1234567"], "match": "any", "max_tokens": 16,
+                "needle_offsets": [60 + i]} for i in range(n)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return samples
+
+
 def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
     """`--merge`: our snapkv(merge) rows pair with kvpress's `snapkv+merge` (MergingPress) rows,
     not with its plain SnapKV; the results page shows merge vs drop for both, paired."""
@@ -272,11 +283,7 @@ def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
         press_spec("chunkkv+merge", 0.25, {})
 
     run = tmp_path / "runs" / "eval"
-    run.mkdir(parents=True)
-    samples = [{"id": f"niah_single-4096-d0-{i}", "task": "niah_single", "length": 4096,
-                "depth": 0.0, "answers": ["1234567"], "match": "any", "max_tokens": 16,
-                "needle_offsets": [60 + i]} for i in range(6)]
-    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    samples = _needle_samples(run, "niah_single", 6)
     # ours: merge right on every prompt, drop on none; kvpress: both right on half.
     ours, peer = [], []
     for i, sample in enumerate(samples):
@@ -320,11 +327,7 @@ def test_qwen_page_pairs_compression_while_prefilling_with_the_prompt_end(
     """`--prefill-variant`: the Qwen section shows each policy's `prefill` rows next to its
     end-of-prefill rows, with the paired difference over the same prompts and per task."""
     run = tmp_path / "runs" / "qwen-eval"
-    run.mkdir(parents=True)
-    samples = [{"id": f"niah_multikey-4096-d0-{i}", "task": "niah_multikey", "length": 4096,
-                "depth": 0.0, "answers": ["1234567"], "match": "any", "max_tokens": 16,
-                "needle_offsets": [60 + i]} for i in range(8)]
-    (run / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    samples = _needle_samples(run, "niah_multikey", 8)
     rows = []
     for i, sample in enumerate(samples):  # end of prefill right on all, while prefilling on 6
         base = {"id": sample["id"], "prompt_tokens": 1000, "head_select": "shared"}
