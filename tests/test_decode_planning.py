@@ -210,5 +210,11 @@ def test_prefill_budget_request_takes_no_more_than_its_budget_from_cache() -> No
         req = request(policy, 400, {"kv_policy": policy, "kv_window": 16,
                                     "kv_prefill_budget": 100})
         assert plan.max_cache_hit_blocks(req) == 96 // BLOCK, policy  # 3 chunks of 32
-    short = request("s", 60, {"kv_policy": "snapkv", "kv_window": 16, "kv_prefill_budget": 100})
-    assert plan.max_cache_hit_blocks(short) == 32 // BLOCK  # the window still recomputed
+    near = request("n", 110, {"kv_policy": "snapkv", "kv_window": 16, "kv_prefill_budget": 100})
+    assert plan.max_cache_hit_blocks(near) == 64 // BLOCK  # whole chunks, the window recomputed
+    # Never longer than its budget, so never cut while prefilling: only the window is recomputed.
+    short = request("s", 90, {"kv_policy": "snapkv", "kv_window": 16, "kv_prefill_budget": 100,
+                              "kv_ratio": 0.5})
+    assert plan.max_cache_hit_blocks(short) == (90 - 16) // BLOCK
+    keys_only = request("k", 90, {"kv_policy": "knorm", "kv_prefill_budget": 100})
+    assert plan.max_cache_hit_blocks(keys_only) is None

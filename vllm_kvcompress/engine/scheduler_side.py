@@ -291,14 +291,14 @@ class SchedulerCompression:
         longer hit would hold more than ``P`` + one chunk (the footprint it was admitted by) and
         would skip the cuts the uncached prefill makes (an end-of-prompt selection instead);
         whole chunks keep the chunk ends, so a request prefilled alone cuts where it would have
-        on a cold cache and keeps the same tokens.
+        on a cold cache and keeps the same tokens. One no longer than ``P`` is never cut while
+        prefilling: the rules above apply to it.
         """
         spec = self.request_spec(request)
-        if spec.enabled and spec.prefill_budget is not None:
+        end = request.num_tokens if request.num_output_tokens > 0 else request.num_prompt_tokens
+        if spec.enabled and spec.prefill_budget is not None and end > spec.prefill_budget:
             limit = spec.prefill_budget
             if self.needs_queries(spec):
-                end = request.num_tokens if request.num_output_tokens > 0 else \
-                    request.num_prompt_tokens
                 limit = min(limit, max(end - spec.window, 0))
             return limit // self.chunk * self.chunk // self.block_size
         if not spec.enabled or not self.needs_queries(spec):
