@@ -336,7 +336,7 @@ def test_engine_backend_prefill_variant_cuts_while_prefilling(
 
     monkeypatch.setattr(vllm, "LLM", Recorded)
     samples = build_samples(tokenizer, ["niah_single"], [768], [0.0, 1.0], 1, 0)
-    configs = [eb_config for eb_config in configurations(["snapkv"], [0.25], prefill=True)]
+    configs = configurations(["snapkv"], [0.25], prefill=True)
     params = {"window": 16, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
     gc.collect()
     out = engine_backend.run(samples, configs, params, str(tiny_model), tmp_path / "p.jsonl",

@@ -8,8 +8,7 @@ import contextlib
 import time
 from typing import Any, NamedTuple
 
-from .generation import attention_layers as _attention_layers
-from .generation import decode, kept_per_layer, prefill_question
+from .generation import attention_layers, decode, kept_per_layer, prefill_question
 
 
 class LayerCall(NamedTuple):
@@ -66,7 +65,7 @@ def shared_prefill(model: Any, input_ids: list[int]) -> SharedPrefill:
         calls.append(LayerCall(module, args, dict(kwargs), output, layer.keys, layer.values))
 
     hooks = [
-        attn.register_forward_hook(record, with_kwargs=True) for attn in _attention_layers(model)
+        attn.register_forward_hook(record, with_kwargs=True) for attn in attention_layers(model)
     ]
     try:
         with torch.inference_mode():
