@@ -133,6 +133,39 @@ def test_report_names_the_cells_where_ours_misses(tmp_path: Path) -> None:
     assert targets["chunkkv[per_head]"]["misses"] == ["0.25"]
 
 
+def test_a_subset_run_keeps_its_own_prompts_and_shrinks_no_one_elses(tmp_path: Path) -> None:
+    """kvpress on half the prompts and one of our methods on a quarter: every other entry keeps
+    all its prompts, the subset entries say they are not full KV's prompts, the paired
+    difference counts only common prompts, and a target never divides two different sets."""
+    _fake_run(tmp_path)
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    half = {s["id"] for s in samples[::2]}
+    quarter = {s["id"] for s in samples[::4]}
+    for backend, keep in (("kvpress", lambda r: r["id"] in half),
+                          ("vllm", lambda r: r["head_select"] != "per_head" or r["id"] in quarter)):
+        path = tmp_path / f"predictions-{backend}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+    result = eval_run.report(tmp_path)
+    entries = {(s["backend"], s["label"], s["ratio"]): s for s in result["summary"]
+               if not s["variant"]}
+    assert entries[("vllm", "none", 1.0)]["samples"] == len(samples)
+    assert entries[("vllm", "chunkkv", 0.25)]["samples"] == len(samples)
+    assert entries[("vllm", "chunkkv", 0.25)]["full_kv_prompts"]
+    assert entries[("vllm", "chunkkv[per_head]", 0.25)]["samples"] == len(quarter)
+    assert not entries[("vllm", "chunkkv[per_head]", 0.25)]["full_kv_prompts"]
+    assert entries[("kvpress", "chunkkv", 0.25)]["samples"] == len(half)
+    # kvpress's own full KV covers the same half: its entries are over its full KV's prompts.
+    assert entries[("kvpress", "chunkkv", 0.25)]["full_kv_prompts"]
+    pair = next(c for c in result["comparison"]
+                if (c["label"], c["ratio"], c["match"]) == ("chunkkv", 0.25, "nominal"))
+    assert pair["samples"] == len(half)
+    per_head = next(c for c in result["comparison"] if c["label"] == "chunkkv[per_head]")
+    assert per_head["samples"] == len(quarter & half)
+    assert not any("per_head" in t["target"] and "full KV" in t["target"]
+                   for t in result["targets"])
+
+
 def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
     """`make results`: docs/results.md from runs/, missing inputs named, images copied, every
     accuracy table with intervals, the ablation with both grids."""

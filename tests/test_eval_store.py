@@ -121,6 +121,60 @@ def test_rows_without_keys_count_until_the_context_changes(tmp_path: Path,
     assert len((folder / "predictions-vllm.jsonl").read_text().splitlines()) == 7  # kept
 
 
+def test_stores_made_apart_merge_into_one(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Two copies of a store extended apart (another prompt, another window) merge back: rows
+    that mean the same here are added once, with their prompts; rows made under another
+    context or on another prompt for the same id are not; merging twice adds nothing."""
+    target, source = tmp_path / "target", tmp_path / "source"
+    _legacy_folder(target)
+    shutil.copytree(target, source)
+    src = Store(source)
+    context = context_of("vllm", src.settings("vllm"))
+    extra = {"id": "s3", "task": "niah_single", "length": 512, "depth": 0.0,
+             "input_ids": [7, 3, 9], "answers": ["42"], "match": "any", "max_tokens": 4,
+             "needle_offsets": [1]}
+    changed = {**extra, "id": "s2", "input_ids": [7, 2, 8]}  # s2 rebuilt differently there
+    with (source / "samples.jsonl").open("a") as sink:
+        sink.writelines(json.dumps(line) + "\n" for line in (extra, changed))
+    rows = []
+    for sample, policy, ratio, head in ((extra, "none", 1.0, "shared"),
+                                        (extra, "snapkv", 0.5, "per_head"),
+                                        (changed, "none", 1.0, "shared")):
+        key = prompt_key(sample["input_ids"], 4, None)
+        config = RunConfig(policy, ratio, head)
+        rows.append({"id": sample["id"], "policy": policy, "ratio": ratio, "head_select": head,
+                     "variant": "", "turn": 1, "text": " 42", "prompt_tokens": 3,
+                     "kept_tokens": 3, "held_tokens": 3, "prompt_key": key,
+                     "config_key": config_hash(context, QUERY_AWARE, config)})
+    with (source / "predictions-vllm.jsonl").open("a") as sink:
+        sink.write("\n")  # after the line the crash cut short
+        sink.writelines(json.dumps(r) + "\n" for r in rows)
+    out = Store(target)
+    counts = out.merge_from(src)["vllm"]
+    # s3's two rows and its prompt come over; s2's row is on another prompt than the target's
+    # s2; the legacy rows both hold are there already (s2's old rows no longer count there).
+    assert (counts.added, counts.already_here, counts.other_context, counts.other_prompt) == (
+        2, 4, 0, 1)
+    current = out.current("vllm").rows
+    assert sorted((r["id"], r["policy"], r["head_select"]) for r in current
+                  if r["id"] == "s3") == [("s3", "none", "shared"), ("s3", "snapkv", "per_head")]
+    assert out.samples()["s3"]["prompt_key"] == prompt_key([7, 3, 9], 4, None)
+    assert out.samples()["s2"]["input_ids"] == [7, 2, 9]  # the target's prompt stays
+    assert out.merge_from(src)["vllm"].added == 0  # twice: nothing more
+    # The target moved on to window 64: the source's SnapKV rows (window 32) mean something
+    # else there and stay out; full KV depends on no window.
+    wide = {**context, "params": {**context["params"], "window": 64}}
+    out.write_settings("vllm", {"context": wide})
+    counts = out.merge_from(src)["vllm"]
+    assert (counts.added, counts.already_here, counts.other_context) == (0, 3, 3)
+    # Through the command line: the same merge, said on stderr, then the report.
+    result = eval_run.run(_args(out=str(target), merge_from=[str(source)], bootstrap=20))
+    assert "0 rows added, 3 already here, 3 made under another context" in \
+        capsys.readouterr().err
+    assert {(s["policy"], s["samples"]) for s in result["summary"]} == {("none", 4)}
+
+
 def _args(**overrides: Any) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     eval_run.add_arguments(parser)

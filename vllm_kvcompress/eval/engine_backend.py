@@ -68,6 +68,7 @@ from .configs import (
     make_spec,
     num_layers,
 )
+from .store import open_to_append
 from .tasks import EvalSample, turn2_input_ids
 
 #: The configuration names scripts that drive this backend use with it (scripts/method_audit.py,
@@ -286,7 +287,7 @@ def run(samples: list[EvalSample], configs: list[RunConfig] | list[tuple[str, fl
     runner = _BatchRunner(llm.llm_engine, SamplingParams, params, num_layers(model), bar,
                           setting, row_fields)
     hits_before = _reuse_hits(llm)
-    with out.open("a") as sink:
+    with open_to_append(out) as sink:
 
         def write(rows: Iterable[dict[str, Any]]) -> None:
             for row in rows:  # each as soon as it is done: an interrupted run loses nothing

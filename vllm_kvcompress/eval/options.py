@@ -112,6 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "them (the store keeps every row whose prompt and settings match)")
     parser.add_argument("--report-only", action="store_true",
                         help="grade and plot what the output folder holds; run nothing")
+    parser.add_argument("--merge-from", nargs="+", default=None, metavar="FOLDER",
+                        help="add the rows of other results stores (runs made apart: another "
+                        "machine, session or copy) that mean the same in --out, then report; "
+                        "runs nothing")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -154,6 +158,11 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "max_num_batched_tokens", 8192) < 32:
         raise ValueError(f"--max-num-batched-tokens: {args.max_num_batched_tokens} is below "
                          "32 tokens")
+    for folder in getattr(args, "merge_from", None) or []:
+        if not (Path(folder) / "samples.jsonl").is_file():
+            raise ValueError(f"--merge-from: {folder} is not a results store (no samples.jsonl)")
+        if Path(folder).resolve() == Path(args.out).resolve():
+            raise ValueError(f"--merge-from: {folder} is --out itself")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.samples_per_cell < 1:

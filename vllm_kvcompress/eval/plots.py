@@ -75,7 +75,8 @@ def plot_accuracy_vs_ratio(summary: list[dict[str, Any]], path: Path,
         ax.set_ylabel(ylabel + ", 95% CI")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:  # full KV alone draws no line
+            ax.legend(fontsize=6)
     first = next(iter(settings.values()), {})
     machine = first.get("machine", {})
     fig.suptitle(f"{first.get('model', '')}: {first.get('samples', '?')} prompts, "

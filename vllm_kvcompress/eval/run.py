@@ -39,7 +39,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Builds the prompts, runs the backend on what the store lacks, reports; ``args`` already
     passed ``validate``."""
     out = Path(args.out)
-    if not args.report_only:
+    if getattr(args, "merge_from", None):
+        for folder in args.merge_from:
+            counts = Store(out).merge_from(Store(Path(folder)))
+            for backend, count in counts.items():
+                print(f"kvcompress eval: merged {folder} into {out}, {backend}: {count.added} "
+                      f"rows added, {count.already_here} already here, {count.other_context} "
+                      f"made under another context, {count.other_prompt} on another prompt "
+                      "(not added)", file=sys.stderr)
+    elif not args.report_only:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from .configs import DEFAULT_HEAD_SELECT, QUERY_AWARE, RunConfig, config_params, policy_params
 from .tasks.samples import KEY_DIGITS, EvalSample, prompt_key
@@ -96,6 +96,21 @@ def row_config(backend: str, row: dict[str, Any]) -> tuple[str, RunConfig]:
     return setting, RunConfig(row["policy"], float(row["ratio"]),
                               row.get("head_select") or DEFAULT_HEAD_SELECT,
                               row.get("variant") or "")
+
+
+def open_to_append(path: Path) -> TextIO:
+    """``path`` opened for appending JSON lines; a last line cut short by a crash is ended
+    first, so it cannot swallow the next line (it stays unparsable and skipped)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_short = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as raw:
+            raw.seek(-1, 2)
+            cut_short = raw.read(1) != b"\n"
+    sink = path.open("a")
+    if cut_short:
+        sink.write("\n")
+    return sink
 
 
 def _read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
@@ -183,8 +198,7 @@ class Store:
         new = [s.to_json() for s in samples]
         new = [line for line in new if latest.get(line["id"]) != line]
         if new:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with (self.folder / "samples.jsonl").open("a") as sink:
+            with open_to_append(self.folder / "samples.jsonl") as sink:
                 sink.writelines(json.dumps(line) + "\n" for line in new)
         return len(new)
 
@@ -230,6 +244,69 @@ class Store:
             else:
                 kept.setdefault(_row_key(row), row)
         return Rows(list(kept.values()), ignored)
+
+
+    def merge_from(self, source: Store) -> dict[str, MergeCount]:
+        """Appends the rows that count in ``source`` and mean the same here: a row whose
+        configuration key under this store's context is the key it was made under (same model,
+        dtype, tasks version, prefix reuse and the parameters that change what its policy
+        keeps), on a prompt this store holds with the same key or lacks (then the prompt is
+        added). So two runs made apart (two machines, two sessions, a run in a copy of the
+        folder) become one store; nothing is rewritten, and a row already here is not added
+        twice. A backend this store has no settings for takes the source's settings file.
+
+        Returns:
+            Per backend: rows added, already here, made under another context, or on another
+            prompt than this store's for the same id.
+        """
+        counts: dict[str, MergeCount] = {}
+        mine = self.samples()
+        theirs = source.samples()
+        new_samples: dict[str, dict[str, Any]] = {}
+        for backend in BACKENDS:
+            rows = source.current(backend).rows
+            if not rows:
+                continue
+            if self.settings(backend) is None:
+                self.write_settings(backend, source.settings(backend) or {})
+            context = context_of(backend, self.settings(backend))
+            index = self.index(backend)
+            count = MergeCount()
+            added: list[dict[str, Any]] = []
+            for row in rows:
+                setting, config = row_config(backend, row)
+                prompt = mine.get(row["id"]) or new_samples.get(row["id"])
+                if row["config_key"] != config_hash(context, setting, config):
+                    count.other_context += 1
+                elif prompt is not None and prompt["prompt_key"] != row["prompt_key"]:
+                    count.other_prompt += 1
+                elif _row_key(row) in index:
+                    count.already_here += 1
+                else:
+                    if prompt is None:
+                        new_samples[row["id"]] = theirs[row["id"]]
+                    index[_row_key(row)] = row
+                    added.append(row)
+            count.added = len(added)
+            counts[backend] = count
+            if new_samples:
+                with open_to_append(self.folder / "samples.jsonl") as sink:
+                    sink.writelines(json.dumps(line) + "\n" for line in new_samples.values())
+                mine.update(new_samples)
+                new_samples = {}
+            with open_to_append(self.predictions(backend)) as sink:
+                sink.writelines(json.dumps(row) + "\n" for row in added)
+        return counts
+
+
+@dataclass
+class MergeCount:
+    """What ``Store.merge_from`` did with one backend's rows."""
+
+    added: int = 0
+    already_here: int = 0
+    other_context: int = 0
+    other_prompt: int = 0
 
 
 def _line_key(line: dict[str, Any]) -> str:

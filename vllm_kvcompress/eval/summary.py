@@ -34,17 +34,6 @@ def key_of(row: dict[str, Any]) -> Key:
                row["head_select"], row.get("variant", ""))
 
 
-def _common(by_config: dict[Key, list[dict[str, Any]]], setting: str) -> set[str]:
-    """Sample ids every configuration of every backend answered in ``setting`` (so a partial
-    run, or a backend run on fewer prompts, never compares different prompt sets)."""
-    common: set[str] | None = None
-    for key, mine in by_config.items():
-        if key.setting == setting:
-            ids = {r["id"] for r in mine}
-            common = ids if common is None else common & ids
-    return common or set()
-
-
 def _group(rows: list[dict[str, Any]], turn: int) -> dict[Key, list[dict[str, Any]]]:
     by_config: dict[Key, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -67,20 +56,26 @@ def summarize(rows: list[dict[str, Any]], resamples: int = RESAMPLES) -> list[di
     Turn-1 numbers count each prompt once (``niah_multiturn``'s column is its turn 1); ``turn2``
     is the same prompts' second turn. The ``none`` baseline (ratio 1.0) is also each policy's
     ratio-1.0 point: at ratio 1.0 no policy evicts anything (tested in the engine).
+
+    Each entry counts the prompts its configuration answered (``samples``), so a variant, a
+    backend or a method run on a subset (kvpress on fewer prompts, kvzip on one task) shows its
+    own numbers without shrinking anyone else's; ``full_kv_prompts`` says whether they are the
+    prompts full KV answered in the same backend and setting (what a ranking across entries
+    needs). Differences between configurations are paired over common prompts (``compare``,
+    the report's variant sections), never taken between two entries' means.
     """
     first, second = _group(rows, 1), _group(rows, 2)
-    settings = {key.setting for key in first}
-    common = {s: _common(first, s) for s in settings}
-    common2 = {s: _common(second, s) for s in settings}
+    # Full KV's prompts per (backend, setting): an entry over other prompts says so.
+    full = {(k.backend, k.setting): {r["id"] for r in mine}
+            for k, mine in first.items() if k.policy == "none"}
     summary = []
     for key, mine in sorted(first.items()):
-        mine = [r for r in mine if r["id"] in common[key.setting]]
-        if not mine:
-            continue
+        ids = {r["id"] for r in mine}
         entry: dict[str, Any] = {**key._asdict(),
                                  "label": config_label(key.policy, key.head_select,
                                                        key.variant),
                                  "samples": len(mine),
+                                 "full_kv_prompts": ids == full.get((key.backend, key.setting)),
                                  "held_ratio": mean(r["held_ratio"] for r in mine)}
         entry["accuracy"], entry["accuracy_ci"] = _mean_ci([r["score"] for r in mine],
                                                            resamples)
@@ -90,7 +85,7 @@ def summarize(rows: list[dict[str, Any]], resamples: int = RESAMPLES) -> list[di
         entry["needle_4k"], entry["needle_4k_ci"] = _mean_ci(
             [r["score"] for r in mine if r["task"] in NEEDLE_TASKS and r["length"] == 4096],
             resamples)
-        turn2 = [r["score"] for r in second.get(key, []) if r["id"] in common2[key.setting]]
+        turn2 = [r["score"] for r in second.get(key, [])]
         entry["turn2"], entry["turn2_ci"] = _mean_ci(turn2, resamples)
         entry["turn2_samples"] = len(turn2)
         summary.append(entry)
@@ -168,7 +163,10 @@ def _ratio_targets(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     at 0.25 kept, >= 75% at 0.1) and turn 2 >= 90% of full KV's turn 2."""
     def find(policy: str, ratio: float, head_select: str = DEFAULT_HEAD_SELECT,
              variant: str = "") -> dict[str, Any] | None:
+        # Over full KV's own prompts only: a ratio of two means over different prompts is not
+        # a measurement.
         return next((s for s in summary if s["backend"] == "vllm" and
+                     s.get("full_kv_prompts", True) and
                      (s["policy"], s["ratio"], s["head_select"], s["variant"]) ==
                      (policy, ratio, head_select, variant)), None)
 

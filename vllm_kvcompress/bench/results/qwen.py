@@ -83,19 +83,26 @@ def _all_tasks(result: dict[str, Any]) -> list[str]:
     peers = {(s["policy"], s["ratio"]): s for s in summary if s["backend"] == "kvpress"}
     pairs = {(c["policy"], c["ratio"], c["head_select"]): c for c in result["comparison"]
              if c["match"] == "nominal" and not c.get("variant")}
-    lines = ["| method | kept ratio | n | ours | kvpress | ours - kvpress | ours >= kvpress | "
-             "turn 2, ours | turn 2, kvpress |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| method | kept ratio | ours (n) | kvpress (n) | ours - kvpress (paired n) | "
+             "ours >= kvpress | turn 2, ours | turn 2, kvpress |",
+             "|---|---:|---:|---:|---:|---|---:|---:|"]
     ours = sorted((s for s in summary if s["backend"] == "vllm"), key=order)
     for s in ours or sorted(peers.values(), key=order):
         peer = peers.get((s["policy"], s["ratio"])) if s["backend"] == "vllm" else s
         mine = s if s["backend"] == "vllm" else None
         pair = pairs.get((s["policy"], s["ratio"], s.get("head_select") or "shared"))
-        diff = "-" if pair is None else ci_text(pair["diff"], pair["diff_ci"], 3)
+        diff = "-" if pair is None else (f"{ci_text(pair['diff'], pair['diff_ci'], 3)} "
+                                         f"({pair['samples']})")
         holds = "-" if pair is None else ("yes" if pair["ge"] else "**no**")
-        lines.append(f"| {entry_label(s)} | {s['ratio']:g} | {s['samples']} | "
-                     f"{cell(mine, 'accuracy')} | {cell(peer, 'accuracy')} | {diff} | {holds} | "
+        lines.append(f"| {entry_label(s)} | {s['ratio']:g} | {_with_n(mine)} | "
+                     f"{_with_n(peer)} | {diff} | {holds} | "
                      f"{cell(mine, 'turn2')} | {cell(peer, 'turn2')} |")
     return lines
+
+
+def _with_n(entry: dict[str, Any] | None) -> str:
+    """``0.57 [0.42, 0.71] (40)``: an entry's accuracy and how many prompts it covers."""
+    return "-" if entry is None else f"{cell(entry, 'accuracy')} ({entry['samples']})"
 
 
 def _per_task(result: dict[str, Any]) -> list[str]:
@@ -118,8 +125,10 @@ def qwen_headline(result: dict[str, Any]) -> list[str]:
     best to worst over all tasks (ours), per setting."""
     lines = []
     for setting in SETTING_TITLES:
+        # Ranked only over full KV's prompts: a method run on a subset is in the tables.
         ours = [s for s in only_setting(result, setting)["summary"]
-                if s["backend"] == "vllm" and not s.get("variant")]
+                if s["backend"] == "vllm" and not s.get("variant")
+                and s.get("full_kv_prompts", True)]
         base = next((s for s in ours if s["policy"] == "none"), None)
         if base is None:
             continue
