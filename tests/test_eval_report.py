@@ -417,3 +417,25 @@ def test_results_page_renders_peak_memory_against_prompt_length(tmp_path: Path) 
     rows[-1]["peak_blocks"] = 48
     (folder / "prefill_memory.json").write_text(json.dumps(report))
     assert "The budgeted request never exceeds its bound" in build(runs, out)
+
+
+def test_too_few_common_prompts_give_no_verdict(tmp_path: Path) -> None:
+    """kvpress on fewer prompts than the sizing rule's cell: the pair is reported, marked as not
+    enough, and counts in no target, even where ours is worse on every common prompt."""
+    from vllm_kvcompress.eval.summary import MIN_PAIRED_PROMPTS
+
+    _fake_run(tmp_path)  # 12 prompts: 8 single-needle (two depths), 4 multi-turn
+    path = tmp_path / "predictions-kvpress.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    keep = {r["id"] for r in rows}
+    keep = set(sorted(keep)[:MIN_PAIRED_PROMPTS - 1])
+    for r in rows:
+        if r["policy"] == "chunkkv" and r.get("turn", 1) == 1:
+            r["text"] = " 1234567. 1111111."  # kvpress right, ours per_head wrong
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in keep))
+    result = eval_run.report(tmp_path)
+    pair = next(c for c in result["comparison"] if c["label"] == "chunkkv[per_head]")
+    assert pair["samples"] == MIN_PAIRED_PROMPTS - 1 and not pair["enough"]
+    assert pair["diff"] < 0
+    assert not any(t["target"].startswith("chunkkv[per_head]: ours >= kvpress")
+                   for t in result["targets"])

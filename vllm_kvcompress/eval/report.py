@@ -94,7 +94,8 @@ def print_report(result: dict[str, Any]) -> None:
             print(f"  {c['setting']:<15}{c['label']:<20} {c['ratio']:<5g} vs kvpress "
                   f"{c['kvpress_ratio']:<6g}({c['kvpress_mode']}, {c['match']}): "
                   f"{format_ci(c['diff'], c['diff_ci'], 3)} -> "
-                  f"{'>= holds' if c['ge'] else 'MISSES'}")
+                  f"{'>= holds' if c['ge'] else 'MISSES'}"
+                  f"{'' if c.get('enough', True) else ' (too few prompts to say)'}")
     for item in result.get("not_run", []):
         print(f"not run: {item['backend']}, {item['setting']}: {item['why']}")
     for t in result["targets"]:

@@ -16,6 +16,11 @@ NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue")
 #: Held-ratio matching: a kvpress PyramidKV run pairs with ours when their held ratios differ by
 #: at most this much.
 HELD_MATCH_TOLERANCE = 0.02
+#: Fewest common prompts for an "ours >= kvpress" verdict: the sizing rule's one task cell
+#: (docs/eval-plan.md: at 8 binary prompts the paired half-width is already about 0.34; below
+#: it an interval reaching 0 says nothing). Fewer pairs are reported with ``enough`` False and
+#: count in no target.
+MIN_PAIRED_PROMPTS = 8
 
 
 class Key(NamedTuple):
@@ -100,8 +105,9 @@ def compare(rows: list[dict[str, Any]], summary: list[dict[str, Any]],
     Every (policy, ratio, head selection) of ours pairs with kvpress's (policy, ratio)
     (``match == "nominal"``); our PyramidKV also pairs with kvpress's PyramidKV run at our held
     ratio (``match == "held"``, see ``kvpress_backend.held_matched``). ``ge`` says whether
-    "ours >= kvpress" holds: the interval's upper bound is 0 or above. Only turn-1 prompts both
-    answered count.
+    "ours >= kvpress" holds: the interval's upper bound is 0 or above; ``enough`` whether at
+    least ``MIN_PAIRED_PROMPTS`` prompts back that verdict. Only turn-1 prompts both answered
+    count.
     """
     first = _group(rows, 1)
     scores = {key: {r["id"]: r["score"] for r in mine} for key, mine in first.items()}
@@ -138,7 +144,8 @@ def compare(rows: list[dict[str, Any]], summary: list[dict[str, Any]],
                 "diff": mean(a) - mean(b), "diff_ci": None if ci is None else [ci[0], ci[1]],
                 "ours_held_ratio": table[key]["held_ratio"],
                 "kvpress_held_ratio": table[peer]["held_ratio"],
-                "ge": ci is not None and ci[1] >= 0.0})
+                "ge": ci is not None and ci[1] >= 0.0,
+                "enough": len(ids) >= MIN_PAIRED_PROMPTS})
     return result
 
 
@@ -199,7 +206,7 @@ def _peer_targets(comparison: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Ours >= kvpress at every ratio, per method and selection mode."""
     pairs_by: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for pair in comparison:
-        if pair["policy"] != "none":
+        if pair["policy"] != "none" and pair.get("enough", True):
             pairs_by[(pair["policy"], pair["head_select"])].append(pair)
     result = []
     for (policy, mode), pairs in sorted(pairs_by.items()):

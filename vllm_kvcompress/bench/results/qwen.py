@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ...eval.configs import QUERY_AGNOSTIC, QUERY_AWARE
+from ...eval.summary import MIN_PAIRED_PROMPTS
 from ...eval.tasks import TASKS
 from .cells import cell, ci_text, copy_image, entry_label, order, settings_line
 from .variants import prefill_section
@@ -36,8 +37,11 @@ def qwen_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
              "The model is Qwen2.5-Coder-Instruct **dequantized from the Q4_K_M GGUF** (docs/"
              "models.md), not the original bf16 release. Ours runs in vLLM, kvpress in HF "
              "transformers, on the same prompts (same token ids); mean [bootstrap 95% CI over "
-             "prompts]; \"ours - kvpress\" is paired over the prompts both answered, \">=\" "
-             "holds when its upper bound reaches 0. Runs:", ""]
+             "prompts] (n: the prompts a configuration answered; each is over its own); "
+             "\"ours - kvpress\" is paired over the prompts both answered, \">=\" holds when "
+             "its upper bound reaches 0, and needs at least "
+             f"{MIN_PAIRED_PROMPTS} common prompts (docs/eval-plan.md's sizing rule). Runs:",
+             ""]
     for backend, mine in settings.items():
         lines.append(f"- {backend}: {settings_line(mine)}")
     ignored = {b: n for b, n in (result.get("ignored_rows") or {}).items() if n}
@@ -93,7 +97,8 @@ def _all_tasks(result: dict[str, Any]) -> list[str]:
         pair = pairs.get((s["policy"], s["ratio"], s.get("head_select") or "shared"))
         diff = "-" if pair is None else (f"{ci_text(pair['diff'], pair['diff_ci'], 3)} "
                                          f"({pair['samples']})")
-        holds = "-" if pair is None else ("yes" if pair["ge"] else "**no**")
+        holds = ("-" if pair is None else "too few prompts" if not pair.get("enough", True)
+                 else "yes" if pair["ge"] else "**no**")
         lines.append(f"| {entry_label(s)} | {s['ratio']:g} | {_with_n(mine)} | "
                      f"{_with_n(peer)} | {diff} | {holds} | "
                      f"{cell(mine, 'turn2')} | {cell(peer, 'turn2')} |")
