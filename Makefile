@@ -78,6 +78,7 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # other setting: the context compressed alone and reused through kv_reuse_prefix). Its
 # cost model (docs/eval-plan.md, busy core): about an hour for bench-eval; bench-peer's
 # multi-turn re-prefills turn 2 per distinct turn-1 answer.
+# EVAL_MODEL=qwen-1.5b: the Qwen2.5-1.5B subset (runs/qwen15-eval; `make models-1.5b` first).
 # EVAL_MODEL=smollm2: the SmolLM2 study (runs/eval: needles at 4k, multi-turn at 1k, 4 prompts per
 # cell, ratios 0.5-0.05; measured with SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
 # side by side on the 2 cores: ~1 h 10 min and ~1 h 35 min for all five ratios).
@@ -99,6 +100,16 @@ EVAL_ARGS ?= --model models/smollm2 --lengths 4096 --multiturn-lengths 1024 --de
 	--samples-per-cell 4 --tasks niah_single niah_multikey niah_multivalue niah_multiturn \
 	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
 	expected_attention qfilters --head-select default --ratios 1.0 0.5 0.25 0.1 0.05
+else ifeq ($(EVAL_MODEL),qwen-1.5b)
+# The 1.5B subset: the three hardest tasks, five methods, 0.25 / 0.125 (about 1 h 10 min on a
+# core shared with another evaluation, 2026-12-07).
+EVAL_OUT ?= runs/qwen15-eval
+EVAL_DEPS := models/qwen2.5-1.5b-instruct/config.json
+EVAL_ARGS ?= --model models/qwen2.5-1.5b-instruct --dtype bfloat16 --lengths 4096 \
+	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 \
+	--tasks niah_multikey niah_multivalue niah_multikey_uuid \
+	--policies streamingllm snapkv chunkkv keydiff tova --head-select default \
+	--ratios 1.0 0.25 0.125
 else
 EVAL_OUT ?= runs/qwen-eval
 EVAL_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors

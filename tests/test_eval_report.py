@@ -439,3 +439,37 @@ def test_too_few_common_prompts_give_no_verdict(tmp_path: Path) -> None:
     assert pair["diff"] < 0
     assert not any(t["target"].startswith("chunkkv[per_head]: ours >= kvpress")
                    for t in result["targets"])
+
+
+def test_both_qwen_studies_get_a_section_and_a_headline(tmp_path: Path) -> None:
+    """runs/qwen-eval (0.5B) and runs/qwen15-eval (the 1.5B subset) each get their own section,
+    image and headline lines; the findings and archive pages are linked when they exist."""
+    runs = tmp_path / "runs"
+    for run, model, right in (("qwen-eval", "models/qwen-0.5b", 6), ("qwen15-eval",
+                                                                      "models/qwen-1.5b", 8)):
+        folder = runs / run
+        samples = _needle_samples(folder, "niah_multikey", 8)
+        rows = []
+        for i, sample in enumerate(samples):
+            base = {"id": sample["id"], "prompt_tokens": 1000, "head_select": "shared",
+                    "variant": ""}
+            rows += [{**base, "policy": "none", "ratio": 1.0, "text": " 1234567",
+                      "kept_tokens": 1000, "held_tokens": 1000},
+                     {**base, "policy": "chunkkv", "ratio": 0.25, "kept_tokens": 250,
+                      "held_tokens": 250, "text": " 1234567" if i < right else " 12"}]
+        (folder / "predictions-vllm.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in rows))
+        (folder / "settings-vllm.json").write_text(json.dumps(
+            {"model": model, "command": "kvcompress eval"}))
+        eval_run.report(folder)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    (out.parent / "qwen-study.md").write_text("findings")
+    text = build(runs, out)
+    assert "## Qwen2.5 study (`models/qwen-0.5b`, qwen-eval)" in text
+    assert "## Qwen2.5 study (`models/qwen-1.5b`, qwen15-eval)" in text
+    assert "- Qwen2.5-0.5B, query-aware, kept ratio 0.25: chunkkv 0.75." in text
+    assert "- Qwen2.5-1.5B, query-aware, kept ratio 0.25: chunkkv 1.00." in text
+    assert "(qwen-study.md)" in text and "results-archive.md" not in text
+    assert (out.parent / "img" / "results" / "qwen15_eval_accuracy_by_task_query_aware.png"
+            ).exists()

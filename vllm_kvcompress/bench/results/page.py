@@ -39,15 +39,23 @@ from .serving import (
 from .targets import targets_section
 from .variants import GRID_VARIANTS, ablation_section, merge_section
 
-#: The Qwen study's folder under ``runs/`` (the Makefile's bench-eval default).
+#: The Qwen studies' folders under ``runs/`` and their names on the page: the 0.5B study (the
+#: Makefile's bench-eval default) and the 1.5B subset (``EVAL_MODEL=qwen-1.5b``).
+QWEN_RUNS = {"qwen-eval": "Qwen2.5-0.5B", "qwen15-eval": "Qwen2.5-1.5B"}
 QWEN_RUN = "qwen-eval"
+#: Hand-written, dated pages next to the generated one: what the Qwen tables say, and the
+#: sections of earlier pages whose run folders are no longer under ``runs/``.
+FINDINGS = "qwen-study.md"
+ARCHIVE = "results-archive.md"
 
 
 def headline(evals: dict[str, dict[str, Any]], throughput: dict[str, Any] | None,
-             qwen: dict[str, Any] | None = None) -> list[str]:
+             qwen: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """A few sentences computed from the tables, so the page opens with what they say (the
-    Qwen study first, then SmolLM2's, then serving)."""
-    lines = ["## In short", "", *(qwen_headline(qwen) if qwen else [])]
+    Qwen studies first, by run folder, then SmolLM2's, then serving)."""
+    lines = ["## In short", ""]
+    for run, result in (qwen or {}).items():
+        lines += qwen_headline(result, QWEN_RUNS.get(run, run))
     full = evals.get("eval")
     if full:
         ours = [s for s in full["summary"] if s["backend"] == "vllm"]
@@ -119,13 +127,22 @@ def build(runs: Path, out: Path) -> str:
         path = runs / name / "results.json"
         if path.exists():  # the SmolLM2 sections: query-aware
             named[name] = only_setting(json.loads(path.read_text()), QUERY_AWARE)
+    if (out.parent / FINDINGS).exists():
+        intro.append(f"\nWhat the Qwen tables say, in words, with the evidence behind each "
+                     f"explanation: [{FINDINGS}]({FINDINGS}) (written by hand, dated).")
+    if (out.parent / ARCHIVE).exists():
+        intro.append(f"\nA section whose run folder is not under `runs/` says which command "
+                     f"makes it; its last measured version is in [{ARCHIVE}]({ARCHIVE}).")
     intro.append("")
-    qwen_path = runs / QWEN_RUN / "results.json"
-    qwen = json.loads(qwen_path.read_text()) if qwen_path.exists() else None
-    if qwen is not None:
-        parts += qwen_section(qwen, images, runs / QWEN_RUN)
-    else:
-        parts += [f"_{qwen_path} is missing: run `make bench-eval` and `make bench-peer`._", ""]
+    qwen: dict[str, dict[str, Any]] = {}
+    for run in QWEN_RUNS:
+        path = runs / run / "results.json"
+        if path.exists():
+            qwen[run] = json.loads(path.read_text())
+            parts += qwen_section(qwen[run], images, runs / run)
+    if QWEN_RUN not in qwen:
+        parts += [f"_{runs / QWEN_RUN / 'results.json'} is missing: run `make bench-eval` and "
+                  "`make bench-peer`._", ""]
     parts += ["## SmolLM2-135M-Instruct study (runs/eval)", "",
               "SmolLM2-135M-Instruct is weak at long-context retrieval even with its full KV"
               + (" (variable tracking is near 0 for every configuration, full KV included: the "
@@ -164,7 +181,8 @@ def build(runs: Path, out: Path) -> str:
         throughput = json.loads(path.read_text())
         parts += throughput_section(throughput, images, path.parent)
     else:
-        parts += [f"_{path} is missing: run `make bench-throughput`._", ""]
+        parts += ["## Throughput under memory pressure", "",
+                  f"_{path} is missing: run `make bench-throughput`._", ""]
     admission = {name: json.loads((runs / name / "throughput.json").read_text())
                  if (runs / name / "throughput.json").exists() else None
                  for name, _, _ in ADMISSION_RUNS}
@@ -178,14 +196,15 @@ def build(runs: Path, out: Path) -> str:
         overhead = json.loads(path.read_text())
         parts += overhead_section(overhead, images, path.parent)
     else:
-        parts += [f"_{path} is missing: run `make bench-overhead`._", ""]
+        parts += ["## Overhead (`kvcompress bench overhead`)", "",
+                  f"_{path} is missing: run `make bench-overhead`._", ""]
     reports = {}
     for name, stem in (("bench-long-output", "long_output"),
                        ("bench-decode-quality", "decode_quality")):
         path = runs / name / f"{stem}.json"
         reports[stem] = json.loads(path.read_text()) if path.exists() else None
     parts += decode_section(reports["long_output"], reports["decode_quality"], images, runs)
-    evals = {**named, **({QWEN_RUN: only_setting(qwen, QUERY_AWARE)} if qwen else {})}
+    evals = {**named, **{run: only_setting(result, QUERY_AWARE) for run, result in qwen.items()}}
     parts += targets_section(evals, throughput, overhead, reports["long_output"])
     text = "\n".join([*intro, *headline(named, throughput, qwen), *parts]).rstrip() + "\n"
     out.write_text(text)

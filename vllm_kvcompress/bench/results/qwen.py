@@ -67,8 +67,9 @@ def qwen_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
                       "where the other sees the whole prompt (question included) once. Same "
                       "prompts, same store; the difference is paired over prompts.", "",
                       *prefill]
+        prefix = "qwen" if run.name == "qwen-eval" else run.name.replace("-", "_")
         path = copy_image(run / f"accuracy_by_task_{setting}.png", images,
-                          f"qwen_accuracy_by_task_{setting}.png")
+                          f"{prefix}_accuracy_by_task_{setting}.png")
         if path:
             lines += ["", f"![{setting}: accuracy vs kept ratio per task]({path})"]
     return [*lines, ""]
@@ -125,9 +126,9 @@ def _per_task(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def qwen_headline(result: dict[str, Any]) -> list[str]:
-    """The page's opening lines on the Qwen study: full KV, then each kept ratio's methods from
-    best to worst over all tasks (ours), per setting."""
+def qwen_headline(result: dict[str, Any], name: str = "Qwen2.5") -> list[str]:
+    """The page's opening lines on a Qwen study (``name`` starts each): full KV, then each kept
+    ratio's methods from best to worst over all tasks (ours), per setting."""
     lines = []
     for setting in SETTING_TITLES:
         # Ranked only over full KV's prompts: a method run on a subset is in the tables.
@@ -137,11 +138,11 @@ def qwen_headline(result: dict[str, Any]) -> list[str]:
         base = next((s for s in ours if s["policy"] == "none"), None)
         if base is None:
             continue
-        name = setting.replace("_", "-")
-        lines.append(f"- Qwen2.5, {name}: full KV {cell(base, 'accuracy')} over all tasks "
+        mode = setting.replace("_", "-")
+        lines.append(f"- {name}, {mode}: full KV {cell(base, 'accuracy')} over all tasks "
                      f"({base['samples']} prompts).")
         for ratio in sorted({s["ratio"] for s in ours if s["policy"] != "none"}, reverse=True):
             row = sorted((s for s in ours if s["ratio"] == ratio), key=lambda s: -s["accuracy"])
-            lines.append(f"- Qwen2.5, {name}, kept ratio {ratio:g}: " + ", ".join(
+            lines.append(f"- {name}, {mode}, kept ratio {ratio:g}: " + ", ".join(
                 f"{entry_label(s)} {s['accuracy']:.2f}" for s in row) + ".")
     return lines
