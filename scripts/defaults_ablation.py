@@ -59,11 +59,16 @@ DEFAULT = ("chunkkv", "shared", "")
 
 
 def load_samples(path: Path) -> list[EvalSample]:
-    """``samples.jsonl`` of an eval run back into ``EvalSample`` objects."""
+    """``samples.jsonl`` of an eval run back into ``EvalSample`` objects: each id's current
+    prompt (its last line; a store appends a changed prompt under the same id)."""
     names = {f.name for f in dataclasses.fields(EvalSample)} - {"followup"}
-    samples = []
+    latest = {}
     for line in path.read_text().splitlines():
-        row = json.loads(line)
+        if line.strip():
+            row = json.loads(line)
+            latest[row["id"]] = row
+    samples = []
+    for row in latest.values():
         followup = row.get("followup")
         samples.append(EvalSample(**{k: v for k, v in row.items() if k in names},
                                   followup=None if followup is None else Followup(**followup)))

@@ -473,3 +473,18 @@ def test_both_qwen_studies_get_a_section_and_a_headline(tmp_path: Path) -> None:
     assert "(qwen-study.md)" in text and "results-archive.md" not in text
     assert (out.parent / "img" / "results" / "qwen15_eval_accuracy_by_task_query_aware.png"
             ).exists()
+
+
+def test_qwen_page_sets_both_head_modes_side_by_side(tmp_path: Path) -> None:
+    """A method run in both head modes: one row per (method, ratio) with both accuracies, the
+    paired per_head - shared over the same prompts for each turn, and the method's default."""
+    run = tmp_path / "runs" / "qwen-eval"
+    _fake_run(run)  # chunkkv shared right on every prompt, per_head wrong
+    eval_run.report(run)
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir()
+    text = build(tmp_path / "runs", out)
+    part = text[text.index("#### Both head modes"):]
+    assert ("| chunkkv | 0.25 | shared | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | "
+            "-1.000 [-1.000, -1.000] | 0.000 [0.000, 0.000] |") in part
+    assert "| pyramidkv |" not in part  # one mode only

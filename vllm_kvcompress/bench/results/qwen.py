@@ -10,7 +10,7 @@ from ...eval.configs import QUERY_AGNOSTIC, QUERY_AWARE
 from ...eval.summary import MIN_PAIRED_PROMPTS
 from ...eval.tasks import TASKS
 from .cells import cell, ci_text, copy_image, entry_label, order, settings_line
-from .variants import prefill_section
+from .variants import head_modes_section, prefill_section
 
 SETTING_TITLES = {QUERY_AWARE: "Query-aware (the question in the prompt when it is compressed)",
                   QUERY_AGNOSTIC: "Query-agnostic (the context compressed before the question "
@@ -57,6 +57,13 @@ def qwen_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
         mine = only_setting(result, setting)
         if mine["summary"]:
             lines += [*_all_tasks(mine), "", *_per_task(mine)]
+        modes = head_modes_section(mine, run) if setting == QUERY_AWARE else []
+        if modes:
+            lines += ["", "#### Both head modes (`shared`: one token set per layer; `per_head`: "
+                      "each KV head its own)", "",
+                      "Same prompts, same store; the difference is paired over prompts. "
+                      "A method's default is the mode a request gets when it names none "
+                      "(`kv_head_select`).", "", *modes]
         prefill = prefill_section(mine, run, TASKS) if setting == QUERY_AWARE else []
         if prefill:
             lines += ["", "#### Compressed while prefilling vs at the prompt's end", "",

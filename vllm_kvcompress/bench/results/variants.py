@@ -161,3 +161,30 @@ def prefill_section(result: dict[str, Any], run: Path, tasks: tuple[str, ...] = 
             cells = [f"{fmt(plain.get(t))} / {fmt(s.get(t))}" for t in columns]
             lines.append(f"| {s['policy']} | {s['ratio']:g} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def head_modes_section(result: dict[str, Any], run: Path) -> list[str]:
+    """Each method in both head modes (``--head-select shared per_head``): ``shared`` and
+    ``per_head`` side by side, ``per_head - shared`` paired over the prompts both answered
+    (turn 1, and multi-turn's turn 2), the method's default marked. Nothing when no method ran
+    in both modes."""
+    from ...policies.registry import get_policy_info
+
+    summary = [s for s in result["summary"] if s["backend"] == "vllm" and not s.get("variant")]
+    by_key = {(s["policy"], s["ratio"], s.get("head_select") or "shared"): s for s in summary}
+    pairs = sorted({(p, r) for p, r, m in by_key if m == "per_head" and (p, r, "shared") in by_key},
+                   key=lambda k: (k[0], -k[1]))
+    if not pairs:
+        return []
+    scores = read_scores(run)
+    lines = ["| method | kept ratio | default | shared | per_head | per_head - shared (paired) | "
+             "turn 2: per_head - shared |", "|---|---:|---|---:|---:|---:|---:|"]
+    for policy, ratio in pairs:
+        shared, per_head = by_key[(policy, ratio, "shared")], by_key[(policy, ratio, "per_head")]
+        diff = [paired_text(paired_difference(
+            scores.get(("vllm", policy, ratio, "per_head", "", turn), {}),
+            scores.get(("vllm", policy, ratio, "shared", "", turn), {}))) for turn in (1, 2)]
+        lines.append(f"| {policy} | {ratio:g} | {get_policy_info(policy).default_head_select} | "
+                     f"{cell(shared, 'accuracy')} | {cell(per_head, 'accuracy')} | {diff[0]} | "
+                     f"{diff[1]} |")
+    return [*lines, ""]
