@@ -2,12 +2,15 @@
 """Defaults by evidence (issue 23, deliverable 5): one factor at a time around the server's
 default settings, on the prompts of a finished ``kvcompress eval`` run, in our engine.
 
-The server default is ChunkKV, ``shared`` (one token set per layer), window 32, chunk size 10,
-4 sinks. This script answers, on the same prompts (paired), whether any single change helps:
-``per_head`` selection, window 16 or 64, chunk size 5 or 20 (ChunkKV), and SnapKV with the same
-window changes, at the kept ratios given. Each variant is one more configuration in ONE engine
-with prefix caching on, so every prompt is prefilled once and each variant recomputes only its
-observation window (about a second a request on Qwen2.5-0.5B at 4k here).
+The server default is ChunkKV, ``shared`` (one token set per layer), window 32, chunk size 20,
+4 sinks (read from the policy layer, so the script always departs from what a server runs). This
+script answers, on the same prompts (paired), whether any single change helps: ``per_head``
+selection, window 16 or 64, chunk size 5, 10 or 40 (ChunkKV), and SnapKV with the same window
+changes, at the kept ratios given. The first run (2026-12-07, chunk size 10 the default then)
+measured ``c20``; its table is in docs/ARCHITECTURE.md "Defaults". Each variant is one more
+configuration in ONE engine with prefix caching on, so every prompt is prefilled once and each
+variant recomputes only its observation window (about a second a request on Qwen2.5-0.5B at 4k
+here).
 
 Usage (after ``kvcompress eval --out runs/qwen-eval ...`` wrote ``samples.jsonl``)::
 
@@ -36,14 +39,20 @@ from vllm_kvcompress.eval import engine_backend
 from vllm_kvcompress.eval.engine_backend import config_key, config_label
 from vllm_kvcompress.eval.stats import bootstrap_ci, paired_bootstrap_ci
 from vllm_kvcompress.eval.tasks import EvalSample, Followup, score_answer
+from vllm_kvcompress.policies.chunkkv import CHUNK_SIZE
+from vllm_kvcompress.policies.params import COMMON_PARAMS
+from vllm_kvcompress.policies.snapkv import POOL_KERNEL
 
-#: The defaults every variant departs from (the eval's own defaults, the server's too).
-DEFAULT_PARAMS = {"window": 32, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
+_COMMON = {p.name: p.default for p in COMMON_PARAMS}
+#: The defaults every variant departs from: the server's (the eval's too).
+DEFAULT_PARAMS = {"window": _COMMON["window"], "pool_kernel": POOL_KERNEL.default,
+                  "chunk_size": CHUNK_SIZE.default, "sink_tokens": _COMMON["sink_tokens"]}
 
-#: One factor at a time: variant name -> parameter overrides.
+#: One factor at a time: variant name -> parameter overrides (names say the value, so a row
+#: means the same whatever the default is).
 ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
     "w16": {"window": 16}, "w64": {"window": 64},
-    "c5": {"chunk_size": 5}, "c20": {"chunk_size": 20},
+    "c5": {"chunk_size": 5}, "c10": {"chunk_size": 10}, "c40": {"chunk_size": 40},
 }
 
 #: (policy, head selection, variant) triples run at every ratio; ("chunkkv", "shared", "") is
@@ -51,7 +60,7 @@ ABLATION_VARIANTS: dict[str, dict[str, Any]] = {
 CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("chunkkv", "shared", ""), ("chunkkv", "per_head", ""),
     ("chunkkv", "shared", "w16"), ("chunkkv", "shared", "w64"),
-    ("chunkkv", "shared", "c5"), ("chunkkv", "shared", "c20"),
+    ("chunkkv", "shared", "c5"), ("chunkkv", "shared", "c10"), ("chunkkv", "shared", "c40"),
     ("snapkv", "shared", ""), ("snapkv", "per_head", ""),
     ("snapkv", "shared", "w16"), ("snapkv", "shared", "w64"),
 )
@@ -153,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defaults_ablation: --samples {args.samples} does not exist", file=sys.stderr)
         return 2
     samples = load_samples(args.samples)
+    # Rows are found again by (prompt, policy, ratio, mode, variant), not by their parameters:
+    # a folder made under other defaults would be silently reused, so it is refused.
+    earlier = args.out / "ablation.json"
+    if earlier.exists():
+        made = json.loads(earlier.read_text())
+        if made.get("params") != DEFAULT_PARAMS or made.get("variants") != ABLATION_VARIANTS:
+            print(f"defaults_ablation: --out {args.out} holds an ablation made under other "
+                  f"defaults ({made.get('params')}, variants {made.get('variants')}); the "
+                  f"defaults are now {DEFAULT_PARAMS}: pick a new --out", file=sys.stderr)
+            return 2
     args.out.mkdir(parents=True, exist_ok=True)
     predictions = args.out / "predictions-vllm.jsonl"
     # The eval backend resolves a variant name through its VARIANTS table.

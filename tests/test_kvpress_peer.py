@@ -29,6 +29,26 @@ PARAMS = {"window": 32, "pool_kernel": 5, "chunk_size": 10, "sink_tokens": 4}
 # --- the mapping (no kvpress here) ---
 
 
+def test_peer_defaults_are_the_servers() -> None:
+    """The peer cannot import the policy layer (it runs in kvpress's venv), so its defaults are
+    written twice: a press given no parameter must still build what our server runs."""
+    from vllm_kvcompress.eval import options
+    from vllm_kvcompress.policies.chunkkv import CHUNK_SIZE
+    from vllm_kvcompress.policies.params import COMMON_PARAMS
+    from vllm_kvcompress.policies.snapkv import POOL_KERNEL
+
+    common = {p.name: p.default for p in COMMON_PARAMS}
+    server = {"window": common["window"], "sink_tokens": common["sink_tokens"],
+              "chunk_size": CHUNK_SIZE.default, "pool_kernel": POOL_KERNEL.default}
+    assert {k: presses.DEFAULT_PARAMS[k] for k in server} == server
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    options.add_arguments(parser)
+    args = parser.parse_args([])
+    assert {k: getattr(args, k) for k in server} == server
+
+
 def test_peer_imports_without_kvpress() -> None:
     # The modules imported above (the main venv has no kvpress): kvpress is imported lazily.
     from vllm_kvcompress.eval.kvpress_peer import generation, replay, runner

@@ -321,7 +321,7 @@ def test_registry_defaults_inputs_and_prefix_cache_cap(tmp_path: Path) -> None:
     path = tmp_path / "f.safetensors"
     save_filters(path, torch.randn(2, 2, 16), model="m", num_q_heads=4, tokens=10)
     default_mode = {"tova": "shared", "sagekv": "per_head", "knorm": "per_head",
-                    "keydiff": "per_head", "expected_attention": "per_head",
+                    "keydiff": "per_head", "expected_attention": "shared",
                     "qfilters": "per_head"}
     key_only = {"knorm", "keydiff", "qfilters"}
     for name in NEW_METHODS:

@@ -42,7 +42,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sagekv[per_head]": {"kv_policy": "sagekv"},
     "knorm[per_head]": {"kv_policy": "knorm"},
     "keydiff[per_head]": {"kv_policy": "keydiff"},
-    "expected_attention[per_head]": {"kv_policy": "expected_attention"},
+    "expected_attention": {"kv_policy": "expected_attention"},
+    "expected_attention[per_head]": {"kv_policy": "expected_attention",
+                                     "kv_head_select": "per_head"},
     "qfilters[per_head]": {"kv_policy": "qfilters"},  # + kv_qfilters_path from --qfilters
     "snapkv+merge": {"kv_policy": "snapkv", "kv_merge": "on"},
 }

@@ -7,6 +7,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..policies.chunkkv import CHUNK_SIZE
+from ..policies.params import COMMON_PARAMS
 from .configs import (
     DEFAULT_HEAD_SELECT,
     DEFAULT_MODE,
@@ -21,6 +23,9 @@ from .tasks import TASKS
 
 POLICIES = ("streamingllm", "snapkv", "chunkkv", "pyramidkv")
 RATIOS = (1.0, 0.5, 0.25, 0.1, 0.05)
+#: The server's defaults, declared once in the policy layer: the eval measures what a server
+#: runs unless told otherwise.
+_COMMON_DEFAULTS = {p.name: p.default for p in COMMON_PARAMS}
 #: ChunkKV's chunk grids (the policy layer's ``chunk_grid``).
 CHUNK_GRIDS = ("after_sinks", "from_zero")
 
@@ -87,10 +92,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=RESAMPLES,
                         help="bootstrap resamples of the 95%% intervals (fixed seed)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--window", type=int, default=_COMMON_DEFAULTS["window"])
     parser.add_argument("--pool-kernel", type=int, default=5)
-    parser.add_argument("--chunk-size", type=int, default=10)
-    parser.add_argument("--sink-tokens", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=CHUNK_SIZE.default,
+                        help="chunkkv: tokens per chunk (default: the server's, %(default)s)")
+    parser.add_argument("--sink-tokens", type=int, default=_COMMON_DEFAULTS["sink_tokens"])
     parser.add_argument("--future-positions", type=int, default=512,
                         help="expected_attention: future positions its RoPE average covers")
     parser.add_argument("--kvzip-chunk-size", type=int, default=None,

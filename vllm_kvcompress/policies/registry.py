@@ -269,7 +269,9 @@ for _info in (
         summary="expected attention of future queries (window statistics, RoPE-averaged) "
                 "times value norm",
         parameters=(FUTURE_POSITIONS,),
-        default_head_select="per_head",
+        # shared since 2026-12-07: on Qwen2.5-0.5B per_head scored -0.14 [-0.29, -0.01] below
+        # it at 0.125 kept (-0.07 at 0.25; turn 2 -0.75), docs/ARCHITECTURE.md (Defaults).
+        default_head_select="shared",
     ),
     PolicyInfo(
         name="kvzip",

@@ -13,7 +13,8 @@ POLICIES = ("none", "streamingllm", "snapkv", "chunkkv", "pyramidkv", "tova", "k
 DEFAULT_PARAMS: dict[str, Any] = {
     "window": 32,
     "pool_kernel": 5,
-    "chunk_size": 10,
+    # Our policies' defaults (tests/test_kvpress_peer.py checks they agree with the registry).
+    "chunk_size": 20,
     "sink_tokens": 4,
     "future_positions": 512,
     "qfilters_path": None,
