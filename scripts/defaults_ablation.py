@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/qwen-ablation"))
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--policies", nargs="+", choices=sorted({c[0] for c in CONFIGS}),
+                    default=sorted({c[0] for c in CONFIGS}),
+                    help="run only these policies' configurations (SnapKV's do not depend on "
+                    "the chunk size)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if not args.samples.exists():
@@ -177,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     # The eval backend resolves a variant name through its VARIANTS table.
     engine_backend.VARIANTS.update(ABLATION_VARIANTS)
     if not args.report_only:
-        configs = [config_key(p, r, h, v) for r in args.ratios for p, h, v in CONFIGS]
+        configs = [config_key(p, r, h, v) for r in args.ratios for p, h, v in CONFIGS
+                   if p in args.policies]
         engine_backend.run(samples, configs, DEFAULT_PARAMS, args.model, predictions,
                            dtype=args.dtype)
     rows = table(grade(samples, predictions), args.ratios)
