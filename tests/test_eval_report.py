@@ -17,6 +17,13 @@ from vllm_kvcompress.eval import run as eval_run
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _page(runs: Path, tmp_path: Path) -> str:
+    """The results page built from ``runs`` into ``tmp_path/docs/results.md``."""
+    out = tmp_path / "docs" / "results.md"
+    out.parent.mkdir(exist_ok=True)
+    return build(runs, out)
+
+
 def _fake_run(folder: Path, n: int = 4) -> None:
     """Hand-made predictions: ``n`` single-needle prompts and ``n`` multi-turn ones, ours
     (shared and per_head) and kvpress's (PyramidKV also at our held ratio)."""
@@ -194,9 +201,7 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
                      "compaction_share_of_ttft": 0.0},
             "knorm[per_head]": {"median_ttft_s": 10.4, "median_compaction_s": 0.6,
                                 "ttft_vs_none": 1.04, "compaction_share_of_ttft": 0.0577}}}}))
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(runs, out)
+    text = _page(runs, tmp_path)
     assert "| knorm[per_head] | 10.40 | 1.040 | 0.600 | 5.8% | **no** |" in text
     assert "| none | 10.00 | 1.000 | 0.000 | 0.0% | yes |" in text
     # Our table: held ratio, n, all tasks with its interval, needles at 4k, both turns.
@@ -223,14 +228,14 @@ def test_results_page_has_tables_targets_and_images(tmp_path: Path) -> None:
     assert "Throughput, 16 output tokens: best chunkkv 0.25 at 2.50x" in text
     assert "chunkkv[per_head], ours - kvpress (paired, same prompts): 0.25: 0.00 [0.00, 0.00]" \
         in text
-    assert (out.parent / "img" / "results" / "peer_heatmap_kvpress.png").exists()
+    assert (tmp_path / "docs" / "img" / "results" / "peer_heatmap_kvpress.png").exists()
     # Every method x ratio side by side, a plot per family, the best method at 0.1 named.
     methods = text[text.index("## Every method"):]
     assert ("| window attention | chunkkv | 0.25 | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] |"
             in methods)
     assert "| window attention | pyramidkv | 0.25 |" in methods
     assert "Best at kept ratio 0.1" in methods or "No paired needle prompts" in methods
-    assert (out.parent / "img" / "results" / "methods_window_attention.png").exists()
+    assert (tmp_path / "docs" / "img" / "results" / "methods_window_attention.png").exists()
     missing = build(tmp_path / "nowhere", tmp_path / "docs" / "empty.md")
     missing = missing.replace(str(tmp_path / "nowhere"), "runs")
     assert "runs/eval/results.json is missing: run `make bench-eval EVAL_MODEL=smollm2`" in missing
@@ -271,9 +276,7 @@ def test_results_page_renders_admission_by_compressed_size(tmp_path: Path) -> No
                      "pool_blocks": 20, "block_size": 32, "chunk": 64, "reps": 2},
         "rows": [none, budget], "runs": runs_per_rep}))
     (folder / "throughput.png").write_bytes(b"png")
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(runs, out)
+    text = _page(runs, tmp_path)
     section = text[text.index("### Admission by compressed size"):
                    text.index("bench-overhead/overhead.json is missing")]
     assert "`kvcompress bench throughput --prefill-budgets 64`" in section
@@ -284,7 +287,7 @@ def test_results_page_renders_admission_by_compressed_size(tmp_path: Path) -> No
             "13.0 | 40.0, 8.0, 0.123 |") in section
     assert "A chunkkv@prefill_budget=64 2.30x (met)" in section
     assert "(img/results/throughput_prefill.png)" in section
-    assert (out.parent / "img" / "results" / "throughput_prefill.png").read_bytes() == b"png"
+    assert (tmp_path / "docs" / "img" / "results" / "throughput_prefill.png").read_bytes() == b"png"
     missing = str(runs / "bench-throughput-prefill-1pool" / "throughput.json")
     assert f"_{missing} is missing: run `make bench-throughput-prefill`._" in section
 
@@ -344,9 +347,7 @@ def test_merge_variant_pairs_with_kvpress_merging_press(tmp_path: Path) -> None:
     assert pairs[("snapkv", "merge")]["kvpress_mode"] == "per_head"
     assert pairs[("snapkv", "merge")]["diff"] == pytest.approx(0.5)
     assert pairs[("snapkv", "")]["diff"] == pytest.approx(-0.5)
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(tmp_path / "runs", out)
+    text = _page(tmp_path / "runs", tmp_path)
     merge = text[text.index("## Merging evicted tokens"):]
     assert ("| snapkv | 0.25 | 0.00 [0.00, 0.00] | 1.00 [1.00, 1.00] | 1.000 [1.000, 1.000] | "
             "0.50 [") in merge
@@ -375,9 +376,7 @@ def test_qwen_page_pairs_compression_while_prefilling_with_the_prompt_end(
     (run / "settings-vllm.json").write_text(json.dumps(
         {"model": "models/qwen", "max_num_batched_tokens": 512, "command": "kvcompress eval"}))
     eval_run.report(run)
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(tmp_path / "runs", out)
+    text = _page(tmp_path / "runs", tmp_path)
     part = text[text.index("#### Compressed while prefilling"):]
     assert "after every chunk of 512 tokens" in part
     assert ("| chunkkv | 0.25 | 8 | 1.00 [1.00, 1.00] | 0.75 [" in part
@@ -407,16 +406,14 @@ def test_results_page_renders_peak_memory_against_prompt_length(tmp_path: Path) 
                            "policy": "snapkv", "window": 32, "block_size": 32,
                            "dtype": "float32"}, "rows": rows}
     (folder / "prefill_memory.json").write_text(json.dumps(report))
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(runs, out)
+    text = _page(runs, tmp_path)
     section = text[text.index("### Peak KV against prompt length"):]
     assert "| 2,048 | 64 | 48 (80) | 48 | 2 | 2.0 | 0.5 |" in section
     assert "| 32,768 | 1024 | 49 (80) | 48 | 62 | 32.8 | 0.5 |" in section
     assert "The budgeted request **exceeds** its bound" in section
     rows[-1]["peak_blocks"] = 48
     (folder / "prefill_memory.json").write_text(json.dumps(report))
-    assert "The budgeted request never exceeds its bound" in build(runs, out)
+    assert "The budgeted request never exceeds its bound" in _page(runs, tmp_path)
 
 
 def test_too_few_common_prompts_give_no_verdict(tmp_path: Path) -> None:
@@ -471,7 +468,7 @@ def test_both_qwen_studies_get_a_section_and_a_headline(tmp_path: Path) -> None:
     assert "- Qwen2.5-0.5B, query-aware, kept ratio 0.25: chunkkv 0.75." in text
     assert "- Qwen2.5-1.5B, query-aware, kept ratio 0.25: chunkkv 1.00." in text
     assert "(qwen-study.md)" in text and "results-archive.md" not in text
-    assert (out.parent / "img" / "results" / "qwen15_eval_accuracy_by_task_query_aware.png"
+    assert (tmp_path / "docs" / "img" / "results" / "qwen15_eval_accuracy_by_task_query_aware.png"
             ).exists()
 
 
@@ -481,9 +478,7 @@ def test_qwen_page_sets_both_head_modes_side_by_side(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "qwen-eval"
     _fake_run(run)  # chunkkv shared right on every prompt, per_head wrong
     eval_run.report(run)
-    out = tmp_path / "docs" / "results.md"
-    out.parent.mkdir()
-    text = build(tmp_path / "runs", out)
+    text = _page(tmp_path / "runs", tmp_path)
     part = text[text.index("#### Both head modes"):]
     assert ("| chunkkv | 0.25 | shared | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | "
             "-1.000 [-1.000, -1.000] | 0.000 [0.000, 0.000] |") in part
