@@ -170,14 +170,26 @@ def generate(
         start = time.perf_counter()
         logits = prefill_question(model, cache, input_ids[context_len:], context_len)
         prefill_s += time.perf_counter() - start
-    kept = kept_per_layer(cache, model)
+    return decode_row(model, cache, logits, len(input_ids), max_tokens, eos, prefill_s,
+                      kept_per_layer(cache, model))
+
+
+def decode_row(model: Any, cache: Any, logits: Any, prompt_len: int, max_tokens: int,
+               eos: set[int], prefill_s: float, kept: list[float]) -> dict[str, Any]:
+    """Decodes greedily from a prefilled ``cache`` and returns a prediction's fields.
+
+    Args:
+        logits: ``[vocab]``, the last prompt position's; its argmax is the first new token.
+        prompt_len: tokens before the first new one (its position).
+        prefill_s: the prefill's seconds, reported as is.
+        kept: ``kept_per_layer`` of the cache before decoding.
+    """
     start = time.perf_counter()
-    output_ids = decode(model, cache, int(logits.argmax()), len(input_ids), max_tokens, eos)
-    decode_s = time.perf_counter() - start
+    output_ids = decode(model, cache, int(logits.argmax()), prompt_len, max_tokens, eos)
     return {
         "output_ids": output_ids,
         "kept_tokens": kept[0],
         "kept_tokens_per_layer": kept,
         "prefill_s": round(prefill_s, 4),
-        "decode_s": round(decode_s, 4),
+        "decode_s": round(time.perf_counter() - start, 4),
     }

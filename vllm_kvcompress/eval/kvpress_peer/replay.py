@@ -8,7 +8,7 @@ import contextlib
 import time
 from typing import Any, NamedTuple
 
-from .generation import attention_layers, decode, kept_per_layer, prefill_question
+from .generation import attention_layers, decode_row, kept_per_layer, prefill_question
 
 
 class LayerCall(NamedTuple):
@@ -143,14 +143,5 @@ def generate_shared(
         logits = prefill_question(model, cache, question_ids, shared.prompt_len)
         prefill_s += time.perf_counter() - start
         prompt_len += len(question_ids)
-    kept = kept_per_layer(cache)
-    start = time.perf_counter()
-    output_ids = decode(model, cache, int(logits.argmax()), prompt_len, max_tokens, eos)
-    decode_s = time.perf_counter() - start
-    return {
-        "output_ids": output_ids,
-        "kept_tokens": kept[0],
-        "kept_tokens_per_layer": kept,
-        "prefill_s": round(prefill_s, 4),
-        "decode_s": round(decode_s, 4),
-    }
+    return decode_row(model, cache, logits, prompt_len, max_tokens, eos, prefill_s,
+                      kept_per_layer(cache))
