@@ -483,3 +483,26 @@ def test_qwen_page_sets_both_head_modes_side_by_side(tmp_path: Path) -> None:
     assert ("| chunkkv | 0.25 | shared | 1.00 [1.00, 1.00] | 0.00 [0.00, 0.00] | "
             "-1.000 [-1.000, -1.000] | 0.000 [0.000, 0.000] |") in part
     assert "| pyramidkv |" not in part  # one mode only
+
+
+def test_defaults_ablation_gets_a_table_per_run(tmp_path: Path) -> None:
+    """Each defaults ablation under runs/ gets its table (accuracy, paired difference to the
+    default) and plot, named with the defaults it departed from; none, no section."""
+    runs = tmp_path / "runs"
+    assert "## Defaults ablation" not in _page(runs, tmp_path)
+    folder = runs / "qwen-ablation-c20"
+    folder.mkdir(parents=True)
+    rows = [{"label": "chunkkv", "ratio": 0.25, "n": 48, "mean": 0.85, "ci": [0.74, 0.95],
+             "diff": None, "diff_ci": None},
+            {"label": "chunkkv(c10)", "ratio": 0.25, "n": 48, "mean": 0.62, "ci": [0.5, 0.75],
+             "diff": -0.229, "diff_ci": [-0.354, -0.104]}]
+    (folder / "ablation.json").write_text(json.dumps(
+        {"params": {"window": 32, "chunk_size": 20}, "model": "m", "dtype": "bfloat16",
+         "machine": {"date": "2026-12-07"}, "rows": rows}))
+    (folder / "ablation.png").write_bytes(b"png")
+    text = _page(runs, tmp_path)
+    part = text[text.index("## Defaults ablation"):]
+    assert "`runs/qwen-ablation-c20`: defaults window 32, chunk_size 20;" in part
+    assert "| chunkkv | 0.25 | 48 | 0.85 [0.74, 0.95] | - |" in part
+    assert "| chunkkv(c10) | 0.25 | 48 | 0.62 [0.50, 0.75] | -0.229 [-0.354, -0.104] |" in part
+    assert (tmp_path / "docs" / "img" / "results" / "qwen-ablation-c20.png").read_bytes() == b"png"

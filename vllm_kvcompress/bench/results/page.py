@@ -37,7 +37,7 @@ from .serving import (
     throughput_section,
 )
 from .targets import targets_section
-from .variants import GRID_VARIANTS, ablation_section, merge_section
+from .variants import GRID_VARIANTS, ablation_section, defaults_ablation_section, merge_section
 
 #: The Qwen studies' folders under ``runs/`` and their names on the page: the 0.5B study (the
 #: Makefile's bench-eval default) and the 1.5B subset (``EVAL_MODEL=qwen-1.5b``).
@@ -140,6 +140,7 @@ def build(runs: Path, out: Path) -> str:
         if path.exists():
             qwen[run] = json.loads(path.read_text())
             parts += qwen_section(qwen[run], images, runs / run)
+    parts += defaults_ablation_section(runs, images)
     if QWEN_RUN not in qwen:
         parts += [f"_{runs / QWEN_RUN / 'results.json'} is missing: run `make bench-eval` and "
                   "`make bench-peer`._", ""]

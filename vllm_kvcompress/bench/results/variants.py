@@ -1,15 +1,18 @@
 """Variants of a method on the same prompts: merging evicted tokens vs dropping them (ours and
-kvpress's MergingPress), ChunkKV's chunk grid (the ablation), and compression while prefilling vs
-at the prompt's end."""
+kvpress's MergingPress), ChunkKV's chunk grid (the ablation), compression while prefilling vs at
+the prompt's end, and the defaults ablation (one factor at a time around the server's defaults)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from .cells import (
     ScoreKey,
     cell,
+    ci_text,
+    copy_image,
     entry_label,
     fmt,
     order,
@@ -188,3 +191,40 @@ def head_modes_section(result: dict[str, Any], run: Path) -> list[str]:
                      f"{cell(shared, 'accuracy')} | {cell(per_head, 'accuracy')} | {diff[0]} | "
                      f"{diff[1]} |")
     return [*lines, ""]
+
+
+#: ``scripts/defaults_ablation.py`` folders, in the order they ran (each around the defaults of
+#: its day, which its ``ablation.json`` records).
+DEFAULTS_ABLATION_RUNS = ("qwen-ablation", "qwen-ablation-c20")
+
+
+def defaults_ablation_section(runs: Path, images: Path) -> list[str]:
+    """One table (and plot) per defaults ablation under ``runs``: each configuration's accuracy
+    and its paired difference to the default it departs from; nothing when none ran."""
+    lines: list[str] = []
+    for name in DEFAULTS_ABLATION_RUNS:
+        path = runs / name / "ablation.json"
+        if not path.exists():
+            continue
+        report = json.loads(path.read_text())
+        params = report.get("params", {})
+        if not lines:
+            lines += ["## Defaults ablation (`scripts/defaults_ablation.py`)", "",
+                      "One factor at a time around the server's defaults of the day, our engine, "
+                      "the same prompts (all tasks, both turns); the difference is paired with "
+                      "the default configuration (`chunkkv`, shared) at the same ratio. "
+                      "`(w16)`: window 16, `(c40)`: chunk size 40, `[per_head]`: head mode.", ""]
+        defaults = ", ".join(f"{k} {v}" for k, v in params.items())
+        lines += [f"`runs/{name}`: defaults {defaults}; {report.get('model', '?')}, "
+                  f"{report.get('dtype', '?')}, {report.get('machine', {}).get('date', '?')}.", "",
+                  "| config | kept ratio | n | accuracy [95% CI] | - default (paired) |",
+                  "|---|---:|---:|---|---|"]
+        for row in report.get("rows", []):
+            lines.append(f"| {row['label']} | {row['ratio']:g} | {row['n']} | "
+                         f"{ci_text(row['mean'], row['ci'])} | "
+                         f"{ci_text(row['diff'], row['diff_ci'], 3)} |")
+        lines.append("")
+        image = copy_image(runs / name / "ablation.png", images, f"{name}.png")
+        if image:
+            lines += [f"![{name}]({image})", ""]
+    return lines
