@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                     default=sorted({c[0] for c in CONFIGS}),
                     help="run only these policies' configurations (SnapKV's do not depend on "
                     "the chunk size)")
+    ap.add_argument("--variants", nargs="+", choices=list(ABLATION_VARIANTS),
+                    default=list(ABLATION_VARIANTS),
+                    help="run only these variants (the default configuration and per_head "
+                    "always run)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     if not args.samples.exists():
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_backend.VARIANTS.update(ABLATION_VARIANTS)
     if not args.report_only:
         configs = [config_key(p, r, h, v) for r in args.ratios for p, h, v in CONFIGS
-                   if p in args.policies]
+                   if p in args.policies and (not v or v in args.variants)]
         engine_backend.run(samples, configs, DEFAULT_PARAMS, args.model, predictions,
                            dtype=args.dtype)
     rows = table(grade(samples, predictions), args.ratios)

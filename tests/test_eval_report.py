@@ -374,7 +374,8 @@ def test_qwen_page_pairs_compression_while_prefilling_with_the_prompt_end(
                   "held_tokens": 250}]
     (run / "predictions-vllm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (run / "settings-vllm.json").write_text(json.dumps(
-        {"model": "models/qwen", "max_num_batched_tokens": 512, "command": "kvcompress eval"}))
+        {"model": "models/qwen", "max_num_batched_tokens": 8192, "prefill_chunk": 512,
+         "command": "kvcompress eval"}))  # a later run without the variant: 8192
     eval_run.report(run)
     text = _page(tmp_path / "runs", tmp_path)
     part = text[text.index("#### Compressed while prefilling"):]
@@ -506,3 +507,25 @@ def test_defaults_ablation_gets_a_table_per_run(tmp_path: Path) -> None:
     assert "| chunkkv | 0.25 | 48 | 0.85 [0.74, 0.95] | - |" in part
     assert "| chunkkv(c10) | 0.25 | 48 | 0.62 [0.50, 0.75] | -0.229 [-0.354, -0.104] |" in part
     assert (tmp_path / "docs" / "img" / "results" / "qwen-ablation-c20.png").read_bytes() == b"png"
+
+
+def test_a_store_keeps_one_prefill_chunk() -> None:
+    """The prefill rows' chunk (--max-num-batched-tokens) is carried from run to run; a run
+    adding prefill rows at another chunk is refused (the rows' keys do not name it)."""
+    import argparse
+
+    from vllm_kvcompress.eval.configs import RunConfig
+
+    prefill = [RunConfig("chunkkv", 0.25, "shared", "prefill")]
+    plain = [RunConfig("chunkkv", 0.25, "shared", "")]
+
+    def args(chunk: int) -> argparse.Namespace:
+        return argparse.Namespace(max_num_batched_tokens=chunk, out="runs/x")
+
+    assert eval_run._prefill_chunk(args(512), None, prefill) == 512
+    assert eval_run._prefill_chunk(args(8192), {"prefill_chunk": 512}, plain) == 512
+    assert eval_run._prefill_chunk(args(8192), None, plain) is None
+    assert eval_run._prefill_chunk(args(512), {"prefill_chunk": 512}, prefill) == 512
+    with pytest.raises(ValueError, match="--max-num-batched-tokens 8192: the prefill rows in "
+                       "runs/x were cut after every 512 tokens"):
+        eval_run._prefill_chunk(args(8192), {"prefill_chunk": 512}, prefill)

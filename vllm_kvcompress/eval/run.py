@@ -85,6 +85,7 @@ def _settings(args: argparse.Namespace, store: Store, params: dict[str, Any],
                 "tasks_version": TASKS_VERSION, "configs": configs, "samples": len(samples),
                 "prefix_reuse": not args.no_prefix_reuse, "bootstrap": args.bootstrap,
                 "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
+                "prefill_chunk": _prefill_chunk(args, previous, configs),
                 "command": "kvcompress " + " ".join(sys.argv[1:]), "machine": machine(),
                 "context": context}
     if previous is not None and store.predictions(args.backend).exists():
@@ -92,6 +93,27 @@ def _settings(args: argparse.Namespace, store: Store, params: dict[str, Any],
             "command": previous.get("command"),
             "date": previous.get("machine", {}).get("date")}]
     return settings
+
+
+def _prefill_chunk(args: argparse.Namespace, previous: dict[str, Any] | None,
+                   configs: list[RunConfig]) -> int | None:
+    """The chunk the store's ``prefill`` rows are cut at (``--max-num-batched-tokens`` of the
+    runs that made them), carried from run to run.
+
+    A row's key does not name the chunk (it would re-key every stored prefill row), so one store
+    holds one chunk: a run that adds prefill rows at another chunk is refused.
+
+    Raises:
+        ValueError: this run has the prefill variant at another chunk than the store's rows.
+    """
+    before = (previous or {}).get("prefill_chunk")
+    if not any(c.variant == "prefill" for c in configs):
+        return before
+    chunk = getattr(args, "max_num_batched_tokens", None)
+    if before is not None and chunk != before:
+        raise ValueError(f"--max-num-batched-tokens {chunk}: the prefill rows in {args.out} "
+                         f"were cut after every {before} tokens; use {before}, or another --out")
+    return chunk
 
 
 def _run_engine(args: argparse.Namespace, store: Store, samples: list[EvalSample],

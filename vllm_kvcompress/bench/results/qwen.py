@@ -83,8 +83,10 @@ def qwen_section(result: dict[str, Any], images: Path, run: Path) -> list[str]:
 
 
 def _chunk_of(settings: dict[str, Any]) -> str:
-    """The prefill chunk the engine run used (``max_num_batched_tokens``), as text."""
-    chunk = (settings.get("vllm") or {}).get("max_num_batched_tokens")
+    """The chunk the store's prefill rows were cut at, as text (settings written before it was
+    recorded: the last engine run's ``max_num_batched_tokens``)."""
+    vllm = settings.get("vllm") or {}
+    chunk = vllm.get("prefill_chunk") or vllm.get("max_num_batched_tokens")
     return "?" if chunk is None else f"{chunk:,}"
 
 
