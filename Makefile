@@ -76,8 +76,11 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # (dequantized Q4_K_M, bf16), five 4k tasks x 8 prompts, the ten methods in their default
 # modes, kept ratios 0.75-0.1, query-aware (EVAL_SETTINGS="query_aware query_agnostic" adds the
 # other setting: the context compressed alone and reused through kv_reuse_prefix). Its
-# cost model (docs/eval-plan.md, busy core): about an hour for bench-eval; bench-peer's
-# multi-turn re-prefills turn 2 per distinct turn-1 answer.
+# cost model (docs/eval-plan.md, busy core): about an hour for bench-eval. bench-peer (kvpress)
+# answers the first 2 prompts of each task (PEER_ARGS; `PEER_ARGS=` for all 8, about four hours):
+# its multi-turn re-prefills turn 2 per distinct turn-1 answer. Measured on a fresh clone
+# (2026-12-07, docs/qwen-study.md): `make models` 4.3 min, then `make -j2 bench-eval bench-peer`
+# 51 min and 65 min side by side on the 2 cores (Q-Filters and .kvpress-venv 2.9 min before).
 # EVAL_MODEL=qwen-1.5b: the Qwen2.5-1.5B subset (runs/qwen15-eval; `make models-1.5b` first).
 # EVAL_MODEL=smollm2: the SmolLM2 study (runs/eval: needles at 4k, multi-turn at 1k, 4 prompts per
 # cell, ratios 0.5-0.05; measured with SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
@@ -119,8 +122,14 @@ EVAL_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 409
 	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
 	expected_attention qfilters --head-select default --ratios 1.0 0.75 0.5 0.25 0.125 0.1
 endif
-# Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share EVAL_OUT).
+# Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share EVAL_OUT;
+# a later --limit wins). On the Qwen study: the first 2 prompts of each task, 10 prompts, enough
+# for a paired verdict (>= 8, docs/eval-plan.md) within the hour beside bench-eval.
+ifeq ($(EVAL_MODEL),qwen)
+PEER_ARGS ?= --limit 2
+else
 PEER_ARGS ?=
+endif
 # float32: this AMD EPYC has no native bf16 (oneDNN's fallback is several times slower).
 THROUGHPUT_ARGS ?= --requests 24 --prompt-len 1024 --max-tokens 16 128 --ratios 0.25 0.1 \
 	--dtype float32

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ import pytest
 
 from vllm_kvcompress.eval import run as eval_run
 from vllm_kvcompress.eval.configs import QUERY_AGNOSTIC, QUERY_AWARE, RunConfig
-from vllm_kvcompress.eval.store import Store, config_hash, context_of
+from vllm_kvcompress.eval.store import Store, config_hash, context_of, open_to_append
+from vllm_kvcompress.eval.tasks import EvalSample
 from vllm_kvcompress.eval.tasks.samples import prompt_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +121,28 @@ def test_rows_without_keys_count_until_the_context_changes(tmp_path: Path,
                                   max_tokens=4, context_len=2)])
     assert sorted(r["id"] for r in store.current("vllm").rows) == ["s0", "s1"]
     assert len((folder / "predictions-vllm.jsonl").read_text().splitlines()) == 7  # kept
+
+
+def test_two_runs_starting_together_add_each_prompt_once(tmp_path: Path) -> None:
+    """Both backends on one store (``make -j2 bench-eval bench-peer``): a run checks and appends
+    the prompt set under the store's lock, so the one that waits sees the other's lines instead
+    of appending (or interleaving) its own copy."""
+    folder = tmp_path / "run"
+    samples = [EvalSample(id=f"s{i}", task="niah_single", length=4096, depth=0.0,
+                          input_ids=list(range(i, i + 3000)), answers=["42"], match="any",
+                          max_tokens=4, context_len=2) for i in range(3)]
+    added: list[int] = []
+    with Store(folder)._samples_locked():  # the other run, between its check and its append
+        waiting = threading.Thread(target=lambda: added.append(Store(folder).add_samples(samples)))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and not added  # blocked on the lock, nothing appended yet
+        with open_to_append(folder / "samples.jsonl") as sink:
+            sink.writelines(json.dumps(s.to_json()) + "\n" for s in samples)
+    waiting.join(10)
+    assert added == [0]
+    lines = (folder / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["s0", "s1", "s2"]
 
 
 def test_stores_made_apart_merge_into_one(tmp_path: Path,

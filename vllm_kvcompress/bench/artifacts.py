@@ -29,13 +29,24 @@ def machine() -> dict[str, Any]:
 def write_json_csv(out: Path, stem: str, report: dict[str, Any],
                    rows: list[dict[str, Any]]) -> None:
     """``out/<stem>.json`` (the whole report) and ``out/<stem>.csv`` (one line per row; the
-    columns are the first row's keys)."""
+    columns are the first row's keys).
+
+    Each file is written beside its name and renamed into place, so a reader (``make results``,
+    or the other backend's run reporting on the same store) sees the old file or the new one,
+    never half of one.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    with (out / f"{stem}.csv").open("w", newline="") as fh:
+    json_path = out / f"{stem}.json"
+    staged = json_path.with_name(f".{json_path.name}.{os.getpid()}")
+    staged.write_text(json.dumps(report, indent=2))
+    os.replace(staged, json_path)
+    csv_path = out / f"{stem}.csv"
+    staged = csv_path.with_name(f".{csv_path.name}.{os.getpid()}")
+    with staged.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(staged, csv_path)
 
 
 def pyplot() -> Any:

@@ -10,6 +10,8 @@ Files in the folder:
 - ``settings-<backend>.json``: the latest run of that backend: its options, its ``context`` (what
   decides the meaning of a row besides the prompt) and the earlier runs whose rows the folder
   holds (``resumed_from``).
+- ``.samples.lock``: held while a run checks and appends ``samples.jsonl``, so both backends may
+  run at once on one store (``make -j2 bench-eval bench-peer``); their other files are their own.
 
 Keys. Every row carries ``prompt_key`` (``tasks.samples.prompt_key``: the token ids that go into
 the model) and ``config_key`` (``config_hash``: backend, model, dtype, tasks version, prefix
@@ -28,10 +30,12 @@ when a keyed run first replaces that file).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -193,14 +197,31 @@ class Store:
         return latest
 
     def add_samples(self, samples: list[EvalSample]) -> int:
-        """Appends the prompts whose current line differs (new, or changed); returns how many."""
-        latest = self.samples()
-        new = [s.to_json() for s in samples]
-        new = [line for line in new if latest.get(line["id"]) != line]
-        if new:
-            with open_to_append(self.folder / "samples.jsonl") as sink:
-                sink.writelines(json.dumps(line) + "\n" for line in new)
+        """Appends the prompts whose current line differs (new, or changed); returns how many.
+
+        Reads and appends under the store's lock: two runs starting together on one store (the
+        two backends) would otherwise both find a prompt missing and interleave their appends
+        (a line is longer than one buffered write), cutting prompts in two.
+        """
+        with self._samples_locked():
+            latest = self.samples()
+            new = [s.to_json() for s in samples]
+            new = [line for line in new if latest.get(line["id"]) != line]
+            if new:
+                with open_to_append(self.folder / "samples.jsonl") as sink:
+                    sink.writelines(json.dumps(line) + "\n" for line in new)
         return len(new)
+
+    @contextmanager
+    def _samples_locked(self) -> Iterator[None]:
+        """An exclusive ``flock`` on ``.samples.lock`` (released when the process dies)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / ".samples.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def keyed_rows(self, backend: str) -> list[dict[str, Any]]:
         """Every parsable row of ``backend``, each with its ``prompt_key`` and ``config_key``
@@ -290,7 +311,7 @@ class Store:
             count.added = len(added)
             counts[backend] = count
             if new_samples:
-                with open_to_append(self.folder / "samples.jsonl") as sink:
+                with self._samples_locked(), open_to_append(self.folder / "samples.jsonl") as sink:
                     sink.writelines(json.dumps(line) + "\n" for line in new_samples.values())
                 mine.update(new_samples)
                 new_samples = {}
