@@ -1,4 +1,4 @@
-"""What benchmarks and ``kvcompress eval`` leave behind: reports replaced whole, never half-written."""
+"""What benchmarks and ``kvcompress eval`` leave behind: reports replaced whole, never half."""
 
 from __future__ import annotations
 
