@@ -620,6 +620,69 @@ print(json.dumps({"results": results, "shared_intact": intact, "n_calls": len(sh
 """
 
 
+RAGGED = r"""
+import copy, json, random, sys
+from pathlib import Path
+import torch
+
+sys.path.insert(0, sys.argv[1])
+from kvpress_peer import generation, presses
+from kvpress_peer.runner import load_model
+
+torch.set_num_threads(1)
+model, _ = load_model(Path(sys.argv[2]), "float32")
+params = json.loads(sys.argv[3])
+rng = random.Random(2)
+context = [rng.randrange(4, 1000) for _ in range(1703)]
+question = [rng.randrange(4, 1000) for _ in range(9)]
+report = {}
+# Equal layer lengths: the per-token path against the one pass kvpress's pipeline makes.
+cache, _, _ = generation.prefill(model, None, context)
+one = generation.prefill_question(model, copy.deepcopy(cache), question, len(context))
+per_token = generation.prefill_question_per_token(model, copy.deepcopy(cache), question,
+                                                  len(context))
+report["max_diff"] = float((one - per_token).abs().max())
+report["same_argmax"] = int(one.argmax()) == int(per_token.argmax())
+# PyramidKVPress: layers of different lengths.
+press = presses.build_press(presses.press_spec("pyramidkv", 0.25, params))
+cache, _, _ = generation.prefill(model, press, context)
+report["lengths"] = [int(layer.keys.shape[-2]) for layer in cache.layers]
+positions = torch.arange(len(context), len(context) + len(question)).unsqueeze(0)
+try:
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([question]), past_key_values=copy.deepcopy(cache),
+              position_ids=positions, logits_to_keep=1)
+    report["one_pass_error"] = None
+except RuntimeError as error:
+    report["one_pass_error"] = str(error)
+logits = generation.prefill_question(model, cache, question, len(context))
+report["finite"] = bool(torch.isfinite(logits).all())
+report["grown"] = [int(layer.keys.shape[-2]) for layer in cache.layers]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.peer
+def test_a_question_is_prefilled_on_layers_of_different_lengths(kvpress_python: Path,
+                                                               tiny_model: Path) -> None:
+    """Query-agnostic PyramidKV: kvpress's per-layer budgets leave layers of different lengths,
+    on which kvpress's one-pass question prefill fails (transformers' mask follows layer 0);
+    the peer prefills such a question token by token, which computes what the one pass does
+    on a cache it can take (fp32, same logits to rounding, same next token)."""
+    params = {**PARAMS, "window": 8}  # a real pyramid at 1703 tokens (see the replay test)
+    proc = subprocess.run(
+        [str(kvpress_python), "-c", RAGGED, str(PEER_PATH), str(tiny_model), json.dumps(params)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["max_diff"] < 1e-4 and report["same_argmax"], report
+    assert len(set(report["lengths"])) > 1, report["lengths"]
+    assert report["one_pass_error"] and "must match" in report["one_pass_error"]
+    assert report["finite"]
+    assert report["grown"] == [n + 9 for n in report["lengths"]]
+
+
 @pytest.mark.peer
 def test_shared_prefill_replay_is_bit_identical(kvpress_python: Path, tiny_model: Path,
                                                 tiny_qfilters: Path) -> None:

@@ -122,6 +122,13 @@ def prefill_question(model: Any, cache: Any, question_ids: list[int], context_le
     (compressed) cache, no press, RoPE positions ``context_len ..`` (the original ones), the
     cache position left to the model (the compressed cache's length).
 
+    A press that leaves layers of different lengths (PyramidKVPress's per-layer budgets;
+    ChunkKVPress when some layers keep the short last chunk) cannot take that pass: transformers
+    builds one causal mask from layer 0's length, and kvpress's own pipeline fails there
+    ("The size of tensor a ... must match"). Such a cache gets the question one token at a
+    time instead, as decoding does (a single query needs no mask, each layer attends to its own
+    cache): the same attention, computed in Q passes.
+
     Args:
         model: the HF causal LM.
         cache: the context's DynamicCache after its compression; grown in place.
@@ -133,10 +140,30 @@ def prefill_question(model: Any, cache: Any, question_ids: list[int], context_le
     """
     import torch
 
+    if len({int(layer.keys.shape[-2]) for layer in cache.layers}) > 1:
+        return prefill_question_per_token(model, cache, question_ids, context_len)
     with torch.inference_mode():
         positions = torch.arange(context_len, context_len + len(question_ids)).unsqueeze(0)
         out = model(input_ids=torch.tensor([question_ids], dtype=torch.long),
                     past_key_values=cache, position_ids=positions, logits_to_keep=1)
+    return out.logits[0, -1]
+
+
+def prefill_question_per_token(model: Any, cache: Any, question_ids: list[int],
+                               context_len: int) -> Any:
+    """``prefill_question`` one token at a time (for caches whose layers differ in length).
+
+    Args and returns as ``prefill_question``.
+    """
+    import torch
+
+    with torch.inference_mode():
+        for offset, token in enumerate(question_ids):
+            out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
+                        past_key_values=cache,
+                        position_ids=torch.tensor([[context_len + offset]], dtype=torch.long),
+                        cache_position=torch.tensor([cache.get_seq_length()], dtype=torch.long),
+                        use_cache=True)
     return out.logits[0, -1]
 
 
