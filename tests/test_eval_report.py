@@ -529,3 +529,24 @@ def test_a_store_keeps_one_prefill_chunk() -> None:
     with pytest.raises(ValueError, match="--max-num-batched-tokens 8192: the prefill rows in "
                        "runs/x were cut after every 512 tokens"):
         eval_run._prefill_chunk(args(8192), {"prefill_chunk": 512}, prefill)
+
+
+def test_another_prefill_chunk_is_refused_before_any_prompt_is_built(tmp_path: Path) -> None:
+    """`kvcompress eval --prefill-variant` on a store whose prefill rows were cut at another
+    chunk: refused by ``validate`` (exit 2, one line), before minutes of prompt building."""
+    import argparse
+
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "settings-vllm.json").write_text(json.dumps({"prefill_chunk": 512}))
+    parser = argparse.ArgumentParser()
+    eval_run.add_arguments(parser)
+
+    def args(*extra: str) -> argparse.Namespace:
+        return parser.parse_args(["--model", "m", "--out", str(out), "--policies", "chunkkv",
+                                  "--prefill-variant", *extra])
+
+    with pytest.raises(ValueError, match="--max-num-batched-tokens 8192: the prefill rows"):
+        eval_run.validate(args("--max-num-batched-tokens", "8192"))
+    eval_run.validate(args("--max-num-batched-tokens", "512"))
+    eval_run.validate(args("--max-num-batched-tokens", "8192", "--fresh"))

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,17 +38,20 @@ def write_json_csv(out: Path, stem: str, report: dict[str, Any],
     never half of one.
     """
     out.mkdir(parents=True, exist_ok=True)
-    json_path = out / f"{stem}.json"
-    staged = json_path.with_name(f".{json_path.name}.{os.getpid()}")
-    staged.write_text(json.dumps(report, indent=2))
-    os.replace(staged, json_path)
-    csv_path = out / f"{stem}.csv"
-    staged = csv_path.with_name(f".{csv_path.name}.{os.getpid()}")
-    with staged.open("w", newline="") as fh:
+    with _replaced_whole(out / f"{stem}.json") as staged:
+        staged.write_text(json.dumps(report, indent=2))
+    with _replaced_whole(out / f"{stem}.csv") as staged, staged.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(staged, csv_path)
+
+
+@contextmanager
+def _replaced_whole(path: Path) -> Iterator[Path]:
+    """A file beside ``path`` to write, renamed onto ``path`` when the block ends."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    yield staged
+    os.replace(staged, path)
 
 
 def pyplot() -> Any:

@@ -18,7 +18,7 @@ from .configs import (
     head_select_supported,
 )
 from .stats import RESAMPLES
-from .store import BACKENDS
+from .store import BACKENDS, Store
 from .tasks import TASKS
 
 POLICIES = ("streamingllm", "snapkv", "chunkkv", "pyramidkv")
@@ -161,6 +161,9 @@ def validate(args: argparse.Namespace) -> None:
         if args.setting != [QUERY_AWARE]:
             raise ValueError("--prefill-variant: runs with --setting query_aware only (a "
                              "context compressed for reuse is not cut while prefilling)")
+        if not getattr(args, "fresh", False) and not getattr(args, "report_only", False):
+            stored = (Store(Path(args.out)).settings("vllm") or {}).get("prefill_chunk")
+            check_prefill_chunk(getattr(args, "max_num_batched_tokens", None), stored, args.out)
     if getattr(args, "max_num_batched_tokens", 8192) < 32:
         raise ValueError(f"--max-num-batched-tokens: {args.max_num_batched_tokens} is below "
                          "32 tokens")
@@ -208,3 +211,20 @@ def run_params(args: argparse.Namespace) -> dict[str, Any]:
     if "kvzip" in args.policies and getattr(args, "kvzip_chunk_size", None) is not None:
         params["kvzip_chunk_size"] = args.kvzip_chunk_size
     return params
+
+
+def check_prefill_chunk(chunk: int | None, stored: int | None, out: Any) -> None:
+    """One store holds one prefill chunk (a ``prefill`` row's key does not name the chunk it was
+    cut at: naming it would re-key every stored prefill row).
+
+    Args:
+        chunk: this run's ``--max-num-batched-tokens``.
+        stored: the chunk the store's prefill rows were cut at, or None when it has none.
+        out: the store's folder, for the message.
+
+    Raises:
+        ValueError: ``chunk`` is another than ``stored``.
+    """
+    if stored is not None and chunk != stored:
+        raise ValueError(f"--max-num-batched-tokens {chunk}: the prefill rows in {out} "
+                         f"were cut after every {stored} tokens; use {stored}, or another --out")

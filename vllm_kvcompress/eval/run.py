@@ -26,7 +26,7 @@ from typing import Any
 from ..bench.artifacts import machine
 from . import engine_backend, kvpress_backend
 from .configs import DEFAULT_HEAD_SELECT, RunConfig, configurations
-from .options import add_arguments, run_params, validate
+from .options import add_arguments, check_prefill_chunk, run_params, validate
 from .report import print_report, report
 from .stats import RESAMPLES
 from .store import Store, config_hash, context_of
@@ -100,8 +100,8 @@ def _prefill_chunk(args: argparse.Namespace, previous: dict[str, Any] | None,
     """The chunk the store's ``prefill`` rows are cut at (``--max-num-batched-tokens`` of the
     runs that made them), carried from run to run.
 
-    A row's key does not name the chunk (it would re-key every stored prefill row), so one store
-    holds one chunk: a run that adds prefill rows at another chunk is refused.
+    ``validate`` refuses a run adding prefill rows at another chunk before any prompt is built
+    (``options.check_prefill_chunk``); this checks again against the settings it replaces.
 
     Raises:
         ValueError: this run has the prefill variant at another chunk than the store's rows.
@@ -110,9 +110,7 @@ def _prefill_chunk(args: argparse.Namespace, previous: dict[str, Any] | None,
     if not any(c.variant == "prefill" for c in configs):
         return before
     chunk = getattr(args, "max_num_batched_tokens", None)
-    if before is not None and chunk != before:
-        raise ValueError(f"--max-num-batched-tokens {chunk}: the prefill rows in {args.out} "
-                         f"were cut after every {before} tokens; use {before}, or another --out")
+    check_prefill_chunk(chunk, before, args.out)
     return chunk
 
 

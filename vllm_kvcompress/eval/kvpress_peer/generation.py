@@ -70,26 +70,32 @@ def decode(
     Returns:
         The generated ids, ``token`` first.
     """
+    output_ids = [token]
+    position = prompt_len
+    while len(output_ids) < max_tokens and token not in eos:
+        token = int(_step(model, cache, token, position).argmax())
+        position += 1
+        output_ids.append(token)
+    return output_ids
+
+
+def _step(model: Any, cache: Any, token: int, position: int) -> Any:
+    """One token's forward pass on ``cache`` (grown in place), no press: RoPE ``position`` (the
+    original numbering); ``cache_position`` indexes the (compressed) cache, one step at a time.
+    A single query needs no causal mask, so layers of different lengths are fine.
+
+    Returns:
+        The token's logits, ``[vocab]``.
+    """
     import torch
 
-    output_ids = [token]
-    # RoPE positions continue from the original prompt length; cache_position indexes the
-    # (compressed) cache, whose length grows by one per step.
-    position = prompt_len
     with torch.inference_mode():
-        while len(output_ids) < max_tokens and token not in eos:
-            cache_len = cache.get_seq_length()
-            out = model(
-                input_ids=torch.tensor([[token]], dtype=torch.long),
-                past_key_values=cache,
-                position_ids=torch.tensor([[position]], dtype=torch.long),
-                cache_position=torch.tensor([cache_len], dtype=torch.long),
-                use_cache=True,
-            )
-            position += 1
-            token = int(out.logits[0, -1].argmax())
-            output_ids.append(token)
-    return output_ids
+        out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
+                    past_key_values=cache,
+                    position_ids=torch.tensor([[position]], dtype=torch.long),
+                    cache_position=torch.tensor([cache.get_seq_length()], dtype=torch.long),
+                    use_cache=True)
+    return out.logits[0, -1]
 
 
 def prefill(model: Any, press: Any, input_ids: list[int]) -> tuple[Any, Any, float]:
@@ -155,16 +161,10 @@ def prefill_question_per_token(model: Any, cache: Any, question_ids: list[int],
 
     Args and returns as ``prefill_question``.
     """
-    import torch
-
-    with torch.inference_mode():
-        for offset, token in enumerate(question_ids):
-            out = model(input_ids=torch.tensor([[token]], dtype=torch.long),
-                        past_key_values=cache,
-                        position_ids=torch.tensor([[context_len + offset]], dtype=torch.long),
-                        cache_position=torch.tensor([cache.get_seq_length()], dtype=torch.long),
-                        use_cache=True)
-    return out.logits[0, -1]
+    logits = None
+    for offset, token in enumerate(question_ids):
+        logits = _step(model, cache, token, context_len + offset)
+    return logits
 
 
 def generate(
