@@ -11,6 +11,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,39 @@ def test_peer_imports_without_kvpress() -> None:
                 assert node.level <= 1 and "vllm_kvcompress" not in (node.module or ""), path
             elif isinstance(node, ast.Import):
                 assert all("vllm_kvcompress" not in a.name for a in node.names), path
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_eval_takes_its_peer_with_it(tmp_path: Path) -> None:
+    # Found 2026-12-07: `kill` of a running `kvcompress eval --backend kvpress` left its peer
+    # appending rows to the store beside the next run. The eval here is a stand-in parent that
+    # launches the peer the way the backend does; it is SIGKILLed (no handler can run).
+    pid_file = tmp_path / "peer.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "from vllm_kvcompress.eval.kvpress_backend import run_tied; import os, sys; "
+        f"run_tied([sys.executable, '-c', {child!r}], dict(os.environ))")])
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert parent.poll() is None and time.monotonic() < deadline, "the peer never started"
+            time.sleep(0.05)
+        peer = int(pid_file.read_text())
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while _alive(peer):
+        assert time.monotonic() < deadline, f"peer {peer} outlived the killed eval"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, reaped by init later, counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.9])

@@ -9,9 +9,13 @@ becomes a job; a turn 2 whose turn 1 is stored gets that answer with it. The pee
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -133,4 +137,29 @@ def run(samples: list[EvalSample], configs: list[RunConfig], params: dict[str, A
     command = [python, "-m", "kvpress_peer", "--model", model, "--samples", str(jobs_path),
                "--configs", str(config_path), "--out", str(store.predictions(BACKEND)),
                "--dtype", dtype]
-    subprocess.run(command, check=True, env=env)
+    run_tied(command, env)
+
+
+# linux/prctl.h: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """In the forked child, before exec: ask the kernel for SIGTERM when ``parent`` dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request: nobody will send it
+        os._exit(1)
+
+
+def run_tied(command: list[str], env: dict[str, str]) -> None:
+    """Runs ``command`` as a child that ends with this process.
+
+    A ``kill`` of the eval (SIGTERM, SIGKILL) does not reach its children by itself; a peer left
+    running would go on appending rows to the store beside the next run. On Linux the kernel
+    stops it (``PR_SET_PDEATHSIG``); Ctrl-C reaches the whole process group anyway.
+
+    Raises:
+        subprocess.CalledProcessError: the command failed.
+    """
+    tie = functools.partial(_die_with, os.getpid()) if sys.platform == "linux" else None
+    subprocess.run(command, check=True, env=env, preexec_fn=tie)
