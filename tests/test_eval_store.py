@@ -145,6 +145,27 @@ def test_two_runs_starting_together_add_each_prompt_once(tmp_path: Path) -> None
     assert [json.loads(line)["id"] for line in lines] == ["s0", "s1", "s2"]
 
 
+def test_a_merge_beside_a_starting_run_adds_each_prompt_once(tmp_path: Path) -> None:
+    """A merge takes the store's lock before it looks for missing prompts: a run that added
+    them meanwhile (it held the lock) is seen, and the merge appends no second copy."""
+    source, target = tmp_path / "source", tmp_path / "target"
+    _legacy_folder(source)
+    lines = (source / "samples.jsonl").read_text()
+    counts: list[dict[str, Any]] = []
+    with Store(target)._samples_locked():  # the run, between its check and its append
+        merging = threading.Thread(target=lambda: counts.append(
+            Store(target).merge_from(Store(source))))
+        merging.start()
+        merging.join(0.5)
+        assert merging.is_alive() and not counts  # waits for the lock
+        with open_to_append(target / "samples.jsonl") as sink:
+            sink.write(lines)
+    merging.join(10)
+    assert counts and counts[0]["vllm"].added == 6
+    ids = [json.loads(line)["id"] for line in (target / "samples.jsonl").read_text().splitlines()]
+    assert ids == ["s0", "s1", "s2"]
+
+
 def test_stores_made_apart_merge_into_one(tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
     """Two copies of a store extended apart (another prompt, another window) merge back: rows

@@ -48,10 +48,33 @@ def write_json_csv(out: Path, stem: str, report: dict[str, Any],
 
 @contextmanager
 def _replaced_whole(path: Path) -> Iterator[Path]:
-    """A file beside ``path`` to write, renamed onto ``path`` when the block ends."""
+    """A file beside ``path`` to write, renamed onto ``path`` when the block ends.
+
+    A block that raises leaves no staged file; one a killed run left (its pid gone) is removed
+    by the next write of the same report.
+    """
+    for stale in path.parent.glob(f".{path.name}.*"):
+        if not _running(stale.suffix[1:]):
+            stale.unlink(missing_ok=True)
     staged = path.with_name(f".{path.name}.{os.getpid()}")
-    yield staged
-    os.replace(staged, path)
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)  # gone already when the rename happened
+
+
+def _running(pid: str) -> bool:
+    """Whether the process that staged a file (its name's suffix) still runs."""
+    if not pid.isdigit():
+        return True  # not ours: leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def pyplot() -> Any:

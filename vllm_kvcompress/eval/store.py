@@ -280,6 +280,13 @@ class Store:
             Per backend: rows added, already here, made under another context, or on another
             prompt than this store's for the same id.
         """
+        # Under the samples lock from the first read: a run starting beside the merge adds its
+        # prompts before or after it, never between the check and the append.
+        with self._samples_locked():
+            return self._merge_locked(source)
+
+    def _merge_locked(self, source: Store) -> dict[str, MergeCount]:
+        """``merge_from``'s work, with the samples lock held."""
         counts: dict[str, MergeCount] = {}
         mine = self.samples()
         theirs = source.samples()
@@ -311,7 +318,7 @@ class Store:
             count.added = len(added)
             counts[backend] = count
             if new_samples:
-                with self._samples_locked(), open_to_append(self.folder / "samples.jsonl") as sink:
+                with open_to_append(self.folder / "samples.jsonl") as sink:
                     sink.writelines(json.dumps(line) + "\n" for line in new_samples.values())
                 mine.update(new_samples)
                 new_samples = {}
