@@ -82,6 +82,7 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 # (2026-12-07, docs/qwen-study.md): `make models` 4.3 min, then `make -j2 bench-eval bench-peer`
 # 51 min and 65 min side by side on the 2 cores (Q-Filters and .kvpress-venv 2.9 min before).
 # EVAL_MODEL=qwen-1.5b: the Qwen2.5-1.5B subset (runs/qwen15-eval; `make models-1.5b` first).
+# `make bench-study`: all of it (both settings, kvpress beside ours, the 1.5B subset), below.
 # EVAL_MODEL=smollm2: the SmolLM2 study (runs/eval: needles at 4k, multi-turn at 1k, 4 prompts per
 # cell, ratios 0.5-0.05; measured with SmolLM2 fp32, OMP_NUM_THREADS=1, bench-eval and bench-peer
 # side by side on the 2 cores: ~1 h 10 min and ~1 h 35 min for all five ratios).
@@ -124,9 +125,12 @@ EVAL_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 409
 endif
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share EVAL_OUT;
 # a later --limit wins). On the Qwen study: the first 2 prompts of each task, 10 prompts, enough
-# for a paired verdict (>= 8, docs/eval-plan.md) within the hour beside bench-eval.
+# for a paired verdict (>= 8, docs/eval-plan.md) within the hour beside bench-eval. On the 1.5B
+# subset: the first 3 of each of its 3 tasks (9 prompts; its HF prefill is about 3x the 0.5B's).
 ifeq ($(EVAL_MODEL),qwen)
 PEER_ARGS ?= --limit 2
+else ifeq ($(EVAL_MODEL),qwen-1.5b)
+PEER_ARGS ?= --limit 3
 else
 PEER_ARGS ?=
 endif
@@ -183,6 +187,7 @@ bench-study-peer:
 
 bench-study-1.5b:
 	$(MAKE) bench-eval EVAL_MODEL=qwen-1.5b
+	$(MAKE) bench-peer EVAL_MODEL=qwen-1.5b
 
 # Merging evicted tokens vs dropping them, ours and kvpress's MergingPress, on the SmolLM2 study's
 # needle prompts (same seed, same prompts), separately from bench-eval to keep that within budget.
