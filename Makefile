@@ -97,6 +97,13 @@ soak: setup                  ## 1,200 mixed requests against a small-pool `vllm 
 EVAL_MODEL ?= qwen
 EVAL_SETTINGS ?= query_aware
 FRESH ?=
+# The Qwen studies' prompt set (both models, both settings: one prompt set per store) and the
+# 0.5B's methods and files, declared once.
+QWEN_PROMPTS := --dtype bfloat16 --lengths 4096 --depths 0 0.25 0.5 0.75 1 \
+	--samples-per-cell 8 --limit 8
+QWEN_POLICIES := streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
+	expected_attention qfilters
+QWEN_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors
 ifeq ($(EVAL_MODEL),smollm2)
 EVAL_OUT ?= runs/eval
 EVAL_DEPS := models/smollm2/config.json models/smollm2.qfilters.safetensors
@@ -109,19 +116,16 @@ else ifeq ($(EVAL_MODEL),qwen-1.5b)
 # core shared with another evaluation, 2026-12-07).
 EVAL_OUT ?= runs/qwen15-eval
 EVAL_DEPS := models/qwen2.5-1.5b-instruct/config.json
-EVAL_ARGS ?= --model models/qwen2.5-1.5b-instruct --dtype bfloat16 --lengths 4096 \
-	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 \
+EVAL_ARGS ?= --model models/qwen2.5-1.5b-instruct $(QWEN_PROMPTS) \
 	--tasks niah_multikey niah_multivalue niah_multikey_uuid \
 	--policies streamingllm snapkv chunkkv keydiff tova --head-select default \
 	--ratios 1.0 0.25 0.125
 else
 EVAL_OUT ?= runs/qwen-eval
-EVAL_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors
-EVAL_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 4096 \
-	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 \
+EVAL_DEPS := $(QWEN_DEPS)
+EVAL_ARGS ?= --model models/qwen2.5-0.5b-instruct $(QWEN_PROMPTS) \
 	--tasks niah_multikey niah_multivalue niah_multiturn niah_single_uuid niah_multikey_uuid \
-	--policies streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
-	expected_attention qfilters --head-select default --ratios 1.0 0.75 0.5 0.25 0.125 0.1
+	--policies $(QWEN_POLICIES) --head-select default --ratios 1.0 0.75 0.5 0.25 0.125 0.1
 endif
 # Extra options of the kvpress run (its prompts are EVAL_ARGS's: both backends share EVAL_OUT;
 # a later --limit wins). On the Qwen study: the first 2 prompts of each task, 10 prompts, enough
@@ -154,12 +158,9 @@ bench-peer: setup $(EVAL_DEPS) kvpress-venv   ## kvpress on the same prompts (EV
 # verdict). KVzip (query-agnostic only, several prefills' worth per context here) is on request:
 # `make bench-eval-agnostic AGNOSTIC_POLICIES=kvzip AGNOSTIC_TASKS=niah_multikey`.
 AGNOSTIC_TASKS ?= niah_multikey niah_multivalue niah_single_uuid
-AGNOSTIC_POLICIES ?= streamingllm snapkv chunkkv pyramidkv tova sagekv knorm keydiff \
-	expected_attention qfilters
-AGNOSTIC_ARGS ?= --model models/qwen2.5-0.5b-instruct --dtype bfloat16 --lengths 4096 \
-	--depths 0 0.25 0.5 0.75 1 --samples-per-cell 8 --limit 8 --tasks $(AGNOSTIC_TASKS) \
+AGNOSTIC_POLICIES ?= $(QWEN_POLICIES)
+AGNOSTIC_ARGS ?= --model models/qwen2.5-0.5b-instruct $(QWEN_PROMPTS) --tasks $(AGNOSTIC_TASKS) \
 	--policies $(AGNOSTIC_POLICIES) --head-select default --ratios 1.0 0.25 0.125
-QWEN_DEPS := models/qwen2.5-0.5b-instruct/config.json models/qwen2.5-0.5b-instruct.qfilters.safetensors
 
 bench-eval-agnostic: setup $(QWEN_DEPS)   ## ours, query-agnostic, Qwen2.5-0.5B (runs/qwen-eval)
 	$(PY) -m vllm_kvcompress.cli eval --out runs/qwen-eval $(AGNOSTIC_ARGS) \
@@ -170,9 +171,11 @@ bench-peer-agnostic: setup $(QWEN_DEPS) kvpress-venv   ## kvpress, query-agnosti
 	  --setting query_agnostic --limit 3 $(FRESH)
 
 # The whole Qwen study, as docs/results.md shows it (issue 23's "done when"): both settings on
-# the 0.5B with kvpress beside ours, and the 1.5B subset (ours). Three chains on two cores: ours'
+# the 0.5B with kvpress beside ours, and the 1.5B subset (both). Three chains on two cores: ours'
 # two runs write one store in turn (bench-eval 51 min, then bench-eval-agnostic 23 min), the
-# peer's two likewise (65 + 20 min), and the 1.5B (about 70 min) takes the first core free.
+# peer's two likewise (65 + 35 min), and the 1.5B (ours 37 min, then kvpress 36 min) takes
+# the first core free; measured 2026-12-07 on fresh clones (kvpress on the 1.5B in the main
+# checkout), two runs at a time (docs/qwen-study.md).
 bench-study: setup models models-1.5b $(QWEN_DEPS) kvpress-venv   ## all of the Qwen study (two cores)
 	$(MAKE) -j2 bench-study-ours bench-study-peer bench-study-1.5b
 	$(MAKE) results
